@@ -1,0 +1,24 @@
+"""One error type for bad user input: it becomes a one-line message and exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+
+class CaiError(Exception):
+    """Bad input from the user (file, field, value). The message names where and what was expected."""
+
+
+def cli_main(fn):
+    """Wrap a CLI `main(argv)` so a CaiError prints one line to stderr and exits 2."""
+
+    @functools.wraps(fn)
+    def wrapper(argv=None):
+        try:
+            return fn(sys.argv[1:] if argv is None else argv)
+        except CaiError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper

@@ -1,0 +1,71 @@
+"""One protocol for every way of running a model.
+
+- `generate(conversations, sampling, seeds)`: chat-templated, batched, seeded sampling with stop strings.
+  Each request carries its own seed, so an answer depends only on its own inputs, never on which other
+  requests happened to share its batch (this is what makes keyed records and resume exact).
+- `option_logprobs(prompts, options)`: log-probability of each option continuation (e.g. "A", "B") right
+  after a raw prompt that ends just before the option.
+- `chat_prompt(conversation)`: the raw text the model sees for a conversation; a conversation whose last
+  message is from the assistant is continued rather than answered (used to put words in the labeler's mouth).
+
+Implementations: `transformers` (default; CPU or GPU) and `fake` (control-flow tests only). Which one runs
+is an `if/elif` on a string from the config: no code is imported because a config named it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling parameters; part of every generated record's key."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means off
+    stop: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "eos" | "stop" | "length"
+
+
+class Backend(Protocol):
+    identity: str  # model identity: part of every record key
+
+    def chat_prompt(self, conversation: list[Message]) -> str: ...
+
+    def generate(self, conversations: list[list[Message]], sampling: Sampling, seeds: list[int]) -> list[Completion]: ...
+
+    def option_logprobs(self, prompts: list[str], options: list[str]) -> list[list[float]]: ...
+
+
+def make_backend(kind: str, model: str, *, dtype: str = "auto", device: str = "auto", batch_size: int = 16,
+                 trust_remote_code: bool = False) -> Backend:
+    from cai.errors import CaiError
+
+    if kind == "transformers":
+        from cai.backends.transformers_backend import TransformersBackend
+        from cai.models import resolve_model
+
+        return TransformersBackend(resolve_model(model), dtype=dtype, device=device, batch_size=batch_size,
+                                   trust_remote_code=trust_remote_code)
+    elif kind == "fake":
+        from cai.backends.fake import FakeBackend
+
+        return FakeBackend(model)
+    raise CaiError(f"backend={kind}: expected one of transformers, fake")

@@ -1,0 +1,175 @@
+"""`python -m cai.pipeline stage=sl [config=FILE] key=value ...`
+
+stage=sl: red-team prompts -> initial answers -> R critique/revision rounds -> SFT data -> SL-CAI model.
+Outputs go to <runs_dir>/<run>/: config.sl.yaml (resolved), constitution.yaml (+ sha), sl/steps.jsonl (every
+generated text, keyed), sl/chains.jsonl, sl/sft.jsonl, sl/model/, metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from cai.config import SCHEMAS, config_dict, help_text, load_config, to_yaml
+from cai.errors import CaiError, cli_main
+from cai.store import JsonlStore, Metrics, RunLock, write_atomic, write_jsonl_atomic
+
+
+def run_dir_for(cfg) -> Path:
+    from cai.paths import resolve_path
+
+    if not cfg.run or "/" in cfg.run or cfg.run.startswith("."):
+        raise CaiError(f"run={cfg.run!r}: expected a plain name (letters, digits, -, _)")
+    return Path(cfg.runs_dir if Path(cfg.runs_dir).is_absolute() else resolve_path(".") / cfg.runs_dir) / cfg.run
+
+
+def snapshot_constitution(run_dir: Path, constitution) -> None:
+    shutil.copyfile(constitution.path, run_dir / ".constitution.tmp")
+    (run_dir / ".constitution.tmp").replace(run_dir / "constitution.yaml")
+    write_atomic(run_dir / "constitution.sha256", constitution.sha + "\n")
+
+
+def table(rows: list[tuple], header: tuple) -> str:
+    cells = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
+
+
+def run_sl(cfg) -> dict:
+    from cai.backends import Sampling, make_backend
+    from cai.constitution import load_constitution
+    from cai.critique import ChainSettings, generate_chains, sft_examples
+    from cai.models import resolve_model
+    from cai.prompts import load_few_shot, load_prompts
+    from cai.sl import train_sft, trained_model_matches, training_key
+    from cai.templates import load_template
+
+    if cfg.critique.rounds < 0:
+        raise CaiError(f"critique.rounds={cfg.critique.rounds}: expected 0 or more")
+    if cfg.sft.data not in ("final", "all"):
+        raise CaiError(f"sft.data={cfg.sft.data}: expected final or all")
+    # read and check every input before anything is written
+    constitution = load_constitution(cfg.constitution)
+    red_team = load_prompts(cfg.red_team)
+    helpful_all = load_prompts(cfg.helpful)
+    few_shot = load_few_shot(cfg.critique.few_shot_file, cfg.critique.few_shot)
+    crit_t, rev_t = load_template(cfg.critique.critique_template), load_template(cfg.critique.revision_template)
+    n_red_examples = len(red_team) * (max(cfg.critique.rounds, 1) if cfg.sft.data == "all" else 1)
+    helpful = helpful_all[: min(len(helpful_all), math.ceil(cfg.sft.helpful_ratio * n_red_examples))]
+
+    run_dir = run_dir_for(cfg)
+    with RunLock(run_dir):
+        sl_dir = run_dir / "sl"
+        sl_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / "config.sl.yaml", to_yaml(cfg))
+        snapshot_constitution(run_dir, constitution)
+        metrics = Metrics(run_dir / "metrics.jsonl", "sl")
+        started = time.time()
+
+        backend = make_backend(cfg.generator.backend, cfg.generator.model, dtype=cfg.generator.dtype,
+                               device=cfg.generator.device, batch_size=cfg.generator.batch_size,
+                               trust_remote_code=cfg.generator.trust_remote_code)
+        if hasattr(backend, "progress"):
+            backend.progress = False  # the stage shows one bar per wave instead
+        sampling = Sampling(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
+                            top_p=cfg.sampling.top_p, top_k=cfg.sampling.top_k)
+        settings = ChainSettings(seed=cfg.seed, rounds=cfg.critique.rounds, critique_template=crit_t,
+                                 revision_template=rev_t, few_shot=few_shot, sampling=sampling,
+                                 model_identity=backend.identity)
+        store = JsonlStore(sl_dir / "steps.jsonl")
+        result = generate_chains(red_team, helpful, constitution, settings, backend, store, sl_dir / "plans",
+                                 cfg.generator.batch_size, progress=cfg.progress)
+        write_jsonl_atomic(sl_dir / "chains.jsonl", result.chains)
+        examples = sft_examples(result.chains, result.helpful, cfg.sft.data)
+        write_jsonl_atomic(sl_dir / "sft.jsonl", examples)
+        gen_seconds = time.time() - started
+        totals = {k: sum(getattr(w, k) for w in result.waves.values())
+                  for k in ("generated", "reused", "prompt_tokens", "completion_tokens", "seconds")}
+        metrics.log({"sl/generate/texts_generated": totals["generated"], "sl/generate/texts_reused": totals["reused"],
+                     "sl/generate/completion_tokens": totals["completion_tokens"],
+                     "sl/generate/tokens_per_s": totals["completion_tokens"] / max(totals["seconds"], 1e-9),
+                     "sl/generate/chains_reused": result.chains_reused,
+                     "sl/generate/chains_regenerated": result.chains_regenerated,
+                     "sl/generate/rounds_reused": result.rounds_reused,
+                     "sl/generate/rounds_regenerated": result.rounds_regenerated})
+        del backend  # free the generator's memory before training
+
+        train_summary = None
+        model_dir = sl_dir / "model"
+        if cfg.train:
+            base = resolve_model(cfg.generator.model)
+            key = training_key(sl_dir / "sft.jsonl", base, cfg.sft, cfg.seed)
+            if trained_model_matches(model_dir, key):
+                train_summary = {**json.loads((model_dir / "cai_train.json").read_text()), "reused": True}
+            else:
+                counts = {s: sum(e["source"] == s for e in examples) for s in ("revision", "helpful")}
+                card = model_card(cfg, constitution, counts, len(result.chains))
+                train_summary = train_sft(sl_dir / "sft.jsonl", base, cfg, model_dir, sl_dir / "checkpoints", metrics,
+                                          card, key, device=cfg.generator.device, progress=cfg.progress)
+
+        summary = {
+            "run": str(run_dir), "constitution": f"{constitution.name} ({constitution.sha[:12]})",
+            "prompts": len(red_team), "helpful": len(helpful), "rounds": cfg.critique.rounds,
+            "chains_reused": result.chains_reused, "chains_regenerated": result.chains_regenerated,
+            "rounds_reused": result.rounds_reused, "rounds_regenerated": result.rounds_regenerated,
+            "sft_examples": len(examples), "generation_seconds": round(gen_seconds, 1), **totals,
+            "train": train_summary, "seconds": round(time.time() - started, 1),
+        }
+        write_atomic(sl_dir / "summary.json", json.dumps(summary, indent=1))
+        print_sl_summary(summary, result)
+        return summary
+
+
+def model_card(cfg, constitution, counts: dict, n_chains: int) -> str:
+    return "\n".join([
+        "# SL-CAI model", "",
+        f"Fine-tuned from `{cfg.generator.model}` by `cai` (stage=sl) on critique/revision data "
+        "(Bai et al. 2022, Constitutional AI, section 3).", "",
+        f"- constitution: `{constitution.name}` version {constitution.version}, sha256 `{constitution.sha}`",
+        f"- red-team chains: {n_chains}, critique/revision rounds: {cfg.critique.rounds}",
+        f"- SFT examples: {counts['revision']} revisions ({cfg.sft.data}), {counts['helpful']} helpful answers",
+        f"- seed: {cfg.seed}", "", "## Config", "", "```yaml", to_yaml(cfg).rstrip(), "```", "",
+    ])
+
+
+def print_sl_summary(summary: dict, result) -> None:
+    rows = [(label, w.generated, w.reused, w.completion_tokens, f"{w.seconds:.1f}",
+             f"{w.completion_tokens / w.seconds:.1f}" if w.seconds else "-") for label, w in result.waves.items()]
+    print("\nSL-CAI generation")
+    print(table(rows, ("wave", "generated", "reused", "tokens", "seconds", "tok/s")))
+    print(f"\nchains: {summary['chains_regenerated']} regenerated, {summary['chains_reused']} reused; "
+          f"rounds: {summary['rounds_regenerated']} regenerated, {summary['rounds_reused']} reused")
+    print(f"SFT examples: {summary['sft_examples']}  (prompts {summary['prompts']}, helpful {summary['helpful']}, "
+          f"rounds {summary['rounds']})")
+    t = summary["train"]
+    if t:
+        how = "reused (same data and settings)" if t.get("reused") else f"{t['steps']} steps in {t['seconds']} s"
+        print(f"SFT: {how}, train loss {t['train_loss']:.4f}")
+    print(f"run: {summary['run']}  total {summary['seconds']} s\n")
+
+
+STAGES = {"sl": run_sl}
+
+
+@cli_main
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help") or "--help" in argv:
+        stage = next((a.split("=", 1)[1] for a in argv if a.startswith("stage=")), None)
+        print(__doc__)
+        for name, schema in SCHEMAS.items():
+            if stage in (None, name):
+                print(f"stage={name} settings:")
+                print("\n".join(help_text(schema)))
+        return 0
+    cfg = load_config(argv)
+    STAGES[cfg.stage](cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Prompt sets and few-shot demonstrations.
+
+Prompt sets are JSONL/JSON/CSV/Parquet files (or `hf:NAME` hub datasets when online) read through
+`datasets`, with a configurable prompt column. Ids come from an id column when there is one, else from
+the row number, so they stay stable when a file is appended to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from cai.errors import CaiError
+from cai.paths import resolve_path
+
+LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+FEW_SHOT_KEYS = ("prompt", "answer", "critique_request", "critique", "revision_request", "revision")
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    id: str
+    prompt: str
+    category: str = ""
+
+
+def load_prompts(source) -> list[PromptRecord]:
+    """Read a prompt set described by a `PromptSource` config (path, column, id_column, ...)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    spec = str(source.path)
+    if spec.startswith("hf:"):
+        try:
+            ds = datasets.load_dataset(spec[3:], split=source.split)
+        except Exception as e:  # offline, unknown name, ...: say which and why
+            raise CaiError(f"{spec}: could not load hub dataset ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        where = spec
+    else:
+        path = resolve_path(spec)
+        if not path.exists():
+            raise CaiError(f"{spec}: prompt file not found")
+        kind = LOADERS.get(path.suffix.lower())
+        if kind is None:
+            raise CaiError(f"{spec}: unsupported prompt file type '{path.suffix}'; expected one of {sorted(LOADERS)}")
+        if kind == "json":
+            _check_jsonl(path)
+        try:
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        except Exception as e:
+            raise CaiError(f"{spec}: could not read as {kind} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        where = spec
+    if source.column not in ds.column_names:
+        raise CaiError(f"{where}: no column '{source.column}' (prompt column); columns are {ds.column_names}")
+    ids = ds[source.id_column] if source.id_column in ds.column_names else [f"row-{i}" for i in range(len(ds))]
+    cats = ds[source.category_column] if source.category_column in ds.column_names else [""] * len(ds)
+    out, seen = [], {}
+    for row, (pid, text, cat) in enumerate(zip(ids, ds[source.column], cats), start=1):
+        if not isinstance(text, str) or not text.strip():
+            raise CaiError(f"{where}: row {row}: '{source.column}' must be a non-empty string, got {text!r}")
+        pid = str(pid)
+        if pid in seen:
+            raise CaiError(f"{where}: row {row}: duplicate id '{pid}' (first at row {seen[pid]})")
+        seen[pid] = row
+        out.append(PromptRecord(pid, text, "" if cat is None else str(cat)))
+    return out[: source.limit] if source.limit is not None else out
+
+
+def _check_jsonl(path: Path) -> None:
+    """`datasets` reports a broken JSONL line without its number; find it ourselves first."""
+    import json
+
+    if path.suffix.lower() != ".jsonl":
+        return
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            for n, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        obj = json.loads(line)
+                    except ValueError as e:
+                        raise CaiError(f"{path}:{n}: invalid JSON ({e})") from None
+                    if not isinstance(obj, dict):
+                        raise CaiError(f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}")
+        except UnicodeDecodeError as e:
+            raise CaiError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
+def load_few_shot(path: str | Path, count: int) -> list[dict]:
+    """The first `count` critique/revision demonstrations of a YAML list file."""
+    if count == 0:
+        return []
+    p = resolve_path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CaiError(f"{path}: few-shot file not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise CaiError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, list):
+        raise CaiError(f"{path}: expected a list of demonstrations, got {type(data).__name__}")
+    for i, demo in enumerate(data):
+        if not isinstance(demo, dict) or set(demo) != set(FEW_SHOT_KEYS):
+            got = sorted(demo) if isinstance(demo, dict) else type(demo).__name__
+            raise CaiError(f"{path}: [{i}]: expected keys {list(FEW_SHOT_KEYS)}, got {got}")
+        for k in FEW_SHOT_KEYS:
+            if not isinstance(demo[k], str) or not demo[k].strip():
+                raise CaiError(f"{path}: [{i}].{k}: expected a non-empty string")
+    if count > len(data):
+        raise CaiError(f"{path}: critique.few_shot={count} but the file has only {len(data)} demonstrations")
+    return data[:count]

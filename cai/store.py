@@ -1,0 +1,151 @@
+"""Append-only JSONL stores, the run directory and its lock.
+
+A store is a JSONL file of records, each with a `key` (a hash of everything that determines it). Appends
+are one `write` per batch followed by flush+fsync, so a killed process loses at most the batch in flight.
+A torn last line (no newline, or not JSON) is cut off when the store is opened for writing; a bad line
+anywhere else is an error naming the file and line. Restarting = read the keys present, do the rest.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from cai.errors import CaiError
+
+
+class JsonlStore:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.records: dict[str, dict] = {}
+        self._load()
+
+    def _load(self) -> None:
+        self._good_end = 0  # bytes of complete records; anything after is a torn write
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        *complete, _torn = data.split(b"\n")
+        for n, line in enumerate(complete, start=1):
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict) or "key" not in rec:
+                    raise ValueError("not an object with a 'key'")
+            except ValueError as e:
+                raise CaiError(f"{self.path}:{n}: corrupt record ({e}); expected one JSON object with a 'key' per line") from None
+            self.records[rec["key"]] = rec
+            self._good_end += len(line) + 1
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
+    def __getitem__(self, key: str) -> dict:
+        return self.records[key]
+
+    def get(self, key: str, default=None):
+        return self.records.get(key, default)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def append(self, records: Iterable[dict]) -> None:
+        """Write a batch: one write, flush, fsync. Keys already present are skipped (never duplicated)."""
+        fresh = [r for r in records if r["key"] not in self.records]
+        if not fresh:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and self.path.stat().st_size != self._good_end:
+            with open(self.path, "r+b") as f:  # cut a torn tail left by a killed writer
+                f.truncate(self._good_end)
+        blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fresh).encode()
+        with open(self.path, "ab") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        self._good_end = self._good_end + len(blob)
+        for r in fresh:
+            self.records[r["key"]] = r
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Replace a file whole: write a temp file beside it, fsync, rename. Readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except ValueError as e:
+                raise CaiError(f"{path}:{n}: invalid JSON ({e})") from None
+    return out
+
+
+class RunLock:
+    """An exclusive lock on a run directory (flock: the kernel drops it when the holder dies, even by SIGKILL)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise CaiError(f"{self.path.parent}: run is in use by pid {holder}; wait for it, or pick another run=NAME") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+class Metrics:
+    """Namespaced metrics (`sl/loss`, `sl/tokens_per_s`) appended to <run>/metrics.jsonl."""
+
+    def __init__(self, path: Path, stage: str):
+        self.path = path
+        self.stage = stage
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        rec = {"time": round(time.time(), 3), "stage": self.stage, "step": step,
+               **{(k if "/" in k else f"{self.stage}/{k}"): v for k, v in metrics.items()}}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())

@@ -202,8 +202,7 @@ def generate_chains(red_team: list[PromptRecord], helpful: list[PromptRecord], c
         for i, (pr, c, v) in enumerate(zip(principles, crit, revs)):
             rounds[i].append({"round": r, "principle_id": pr.id, "critique_request_sha": principle_sha(pr.critique),
                               "revision_request_sha": principle_sha(pr.revision), "critique": store[c.key]["text"],
-                              "revision": store[v.key]["text"], "critique_key": c.key, "revision_key": v.key,
-                              "regenerated": c.key in fresh or v.key in fresh})
+                              "revision": store[v.key]["text"], "critique_key": c.key, "revision_key": v.key})
             current[i] = (store[v.key]["text"], v.key)
 
     chains = []
@@ -223,9 +222,10 @@ def generate_chains(red_team: list[PromptRecord], helpful: list[PromptRecord], c
         })
     helpful_out = [{"key": r.key, "prompt_id": p.id, "prompt": p.prompt, "answer": store[r.key]["text"]}
                    for p, r in zip(helpful, helpful_reqs)]
-    regenerated = [c for c, a in zip(chains, answers)
-                   if a.key in fresh or any(x["regenerated"] for x in c["rounds"])]
-    n_rounds_regen = sum(x["regenerated"] for c in chains for x in c["rounds"])
+    # what this invocation generated (not stored in the records: those must not depend on interruptions)
+    round_regen = [[x["critique_key"] in fresh or x["revision_key"] in fresh for x in c["rounds"]] for c in chains]
+    regenerated = [c for c, a, rr in zip(chains, answers, round_regen) if a.key in fresh or any(rr)]
+    n_rounds_regen = sum(map(sum, round_regen))
     return GenerationResult(chains, helpful_out, waves, len(chains) - len(regenerated), len(regenerated),
                             len(chains) * s.rounds - n_rounds_regen, n_rounds_regen)
 

@@ -133,7 +133,7 @@ def _dir_identity(path: Path) -> str:
     """Hash of a local model directory's weights and tokenizer files (cached beside them by size+mtime)."""
     files = sorted(p for p in path.iterdir() if p.is_file() and (p.suffix in {".safetensors", ".json", ".jinja", ".model", ".txt"})
                    and p.name not in {"cai_identity.json", "README.md"})
-    stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]
+    stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]  # ns: a same-second edit counts
     side = path / "cai_identity.json"
     try:
         cached = json.loads(side.read_text())

@@ -75,7 +75,7 @@ def train_sft(sft_path: Path, base: ModelRef, cfg, out_dir: Path, ckpt_root: Pat
         completion_only_loss=True,
         packing=False,
         bf16=bf16,
-        gradient_checkpointing=sft.gradient_checkpointing,
+        activation_checkpointing=sft.gradient_checkpointing,
         use_cpu=device == "cpu",
         save_strategy="steps",
         save_steps=sft.save_steps,

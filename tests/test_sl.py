@@ -1,0 +1,259 @@
+"""stage=sl on the tiny model: full run, incremental reruns with exact counts, kill-and-resume, the lock."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cai.errors import CaiError
+from cai.pipeline import main
+from cai.store import RunLock
+
+from .conftest import ASSETS, ROOT
+
+ROUNDS = 2
+
+
+@pytest.fixture
+def constitution(tmp_path):
+    path = tmp_path / "constitution.yaml"
+    shutil.copyfile(ASSETS / "constitutions" / "good.yaml", path)
+    return path
+
+
+def sl_args(tmp_path, constitution, run="r", **over):
+    args = {
+        "stage": "sl", "run": run, "runs_dir": str(tmp_path / "runs"), "constitution": str(constitution),
+        "generator.model": "tiny", "generator.batch_size": 2, "sampling.max_new_tokens": 8,
+        "red_team.limit": 6, "critique.rounds": ROUNDS, "critique.few_shot": 1, "sft.helpful_ratio": 0.5,
+        "train": False, "progress": False,
+    }
+    args.update(over)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def summary(tmp_path, run="r"):
+    return json.loads((tmp_path / "runs" / run / "sl" / "summary.json").read_text())
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def test_full_sl_stage_trains_a_model(tmp_path, constitution):
+    main(sl_args(tmp_path, constitution, train=True, **{"sft.batch_size": 4, "sft.learning_rate": 1e-3}))
+    run = tmp_path / "runs" / "r"
+    chains = read_jsonl(run / "sl" / "chains.jsonl")
+    assert len(chains) == 6 and all(len(c["rounds"]) == ROUNDS for c in chains)
+    principle_ids = {"harmful", "rude", "evasive_answer"}
+    for c in chains:
+        assert c["initial_answer"] and c["model"].startswith("tiny@")
+        assert [r["round"] for r in c["rounds"]] == [1, 2]
+        assert {r["principle_id"] for r in c["rounds"]} <= principle_ids
+        assert c["completion_tokens"] > 0 and c["constitution"]["name"] == "test-good"
+
+    import datasets
+
+    sft = datasets.load_dataset("json", data_files=str(run / "sl" / "sft.jsonl"), split="train")
+    assert sft.num_rows == len([c for c in chains if c["rounds"][-1]["revision"].strip()]) + 3
+    assert sorted(set(sft["source"])) == ["helpful", "revision"]
+    assert sft[0]["completion"][0]["role"] == "assistant"
+
+    model_dir = run / "sl" / "model"
+    assert (model_dir / "model.safetensors").exists() and (model_dir / "tokenizer.json").exists()
+    card = (model_dir / "README.md").read_text()
+    const_sha = hashlib.sha256(constitution.read_bytes()).hexdigest()
+    assert const_sha in card and "test-good" in card
+    assert (run / "constitution.sha256").read_text().strip() == const_sha
+    assert yaml.safe_load((run / "config.sl.yaml").read_text())["critique"]["rounds"] == ROUNDS
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert any("sl/train/loss" in m for m in metrics)
+    assert any(m.get("sl/generate/texts_generated") == 6 + 3 + 6 * 2 * ROUNDS for m in metrics)
+
+    # the weights changed
+    from safetensors.torch import load_file
+
+    from cai.models import resolve_model
+
+    before = load_file(Path(resolve_model("tiny").path) / "model.safetensors")
+    after = load_file(model_dir / "model.safetensors")
+    changed = [k for k in after if k in before and not (after[k].float() == before[k].float()).all()]
+    assert len(changed) > len(after) // 2
+
+    # a rerun with nothing changed reuses everything, including the trained model
+    main(sl_args(tmp_path, constitution, train=True, **{"sft.batch_size": 4, "sft.learning_rate": 1e-3}))
+    s = summary(tmp_path)
+    assert s["generated"] == 0 and s["chains_reused"] == 6 and s["train"]["reused"] is True
+
+
+def test_editing_one_principle_regenerates_only_what_used_it(tmp_path, constitution):
+    main(sl_args(tmp_path, constitution))
+    before = read_jsonl(tmp_path / "runs" / "r" / "sl" / "chains.jsonl")
+    uses = {}
+    for c in before:
+        for r in c["rounds"]:
+            uses.setdefault(r["principle_id"], set()).add(c["prompt_id"])
+    # a principle used by some chains but not all
+    target = next(p for p, chains in sorted(uses.items()) if 0 < len(chains) < len(before))
+    first_use = {c["prompt_id"]: min((r["round"] for r in c["rounds"] if r["principle_id"] == target), default=None)
+                 for c in before}
+    exp_chains = sum(v is not None for v in first_use.values())
+    exp_rounds = sum(ROUNDS - v + 1 for v in first_use.values() if v is not None)
+
+    data = yaml.safe_load(constitution.read_text())
+    for p in data["critique_revision"]:
+        if p["id"] == target:
+            p["critique"] += " Be specific."
+    constitution.write_text(yaml.safe_dump(data, sort_keys=False))
+    main(sl_args(tmp_path, constitution))
+
+    s = summary(tmp_path)
+    assert (s["chains_regenerated"], s["chains_reused"]) == (exp_chains, 6 - exp_chains)
+    assert (s["rounds_regenerated"], s["rounds_reused"]) == (exp_rounds, 6 * ROUNDS - exp_rounds)
+    after = {c["prompt_id"]: c for c in read_jsonl(tmp_path / "runs" / "r" / "sl" / "chains.jsonl")}
+    for c in before:
+        new = after[c["prompt_id"]]
+        assert new["initial_answer"] == c["initial_answer"]
+        first = first_use[c["prompt_id"]]
+        keep = ROUNDS if first is None else first - 1
+        assert new["rounds"][:keep] == c["rounds"][:keep]  # untouched rounds: same keys and texts
+        for old_r, new_r in zip(c["rounds"][keep:], new["rounds"][keep:]):
+            assert old_r["critique_key"] != new_r["critique_key"]
+        assert [r["principle_id"] for r in new["rounds"]] == [r["principle_id"] for r in c["rounds"]]
+
+
+def test_adding_prompts_changing_rounds_and_model(tmp_path, constitution):
+    main(sl_args(tmp_path, constitution))
+    main(sl_args(tmp_path, constitution, **{"red_team.limit": 8}))  # two more prompts
+    s = summary(tmp_path)
+    assert (s["chains_regenerated"], s["chains_reused"]) == (2, 6)
+    assert (s["rounds_regenerated"], s["rounds_reused"]) == (2 * ROUNDS, 6 * ROUNDS)
+
+    main(sl_args(tmp_path, constitution, **{"red_team.limit": 8, "critique.rounds": ROUNDS + 1}))  # one more round
+    s = summary(tmp_path)
+    assert (s["chains_regenerated"], s["rounds_regenerated"], s["rounds_reused"]) == (8, 8, 8 * ROUNDS)
+
+    # a different model (same architecture, one config byte changed) invalidates everything
+    from cai.models import resolve_model
+
+    other = tmp_path / "other-model"
+    shutil.copytree(resolve_model("tiny").path, other)
+    (other / "cai_identity.json").unlink()
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["initializer_range"] = 0.03  # not used at inference: same outputs, different identity
+    (other / "config.json").write_text(json.dumps(cfg))
+    main(sl_args(tmp_path, constitution, **{"red_team.limit": 8, "generator.model": str(other)}))
+    s = summary(tmp_path)
+    assert (s["chains_regenerated"], s["chains_reused"], s["reused"]) == (8, 0, 0)
+
+
+def _run_and_kill(args, steps_path, kill_at, timeout=120):
+    """Start the stage in a subprocess; SIGKILL it once steps.jsonl has `kill_at` records. Returns the code."""
+    proc = subprocess.Popen([sys.executable, "-m", "cai.pipeline", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if steps_path.exists() and steps_path.read_bytes().count(b"\n") >= kill_at:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=timeout)
+    return proc.returncode, proc.stderr.read().decode()
+
+
+def test_kill_and_resume_gives_exactly_the_uninterrupted_records(tmp_path, constitution):
+    ref_args = sl_args(tmp_path, constitution, run="ref")
+    main(ref_args)
+    ref_dir = tmp_path / "runs" / "ref" / "sl"
+    total = len(read_jsonl(ref_dir / "steps.jsonl"))
+    assert total == 6 + 3 + 6 * 2 * ROUNDS
+
+    args = sl_args(tmp_path, constitution, run="killed")
+    steps = tmp_path / "runs" / "killed" / "sl" / "steps.jsonl"
+    codes = []
+    for kill_at in (1, 10, 20):  # during the answers, round 1, and round 2
+        code, err = _run_and_kill(args, steps, kill_at)
+        codes.append(code)
+    assert codes.count(-signal.SIGKILL) >= 2, codes  # the kills really interrupted the runs
+    done = subprocess.run([sys.executable, "-m", "cai.pipeline", *args], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    out_dir = tmp_path / "runs" / "killed" / "sl"
+    step_keys = [r["key"] for r in read_jsonl(out_dir / "steps.jsonl")]
+    assert len(step_keys) == len(set(step_keys)) == total  # nothing lost, nothing duplicated
+    assert without_timing(read_jsonl(out_dir / "chains.jsonl")) == without_timing(read_jsonl(ref_dir / "chains.jsonl"))
+    assert (out_dir / "sft.jsonl").read_bytes() == (ref_dir / "sft.jsonl").read_bytes()
+    assert not list((out_dir / "plans").glob("*.json"))  # finished waves leave no plan behind
+
+
+def test_kill_during_training_resumes_from_checkpoint(tmp_path, constitution):
+    args = sl_args(tmp_path, constitution, run="t", train=True,
+                   **{"sft.batch_size": 1, "sft.save_steps": 1, "sft.epochs": 2})
+    ckpts = tmp_path / "runs" / "t" / "sl" / "checkpoints"
+    proc = subprocess.Popen([sys.executable, "-m", "cai.pipeline", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while proc.poll() is None and time.time() < deadline:
+        if list(ckpts.glob("*/checkpoint-*/trainer_state.json")):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (tmp_path / "runs" / "t" / "sl" / "model").exists()
+    main(args)
+    s = summary(tmp_path, "t")
+    assert s["train"]["resumed_from"] and "checkpoint-" in s["train"]["resumed_from"]
+    assert s["train"]["steps"] == 2 * s["sft_examples"]
+    assert (tmp_path / "runs" / "t" / "sl" / "model" / "model.safetensors").exists()
+    assert not ckpts.joinpath(s["train"]["key"]).exists()  # checkpoints are cleared once the model is saved
+
+
+def test_lock_stops_a_second_writer(tmp_path, constitution, capsys):
+    run_dir = tmp_path / "runs" / "r"
+    with RunLock(run_dir):
+        with pytest.raises(SystemExit) as e:
+            main(sl_args(tmp_path, constitution))
+        assert e.value.code == 2
+        assert f"in use by pid {os.getpid()}" in capsys.readouterr().err
+        with pytest.raises(CaiError):
+            RunLock(run_dir).__enter__()
+    assert not (run_dir / "sl").exists()  # nothing was written by the refused process
+    main(sl_args(tmp_path, constitution))  # the lock is free again
+
+
+def test_bad_input_exits_2_and_leaves_the_run_intact(tmp_path, constitution):
+    main(sl_args(tmp_path, constitution))
+    run = tmp_path / "runs" / "r"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    constitution.write_text(constitution.read_text().replace("id: rude", "id: Rude Words"))
+    proc = subprocess.run([sys.executable, "-m", "cai.pipeline", *sl_args(tmp_path, constitution)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and str(constitution) in err[0] and "critique_revision[1].id" in err[0]
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before
+
+
+@pytest.mark.slow
+def test_sl_on_the_bundled_model(tmp_path):
+    main(["stage=sl", "run=slow", f"runs_dir={tmp_path}", "red_team.limit=4", "critique.rounds=1",
+          "sampling.max_new_tokens=32", "sft.helpful_ratio=0.5", "sft.batch_size=2", "progress=false"])
+    s = json.loads((tmp_path / "slow" / "sl" / "summary.json").read_text())
+    assert s["chains_regenerated"] == 4 and s["train"]["steps"] >= 1
+    chains = read_jsonl(tmp_path / "slow" / "sl" / "chains.jsonl")
+    # the real model writes words: most tokens decode to ASCII letters and spaces
+    text = " ".join(c["rounds"][0]["revision"] for c in chains)
+    assert sum(ch.isalpha() or ch.isspace() for ch in text) > 0.8 * len(text)

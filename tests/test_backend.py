@@ -1,0 +1,258 @@
+"""The transformers backend on the `tiny` model (fp32, CPU): seeding, batching, stop strings, option scoring.
+
+The tiny model is random-init, so its greedy output is one token repeated ("\\n\\n\\n..."). Tests that need
+greedy text with some variety (batch invariance, stop strings) use `sharp`: the same model with every weight
+scaled by 3, which makes its next-token distributions peaked and its greedy text varied (and makes a
+padding/masking bug show up as a large logprob difference; scaled much further, attention saturates and
+hides such bugs again).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+
+from cai.backends import Sampling, make_backend
+from cai.backends.transformers_backend import TransformersBackend, sample_next
+
+U = lambda text: {"role": "user", "content": text}  # noqa: E731
+A = lambda text: {"role": "assistant", "content": text}  # noqa: E731
+
+QUESTIONS = ["Hi?",
+             "Which of these two answers is more helpful to the person asking?",
+             "A much longer question about many different things, with lots of detail and several clauses, "
+             "so that this prompt is far longer than the others?"]
+GREEDY = Sampling(max_new_tokens=8, temperature=0)
+SAMPLED = Sampling(max_new_tokens=6, temperature=1.0)
+
+
+@pytest.fixture(scope="module")
+def backend():
+    be = make_backend("transformers", "tiny", dtype="float32", device="cpu", batch_size=8)
+    be.progress = False
+    return be
+
+
+@pytest.fixture(scope="module")
+def sharp(backend):
+    model = copy.deepcopy(backend.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    return TransformersBackend(backend.ref, model=model, tokenizer=backend.tokenizer, batch_size=8, progress=False)
+
+
+@pytest.fixture(scope="module")
+def sharp_greedy(sharp):
+    """Unstopped greedy completions of each question, each generated alone."""
+    return [sharp.generate([[U(q)]], GREEDY, [0])[0] for q in QUESTIONS]
+
+
+def cont(be, prompt, option):
+    with torch.inference_mode():
+        return be._continuation_logprob(prompt, option)
+
+
+def mc_prompt(be, question):
+    return be.chat_prompt([U(question), A("The answer is: (")])
+
+
+# -- prompts -------------------------------------------------------------------------------------------
+
+def test_chat_prompt_continues_final_assistant_message(backend):
+    text = backend.chat_prompt([U("Which is better?"), A("The answer is: (")])
+    assert text.endswith("<|im_start|>user\nWhich is better?<|im_end|>\n<|im_start|>assistant\nThe answer is: (")
+    assert text.count("<|im_start|>assistant") == 1
+
+
+def test_chat_prompt_opens_assistant_turn_after_user(backend):
+    text = backend.chat_prompt([U("Which is better?")])
+    assert text.endswith("<|im_start|>user\nWhich is better?<|im_end|>\n<|im_start|>assistant\n")
+
+
+# -- generation ----------------------------------------------------------------------------------------
+
+def test_same_seeds_give_identical_texts(backend):
+    convs = [[U(QUESTIONS[0])], [U(QUESTIONS[1])]]
+    first = backend.generate(convs, SAMPLED, [11, 12])
+    second = backend.generate(convs, SAMPLED, [11, 12])
+    assert [c.text for c in first] == [c.text for c in second]
+    assert all(c.completion_tokens > 0 for c in first)
+
+
+def test_different_seeds_give_different_texts(backend):
+    conv = [U(QUESTIONS[0])]
+    out = backend.generate([conv, conv, conv], SAMPLED, [1, 2, 1])
+    assert out[0].text != out[1].text
+    assert out[0].text == out[2].text  # each request has its own generator: same seed, same text
+
+
+def test_greedy_text_is_the_same_alone_and_in_a_batch(sharp, sharp_greedy):
+    batch = sharp.generate([[U(q)] for q in QUESTIONS], GREEDY, [5, 6, 7])
+    assert [c.text for c in batch] == [c.text for c in sharp_greedy]
+    assert len({c.text for c in batch}) == 3 and all(len(set(c.text.split())) > 2 for c in batch)  # not degenerate
+
+
+def test_sampled_text_is_the_same_alone_in_a_batch_and_in_smaller_batches(sharp, monkeypatch):
+    convs = [[U(q)] for q in QUESTIONS]
+    seeds = [21, 22, 23]
+    alone = [sharp.generate([c], SAMPLED, [s])[0].text for c, s in zip(convs, seeds)]
+    together = [c.text for c in sharp.generate(convs, SAMPLED, seeds)]
+    reversed_ = [c.text for c in sharp.generate(convs[::-1], SAMPLED, seeds[::-1])][::-1]
+    monkeypatch.setattr(sharp, "batch_size", 2)
+    split = [c.text for c in sharp.generate(convs, SAMPLED, seeds)]
+    assert together == alone == reversed_ == split
+
+
+def test_max_new_tokens_is_respected(backend, sharp, sharp_greedy):
+    for c in sharp_greedy:
+        assert (c.completion_tokens, c.finish_reason) == (GREEDY.max_new_tokens, "length")
+    out = backend.generate([[U(QUESTIONS[0])]] * 4, Sampling(max_new_tokens=3, temperature=1.0), [1, 2, 3, 4])
+    for c in out:
+        assert c.completion_tokens <= 3
+        assert c.finish_reason in ("length", "eos")
+        if c.finish_reason == "length":
+            assert c.completion_tokens == 3
+    assert sum(c.finish_reason == "length" for c in out) >= 3  # eos has p ~ 1/49152 per token here
+    assert out[0].prompt_tokens == len(backend._encode(backend.chat_prompt([U(QUESTIONS[0])])))
+
+
+def test_eos_ends_a_completion(backend, monkeypatch):
+    newline = backend._encode("\n")
+    assert len(newline) == 1
+    greedy = backend.generate([[U("Hi?")]], Sampling(max_new_tokens=4, temperature=0), [0])[0]
+    assert greedy.text == "\n" * 4  # the random tiny model repeats "\n"
+    monkeypatch.setattr(backend, "eos_ids", {newline[0]})
+    c = backend.generate([[U("Hi?")]], Sampling(max_new_tokens=4, temperature=0), [0])[0]
+    assert (c.text, c.completion_tokens, c.finish_reason) == ("", 0, "eos")
+
+
+def _stop_in(text: str) -> tuple[int, str]:
+    """A 4-character ASCII stop string whose first occurrence is in the middle of `text`."""
+    for k in range(len(text) // 3, len(text) - 4):
+        cand = text[k:k + 4]
+        if cand.isascii() and cand.strip() and text.find(cand) == k and "\ufffd" not in text[:k + 4]:
+            return k, cand
+    raise AssertionError(f"no usable stop string in {text!r}")
+
+
+def test_stop_string_cuts_before_it(sharp, sharp_greedy):
+    full = sharp_greedy[1]
+    k, stop = _stop_in(full.text)
+    c = sharp.generate([[U(QUESTIONS[1])]], Sampling(max_new_tokens=8, temperature=0, stop=(stop,)), [0])[0]
+    assert c.text == full.text[:k]
+    assert c.finish_reason == "stop"
+    assert 0 < c.completion_tokens < full.completion_tokens
+
+
+def test_earliest_stop_string_wins(sharp, sharp_greedy):
+    full = sharp_greedy[1].text
+    k, stop = _stop_in(full)
+    later = full[-3:]
+    assert full.find(later) > k
+    c = sharp.generate([[U(QUESTIONS[1])]], Sampling(max_new_tokens=8, temperature=0, stop=(later, stop)), [0])[0]
+    assert (c.text, c.finish_reason) == (full[:k], "stop")
+
+
+def test_a_stopped_row_leaves_the_batch_without_changing_the_others(sharp, sharp_greedy):
+    k, stop = _stop_in(sharp_greedy[1].text)
+    others = [i for i in (0, 2) if stop not in sharp_greedy[i].text]
+    assert others
+    out = sharp.generate([[U(q)] for q in QUESTIONS], Sampling(max_new_tokens=8, temperature=0, stop=(stop,)),
+                         [0, 0, 0])
+    assert (out[1].text, out[1].finish_reason) == (sharp_greedy[1].text[:k], "stop")
+    for i in others:
+        assert (out[i].text, out[i].finish_reason) == (sharp_greedy[i].text, "length")
+
+
+# -- option scoring ------------------------------------------------------------------------------------
+
+def test_single_token_options_use_one_forward_and_match_continuation(backend, monkeypatch):
+    prompt = mc_prompt(backend, QUESTIONS[1])
+    expected = [cont(backend, prompt, o) for o in ("A", "B")]
+
+    def no_per_option_path(*a, **k):
+        raise AssertionError("single-token options should be scored from one forward pass")
+
+    monkeypatch.setattr(backend, "_continuation_logprob", no_per_option_path)
+    (got,) = backend.option_logprobs([prompt], ["A", "B"])
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert all(v <= 0 for v in got)
+    assert math.exp(got[0]) + math.exp(got[1]) <= 1.0
+    assert got[0] != got[1]
+
+
+def test_batched_option_logprobs_match_each_prompt_alone(backend, sharp):
+    for be in (backend, sharp):
+        prompts = [mc_prompt(be, q) for q in QUESTIONS]
+        lengths = {len(be._encode(p)) for p in prompts}
+        assert len(lengths) == 3  # different lengths, so the batch is left-padded
+        batch = be.option_logprobs(prompts, ["A", "B"])
+        for p, row in zip(prompts, batch):
+            assert row == pytest.approx(be.option_logprobs([p], ["A", "B"])[0], abs=1e-4)
+            assert row == pytest.approx([cont(be, p, o) for o in ("A", "B")], abs=1e-4)
+
+
+def test_multi_token_options_take_per_option_path(backend, monkeypatch):
+    prompt = mc_prompt(backend, QUESTIONS[0])
+    options = ["A) yes", "B) no"]
+    expected = [cont(backend, prompt, o) for o in options]
+    calls = []
+    real = backend._continuation_logprob
+    monkeypatch.setattr(backend, "_continuation_logprob", lambda p, o: calls.append(o) or real(p, o))
+    (got,) = backend.option_logprobs([prompt], options)
+    assert calls == options
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert all(v <= 0 for v in got)
+
+
+def test_multi_token_logprob_is_the_chain_rule_sum(sharp):
+    # "A) yes" tokenizes as "A" + ")" + " yes" after the prompt, so log p(A) yes) = log p(A) + log p() yes | A)
+    prompt = mc_prompt(sharp, QUESTIONS[0])
+    ids = sharp._encode(prompt)
+    assert len(sharp._encode(prompt + "A) yes")) == len(ids) + 3
+    whole = cont(sharp, prompt, "A) yes")
+    parts = cont(sharp, prompt, "A") + cont(sharp, prompt + "A", ") yes")
+    assert whole == pytest.approx(parts, abs=1e-3)
+    assert whole < cont(sharp, prompt, "A") <= 0
+
+
+# -- sample_next ---------------------------------------------------------------------------------------
+
+def gens(seed, n=1):
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def test_sample_next_temperature_zero_is_argmax():
+    logits = torch.tensor([[0.1, 2.0, -1.0, 1.9], [5.0, 0.0, 0.0, 4.99]])
+    assert sample_next(logits, Sampling(temperature=0), gens(0, 2)).tolist() == [1, 0]
+
+
+def test_sample_next_top_k_1_is_argmax_whatever_the_generator():
+    logits = torch.tensor([[0.0, 0.1, 0.05, -0.2]])  # nearly uniform
+    picks = {int(sample_next(logits, Sampling(temperature=1.0, top_k=1), gens(s))[0]) for s in range(50)}
+    assert picks == {1}
+
+
+def test_sample_next_top_p():
+    logits = torch.tensor([[0.6, 0.3, 0.1]]).log()
+    draws = lambda top_p: [int(sample_next(logits, Sampling(temperature=1.0, top_p=top_p), gens(s))[0])  # noqa: E731
+                           for s in range(200)]
+    assert set(draws(0.5)) == {0}
+    assert set(draws(0.7)) == {0, 1}  # 0.6 < 0.7, so the second token stays; the third is cut
+    assert set(draws(1.0)) == {0, 1, 2}
+
+
+def test_sample_next_rows_use_their_own_generators():
+    logits = torch.zeros(3, 1000)
+    together = sample_next(logits, Sampling(temperature=1.0), [torch.Generator().manual_seed(s) for s in (4, 5, 4)])
+    alone = [int(sample_next(logits[:1], Sampling(temperature=1.0), [torch.Generator().manual_seed(s)])[0])
+             for s in (4, 5, 4)]
+    assert together.tolist() == alone
+    assert alone[0] == alone[2] != alone[1]

@@ -257,3 +257,33 @@ def test_sl_on_the_bundled_model(tmp_path):
     # the real model writes words: most tokens decode to ASCII letters and spaces
     text = " ".join(c["rounds"][0]["revision"] for c in chains)
     assert sum(ch.isalpha() or ch.isspace() for ch in text) > 0.8 * len(text)
+
+
+def test_partly_written_batch_is_replayed_whole(tmp_path):
+    """Control flow of the batch plan, on the fake backend: a batch with a missing record is regenerated as the
+    same whole batch (same neighbours, so the same floats on a real model), and only the missing record is stored."""
+    from cai.backends import Sampling
+    from cai.backends.fake import FakeBackend
+    from cai.critique import Request, run_wave
+    from cai.store import JsonlStore
+
+    backend = FakeBackend()
+    reqs = [Request(f"{i:024x}", "answer", [{"role": "user", "content": "x" * (i + 1)}]) for i in range(7)]
+    store = JsonlStore(tmp_path / "steps.jsonl")
+    plan_dir = tmp_path / "plans"
+    stats, fresh = run_wave(reqs, store, backend, Sampling(max_new_tokens=4), plan_dir, 3, "answers", progress=False)
+    assert backend.calls == [3, 3, 1] and stats.generated == 7 and len(fresh) == 7
+    lines = (tmp_path / "steps.jsonl").read_text().splitlines()
+    # simulate a kill in the middle of the second batch: its last record never reached the disk
+    (tmp_path / "steps.jsonl").write_text("\n".join(lines[:5]) + "\n")
+    # and a plan left behind by that killed run
+    from cai.config import stable_hash
+    wave_id = stable_hash([sorted(r.key for r in reqs), 3, backend.identity, Sampling(max_new_tokens=4).as_dict()])
+    (plan_dir / f"answers-{wave_id}.json").write_text(json.dumps([[r.key for r in reqs[i:i + 3]] for i in (0, 3, 6)]))
+    backend.calls.clear()
+    store = JsonlStore(tmp_path / "steps.jsonl")
+    stats, fresh = run_wave(reqs, store, backend, Sampling(max_new_tokens=4), plan_dir, 3, "answers", progress=False)
+    assert backend.calls == [3, 1]  # the torn batch replayed whole, then the untouched last batch
+    assert stats.generated == 2 and stats.reused == 5
+    again = [json.loads(x) for x in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert without_timing(again) == without_timing([json.loads(x) for x in lines])  # same records, same order

@@ -37,8 +37,13 @@ def sample_next(logits: torch.Tensor, sampling: Sampling, generators: list[torch
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if sampling.top_p < 1.0:
-        # nucleus: keep the smallest set of tokens whose mass reaches top_p (the top token always stays)
-        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # nucleus: keep the smallest set of tokens whose mass reaches top_p (the top token always stays).
+        # Sorting the whole vocabulary every step is slow; the top 256 almost always hold the nucleus,
+        # and we fall back to a full sort for the rows where they do not.
+        k = min(256, probs.shape[-1])
+        sorted_p, order = probs.topk(k, dim=-1)
+        if (sorted_p.sum(-1) < sampling.top_p).any():
+            sorted_p, order = probs.sort(dim=-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p >= sampling.top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
@@ -104,7 +109,9 @@ class TransformersBackend:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         generators = [torch.Generator().manual_seed(int(s) % (2**63)) for s in seeds]
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        # logits_to_keep=1: the vocabulary projection only for the last position (prompts can be long)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1, :].float().cpu()
         alive = list(range(len(prompts)))  # original row of each row still in the batch
         tokens: list[list[int]] = [[] for _ in prompts]
@@ -168,7 +175,7 @@ class TransformersBackend:
             chunk = order[start:start + self.batch_size]
             ids, mask = self._left_pad([encoded[i] for i, _ in chunk])
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1, :]
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1, :]
             logp = torch.log_softmax(logits.float(), dim=-1).cpu()
             for row, (i, option_ids) in enumerate(chunk):
                 results[i] = [float(logp[row, t]) for t in option_ids]

@@ -91,9 +91,20 @@ def train_sft(sft_path: Path, base: ModelRef, cfg, out_dir: Path, ckpt_root: Pat
     )
 
     class ToMetrics(TrainerCallback):
+        """Namespaced metrics to metrics.jsonl, and tokens/s on the training progress bar."""
+
+        t0 = time.time()
+
         def on_log(self, args, state, control, logs=None, **kw):
-            if logs:
-                metrics.log({f"sl/train/{k}": v for k, v in logs.items()}, step=state.global_step)
+            if not logs:
+                return
+            if "num_tokens" in logs:
+                logs["tokens_per_s"] = round(float(logs["num_tokens"]) / max(time.time() - self.t0, 1e-9), 1)
+                bar = next((getattr(c, "training_bar", None) for c in trainer.callback_handler.callbacks
+                            if getattr(c, "training_bar", None) is not None), None)
+                if bar is not None:
+                    bar.set_postfix(tok_s=logs["tokens_per_s"], loss=logs.get("loss"))
+            metrics.log({f"sl/train/{k}": v for k, v in logs.items()}, step=state.global_step)
 
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer, callbacks=[ToMetrics()])
     last = _last_checkpoint(ckpt_dir)

@@ -287,3 +287,16 @@ def test_partly_written_batch_is_replayed_whole(tmp_path):
     assert stats.generated == 2 and stats.reused == 5
     again = [json.loads(x) for x in (tmp_path / "steps.jsonl").read_text().splitlines()]
     assert without_timing(again) == without_timing([json.loads(x) for x in lines])  # same records, same order
+
+
+def test_sft_data_all_rounds_and_no_few_shot(tmp_path, constitution):
+    main(sl_args(tmp_path, constitution, **{"sft.data": "all", "critique.few_shot": 0, "red_team.limit": 3}))
+    import datasets
+
+    sft = datasets.load_dataset("json", data_files=str(tmp_path / "runs" / "r" / "sl" / "sft.jsonl"), split="train")
+    chains = read_jsonl(tmp_path / "runs" / "r" / "sl" / "chains.jsonl")
+    revisions = [r for c in chains for r in c["rounds"] if r["revision"].strip()]
+    # one example per non-empty revision round, plus helpful answers at ratio 0.5 of 3 prompts x 2 rounds
+    assert sft["source"].count("revision") == len(revisions)
+    assert sft["source"].count("helpful") == 3
+    assert sorted(set(sft["round"])) == [0, 1, 2]

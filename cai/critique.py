@@ -16,42 +16,16 @@ records an uninterrupted run would have.
 
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-
-from tqdm import tqdm
 
 from cai.backends import Backend, Message, Sampling
 from cai.config import stable_hash
 from cai.constitution import Constitution, CritiqueRevision, principle_sha
 from cai.prompts import PromptRecord
-from cai.store import JsonlStore, write_atomic
+from cai.store import JsonlStore
 from cai.templates import Template
-
-
-@dataclass
-class Request:
-    """One text to generate."""
-
-    key: str
-    kind: str  # answer | critique | revision
-    conversation: list[Message]
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def seed(self) -> int:
-        return int(self.key[:15], 16)  # per-request seed derived from the key
-
-
-@dataclass
-class WaveStats:
-    generated: int = 0
-    reused: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    seconds: float = 0.0
+from cai.waves import Request, WaveStats, generation, generation_identity, run_wave
 
 
 def choose_principle(seed: int, prompt: str, round_: int, principles: tuple[CritiqueRevision, ...]) -> CritiqueRevision:
@@ -61,52 +35,6 @@ def choose_principle(seed: int, prompt: str, round_: int, principles: tuple[Crit
     removing a principle changes only the rounds where that principle wins or won.
     """
     return max(principles, key=lambda p: stable_hash([seed, prompt, round_, p.id]))
-
-
-def run_wave(requests: list[Request], store: JsonlStore, backend: Backend, sampling: Sampling, plan_dir: Path,
-             batch_size: int, label: str, progress: bool = True) -> tuple[WaveStats, set[str]]:
-    """Generate every request whose key is not in the store, in planned batches; append each batch."""
-    stats, generated = WaveStats(), set()
-    by_key = {r.key: r for r in requests}  # identical requests (same key) are generated once
-    missing = [r for r in by_key.values() if r.key not in store]
-    stats.reused = len(by_key) - len(missing)
-    if not missing:
-        return stats, generated
-    wave_id = stable_hash([sorted(by_key), batch_size, backend.identity, sampling.as_dict()])
-    plan_path = plan_dir / f"{label.replace(' ', '_')}-{wave_id}.json"
-    plan = json.loads(plan_path.read_text()) if plan_path.exists() else None
-    if plan is None or any(k not in by_key for chunk in plan for k in chunk):
-        # length bucketing: similar lengths share a batch, so little padding
-        ordered = sorted(missing, key=lambda r: (sum(len(m["content"]) for m in r.conversation), r.key))
-        plan = [[r.key for r in ordered[i:i + batch_size]] for i in range(0, len(ordered), batch_size)]
-        write_atomic(plan_path, json.dumps(plan))
-    bar = tqdm(total=len(missing), desc=label, unit="txt", disable=not progress, leave=True)
-    for chunk in plan:
-        todo = [k for k in chunk if k not in store]
-        if not todo:
-            continue
-        batch = [by_key[k] for k in chunk]  # the whole planned batch, so results match the original run
-        start = time.time()
-        outs = backend.generate([r.conversation for r in batch], sampling, [r.seed for r in batch])
-        seconds = time.time() - start
-        records = []
-        for r, c in zip(batch, outs):
-            if r.key in store:
-                continue
-            records.append({"key": r.key, "kind": r.kind, "text": c.text, "prompt_tokens": c.prompt_tokens,
-                            "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason,
-                            "seconds": round(seconds / len(batch), 4), "seed": r.seed, **r.meta})
-            stats.prompt_tokens += c.prompt_tokens
-            stats.completion_tokens += c.completion_tokens
-        store.append(records)
-        generated.update(rec["key"] for rec in records)
-        stats.generated += len(records)
-        stats.seconds += seconds
-        bar.update(len(records))
-        bar.set_postfix(tok_s=f"{stats.completion_tokens / max(stats.seconds, 1e-9):.1f}")
-    bar.close()
-    plan_path.unlink(missing_ok=True)  # the wave is complete: its plan is no longer needed
-    return stats, generated
 
 
 @dataclass
@@ -180,7 +108,8 @@ def generate_chains(red_team: list[PromptRecord], helpful: list[PromptRecord], c
     fresh: set[str] = set()
 
     def wave(requests, label):
-        stats, gen = run_wave(requests, store, backend, s.sampling, plan_dir, batch_size, label, progress)
+        stats, gen = run_wave(requests, store, generation(backend, s.sampling), plan_dir, batch_size, label,
+                              generation_identity(backend, s.sampling), progress)
         waves[label] = stats
         fresh.update(gen)
 

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from cai.config import SCHEMAS, config_dict, help_text, load_config, to_yaml
+from cai.config import SCHEMAS, help_text, load_config, to_yaml
 from cai.errors import CaiError, cli_main
 from cai.store import JsonlStore, Metrics, RunLock, write_atomic, write_jsonl_atomic
 

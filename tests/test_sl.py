@@ -264,25 +264,29 @@ def test_partly_written_batch_is_replayed_whole(tmp_path):
     same whole batch (same neighbours, so the same floats on a real model), and only the missing record is stored."""
     from cai.backends import Sampling
     from cai.backends.fake import FakeBackend
-    from cai.critique import Request, run_wave
+    from cai.waves import Request, generation, generation_identity, run_wave
     from cai.store import JsonlStore
 
     backend = FakeBackend()
     reqs = [Request(f"{i:024x}", "answer", [{"role": "user", "content": "x" * (i + 1)}]) for i in range(7)]
     store = JsonlStore(tmp_path / "steps.jsonl")
     plan_dir = tmp_path / "plans"
-    stats, fresh = run_wave(reqs, store, backend, Sampling(max_new_tokens=4), plan_dir, 3, "answers", progress=False)
+    sampling = Sampling(max_new_tokens=4)
+    ident = generation_identity(backend, sampling)
+    stats, fresh = run_wave(reqs, store, generation(backend, sampling), plan_dir, 3, "answers", ident, progress=False)
     assert backend.calls == [3, 3, 1] and stats.generated == 7 and len(fresh) == 7
     lines = (tmp_path / "steps.jsonl").read_text().splitlines()
     # simulate a kill in the middle of the second batch: its last record never reached the disk
     (tmp_path / "steps.jsonl").write_text("\n".join(lines[:5]) + "\n")
     # and a plan left behind by that killed run
     from cai.config import stable_hash
-    wave_id = stable_hash([sorted(r.key for r in reqs), 3, backend.identity, Sampling(max_new_tokens=4).as_dict()])
+    wave_id = stable_hash([sorted(r.key for r in reqs), 3, ident])
     (plan_dir / f"answers-{wave_id}.json").write_text(json.dumps([[r.key for r in reqs[i:i + 3]] for i in (0, 3, 6)]))
     backend.calls.clear()
     store = JsonlStore(tmp_path / "steps.jsonl")
-    stats, fresh = run_wave(reqs, store, backend, Sampling(max_new_tokens=4), plan_dir, 3, "answers", progress=False)
+    sampling = Sampling(max_new_tokens=4)
+    ident = generation_identity(backend, sampling)
+    stats, fresh = run_wave(reqs, store, generation(backend, sampling), plan_dir, 3, "answers", ident, progress=False)
     assert backend.calls == [3, 1]  # the torn batch replayed whole, then the untouched last batch
     assert stats.generated == 2 and stats.reused == 5
     again = [json.loads(x) for x in (tmp_path / "steps.jsonl").read_text().splitlines()]

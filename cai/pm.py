@@ -1,0 +1,399 @@
+"""The preference model (PM): a scalar head on a causal LM, trained on soft AI-feedback labels.
+
+Bai et al. 2022, "Constitutional AI", section 4.1 https://arxiv.org/abs/2212.08073: the PM is trained on
+comparisons whose label is the feedback model's probability that one answer is better, not a hard 0/1.
+We drive TRL's RewardTrainer (tokenization, batching, checkpoints) and change two things:
+
+- the loss is the soft-label Bradley-Terry loss (`cai.losses.soft_bt_loss`), with the label carried
+  through TRL's dataset pipeline and collator as a `soft_label` column;
+- the reward is read at the last real token by the attention mask (`pm_rewards`). transformers looks for the
+  last token that is not the pad id, but SmolLM2's pad id is its EOS (`<|im_end|>`), so a sequence that
+  ends in EOS would be read one token early.
+
+The trained PM is keyed by (comparisons, base model identity, PM settings, seed); a killed run resumes from
+its last checkpoint under `<ckpt_root>/<key>/`, as in `cai.sl`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from trl import RewardConfig, RewardTrainer
+
+from cai.config import F, stable_hash
+from cai.errors import CaiError
+from cai.losses import check_finite, soft_bt_loss
+from cai.models import ModelRef, load_tokenizer, pick_device, pick_dtype
+from cai.sl import TRAIN_INFO, _last_checkpoint, _use_bf16
+from cai.store import Metrics, write_atomic
+
+
+@dataclass
+class PMConfig:
+    epochs: float = F(1.0, "passes over the training comparisons")
+    learning_rate: float = F(1e-5, "AdamW learning rate")
+    batch_size: int = F(8, "comparisons per device step (the model sees twice as many sequences)")
+    grad_accum: int = F(1, "gradient accumulation steps")
+    max_length: int = F(512, "tokens per conversation at most; TRL drops comparisons with a longer side")
+    warmup_ratio: float = F(0.05, "share of steps spent warming up the learning rate")
+    bf16: str = F("auto", "auto (where the hardware has it) | true | false")
+    gradient_checkpointing: bool = F(False, "trade compute for memory (off: faster on CPU at this size)")
+    save_steps: int = F(50, "checkpoint every N optimizer steps (a killed run resumes from the last one)")
+    eval_fraction: float = F(0.1, "share of comparisons held out for evaluation, chosen by hashing each key")
+    report_to: str = F("none", "none | tensorboard")
+    center_rewards_coefficient: Optional[float] = F(None, "weight of mean((r_chosen + r_rejected)^2), pulls rewards "
+                                                          "toward 0 (TRL; 0.01 recommended); null = off")
+
+
+def pm_training_key(comparisons_sha: str, base: ModelRef, cfg, seed: int) -> str:
+    return stable_hash({"data": comparisons_sha, "base": base.identity, "pm": _as_dict(cfg), "seed": seed})
+
+
+def _as_dict(cfg) -> dict:
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+# --- comparisons -> dataset ------------------------------------------------------------------------------
+
+
+def check_comparisons(comparisons: list[dict]) -> None:
+    """Each record needs key, prompt, answer_a, answer_b (str) and soft_label in [0, 1]; keys are unique."""
+    seen = set()
+    for i, rec in enumerate(comparisons):
+        where = f"comparisons[{i}]" + (f" (key={rec['key']})" if isinstance(rec, dict) and "key" in rec else "")
+        if not isinstance(rec, dict):
+            raise CaiError(f"{where}: expected an object, got {type(rec).__name__}")
+        for name in ("key", "prompt", "answer_a", "answer_b"):
+            if not isinstance(rec.get(name), str):
+                raise CaiError(f"{where}: field '{name}' must be a string, got {rec.get(name)!r}")
+        p = rec.get("soft_label")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise CaiError(f"{where}: field 'soft_label' must be a number in [0, 1] (P(answer_a better)), got {p!r}")
+        if rec["key"] in seen:
+            raise CaiError(f"{where}: duplicate key; each comparison needs its own key")
+        seen.add(rec["key"])
+
+
+def is_heldout(key: str, eval_fraction: float) -> bool:
+    """Held out iff the key's hash falls below eval_fraction: stable as comparisons are added, seed-independent."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 16**8 < eval_fraction
+
+
+def split_comparisons(comparisons: list[dict], eval_fraction: float) -> tuple[list[dict], list[dict]]:
+    train = [c for c in comparisons if not is_heldout(c["key"], eval_fraction)]
+    heldout = [c for c in comparisons if is_heldout(c["key"], eval_fraction)]
+    return train, heldout
+
+
+def conversation(prompt: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def comparisons_dataset(comparisons: list[dict]):
+    """Conversational `chosen`/`rejected` (chosen = answer with P >= 0.5) and soft_label = P(chosen better)."""
+    import datasets
+
+    rows = []
+    for c in comparisons:
+        p = float(c["soft_label"])
+        chosen, rejected = (c["answer_a"], c["answer_b"]) if p >= 0.5 else (c["answer_b"], c["answer_a"])
+        rows.append({"chosen": conversation(c["prompt"], chosen), "rejected": conversation(c["prompt"], rejected),
+                     "soft_label": max(p, 1 - p)})
+    return datasets.Dataset.from_list(rows)
+
+
+# --- rewards ---------------------------------------------------------------------------------------------
+
+
+def pm_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Score-head output at each row's last real token. Shape: input_ids, attention_mask (b, t) -> (b,) float32.
+
+    The last real token is the last 1 in the attention mask (right or left padding), never a search for the pad
+    id: with pad == eos a sequence ending in EOS would be read one token early. Position ids count real tokens
+    only, so a left-padded row gets the same positions as when run alone.
+    """
+    score = getattr(model, "score", None)
+    if score is None:
+        raise CaiError(f"{type(model).__name__} has no `score` head; expected an AutoModelForSequenceClassification")
+    mask = attention_mask.long()
+    t = mask.shape[1]
+    # the last index where mask == 1: position weights 1..t make the last unmasked one the largest
+    last = (mask * torch.arange(1, t + 1, device=mask.device)).argmax(dim=1)
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state
+    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
+    return score(picked).squeeze(-1).float()
+
+
+@dataclass
+class SoftLabelCollator:
+    """TRL's preference collator (chosen rows, then rejected rows), plus `soft_label` (b,) float32."""
+
+    base: object
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.base(examples)
+        batch["soft_label"] = torch.tensor([float(ex["soft_label"]) for ex in examples], dtype=torch.float32)
+        return batch
+
+
+class SoftLabelRewardTrainer(RewardTrainer):
+    """RewardTrainer with soft labels (kept through the dataset and collator) and mask-based reward reading."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.data_collator = SoftLabelCollator(self.data_collator)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()  # chosen_ids, rejected_ids, margin
+        if "soft_label" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "soft_label"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        # accelerate applies mixed precision by wrapping model.forward; we call the body and head directly
+        with self.accelerator.autocast():
+            rewards = pm_rewards(model, inputs["input_ids"], inputs["attention_mask"])
+        rewards_chosen, rewards_rejected = torch.chunk(rewards, chunks=2)
+        loss = soft_bt_loss(rewards_chosen, rewards_rejected, inputs["soft_label"])
+        if self.args.center_rewards_coefficient is not None:
+            loss = loss + self.args.center_rewards_coefficient * torch.mean((rewards_chosen + rewards_rejected) ** 2)
+        try:
+            check_finite("PM loss", loss.detach())
+        except FloatingPointError as e:
+            # stop before the optimizer step spreads it into every weight; the last checkpoint stays good
+            raise CaiError(f"{e} at step {self.state.global_step}; no model was saved "
+                           f"(checkpoints in {self.args.output_dir})") from None
+
+        # the parent's metrics, averaged per logging step by RewardTrainer.log
+        if mode == "train":
+            n_tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += n_tokens // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        with torch.no_grad():
+            all_rewards = self.accelerator.gather(rewards)
+            self._metrics[mode]["min_reward"].append(all_rewards.min().item())
+            self._metrics[mode]["mean_reward"].append(all_rewards.mean().item())
+            self._metrics[mode]["max_reward"].append(all_rewards.max().item())
+            accuracy = (rewards_chosen > rewards_rejected).float().mean()
+            self._metrics[mode]["accuracy"].append(self.accelerator.gather_for_metrics(accuracy).mean().item())
+            margin = (rewards_chosen - rewards_rejected).mean()
+            self._metrics[mode]["margin"].append(self.accelerator.gather_for_metrics(margin).mean().item())
+            self._metrics[mode]["soft_label"].append(inputs["soft_label"].mean().item())
+        return (loss, {"rewards": rewards}) if return_outputs else loss
+
+
+# --- training --------------------------------------------------------------------------------------------
+
+
+def init_pm(base: ModelRef, tokenizer, seed: int, trust_remote_code: bool = False):
+    """The base causal LM with a fresh scalar head (seeded), fp32 master weights, pad id from the tokenizer."""
+    from transformers import AutoModelForSequenceClassification, set_seed
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    set_seed(seed)  # the score head is randomly initialized
+    with suppress_seqcls_warning():  # "score.weight newly initialized" is expected here
+        model = AutoModelForSequenceClassification.from_pretrained(base.path, num_labels=1, dtype=torch.float32,
+                                                                   trust_remote_code=trust_remote_code)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def reward_config(cfg, seed: int, output_dir: Path, device: str, progress: bool = True) -> RewardConfig:
+    return RewardConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        warmup_steps=cfg.warmup_ratio,
+        lr_scheduler_type="linear",
+        max_length=cfg.max_length,
+        center_rewards_coefficient=cfg.center_rewards_coefficient,
+        bf16=_use_bf16(str(cfg.bf16), device),
+        activation_checkpointing=cfg.gradient_checkpointing,
+        use_cpu=device == "cpu",
+        eval_strategy="no",  # held-out evaluation is evaluate_pm, after training
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=1,
+        save_only_model=False,
+        logging_steps=1,
+        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        seed=seed,
+        data_seed=seed,
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+    )
+
+
+def train_pm(comparisons: list[dict], base: ModelRef, cfg, seed: int, out_dir: Path, ckpt_root: Path,
+             metrics: Metrics, key: str, device: str = "auto", progress: bool = True,
+             trust_remote_code: bool = False) -> dict:
+    """Train on the comparisons not held out; evaluate on the rest; save safetensors + tokenizer to out_dir."""
+    import datasets
+    from transformers import TrainerCallback
+
+    from cai.backends.transformers_backend import configure_cpu_threads
+
+    configure_cpu_threads()
+    datasets.disable_progress_bars()
+    device = pick_device(device)
+    check_comparisons(comparisons)
+    train_recs, heldout_recs = split_comparisons(comparisons, cfg.eval_fraction)
+    if not train_recs:
+        raise CaiError(f"pm.eval_fraction={cfg.eval_fraction} holds out all {len(comparisons)} comparisons; "
+                       "expected a value that leaves some for training (e.g. 0.1)")
+    tokenizer = load_tokenizer(base, trust_remote_code)
+    model = init_pm(base, tokenizer, seed, trust_remote_code)
+    ckpt_dir = ckpt_root / key
+
+    class ToMetrics(TrainerCallback):
+        """Namespaced metrics to metrics.jsonl, and tokens/s on the training progress bar."""
+
+        t0 = time.time()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not logs:
+                return
+            if "num_tokens" in logs:
+                logs["tokens_per_s"] = round(float(logs["num_tokens"]) / max(time.time() - self.t0, 1e-9), 1)
+                bar = next((getattr(c, "training_bar", None) for c in trainer.callback_handler.callbacks
+                            if getattr(c, "training_bar", None) is not None), None)
+                if bar is not None:
+                    bar.set_postfix(tok_s=logs["tokens_per_s"], loss=logs.get("loss"), acc=logs.get("accuracy"))
+            metrics.log({f"rl/pm/train/{k}": v for k, v in logs.items()}, step=state.global_step)
+
+    trainer = SoftLabelRewardTrainer(model=model, args=reward_config(cfg, seed, ckpt_dir, device, progress),
+                                     train_dataset=comparisons_dataset(train_recs), processing_class=tokenizer,
+                                     callbacks=[ToMetrics()])
+    n_train = len(trainer.train_dataset)
+    if n_train == 0:
+        raise CaiError(f"all {len(train_recs)} training comparisons are longer than pm.max_length={cfg.max_length} "
+                       "tokens on one side (TRL drops those); raise pm.max_length")
+    last = _last_checkpoint(ckpt_dir)
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    seconds = time.time() - start
+    if not math.isfinite(result.training_loss):
+        raise CaiError(f"PM loss became {result.training_loss}; no model was saved (checkpoints in {ckpt_dir})")
+
+    heldout = evaluate_pm(trainer.model, tokenizer, heldout_recs, batch_size=2 * cfg.batch_size)
+    summary = {"key": key, "base": base.identity, "seed": seed, "pm": _as_dict(cfg),
+               "counts": {"comparisons": len(comparisons), "train": n_train, "train_too_long": len(train_recs) - n_train,
+                          "heldout": len(heldout_recs)},
+               "steps": result.global_step, "train_loss": result.training_loss, "seconds": round(seconds, 1),
+               "resumed_from": str(last) if last else None, "heldout": heldout}
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    write_atomic(tmp / TRAIN_INFO, json.dumps(summary, indent=1))
+    old = out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    metrics.log({"rl/pm/train/seconds": seconds, "rl/pm/train/final_loss": result.training_loss,
+                 **{f"rl/pm/heldout/{k}": v for k, v in heldout.items() if k != "calibration"}})
+    return summary
+
+
+# --- evaluation and scoring ------------------------------------------------------------------------------
+
+
+def evaluate_pm(model, tokenizer, comparisons: list[dict], batch_size: int = 16, n_bins: int = 10) -> dict:
+    """Held-out accuracy, soft loss and calibration of P(A better) = sigmoid(r_a - r_b) against the soft labels.
+
+    accuracy: share of comparisons where the PM prefers the answer the label prefers (soft_label > 0.5 means A);
+    ties at exactly 0.5 have no majority and are left out. calibration: equal-width bins of the predicted
+    P(A better), each with its count, mean prediction and mean soft label (a calibrated PM has them equal);
+    ece is the count-weighted mean gap.
+    """
+    n = len(comparisons)
+    if n == 0:
+        return {"count": 0, "decisive": 0, "accuracy": None, "loss": None, "ece": None, "calibration": []}
+    prompts = [c["prompt"] for c in comparisons]
+    rewards = score_answers(model, tokenizer, prompts + prompts,
+                            [c["answer_a"] for c in comparisons] + [c["answer_b"] for c in comparisons], batch_size)
+    r_a, r_b = torch.tensor(rewards[:n]), torch.tensor(rewards[n:])
+    labels = torch.tensor([float(c["soft_label"]) for c in comparisons])
+    predicted = torch.sigmoid(r_a - r_b)
+    decisive = labels != 0.5
+    agree = ((r_a > r_b) == (labels > 0.5))[decisive]
+    calibration, ece = [], 0.0
+    bins = (predicted * n_bins).long().clamp(max=n_bins - 1)
+    for b in range(n_bins):
+        sel = bins == b
+        if sel.any():
+            mean_pred, mean_label = predicted[sel].mean().item(), labels[sel].mean().item()
+            calibration.append({"lo": b / n_bins, "hi": (b + 1) / n_bins, "count": int(sel.sum()),
+                                "mean_predicted": mean_pred, "mean_soft_label": mean_label})
+            ece += int(sel.sum()) / n * abs(mean_pred - mean_label)
+    return {"count": n, "decisive": int(decisive.sum()),
+            "accuracy": agree.float().mean().item() if agree.numel() else None,
+            "loss": soft_bt_loss(r_a, r_b, labels).item(), "mean_abs_margin": (r_a - r_b).abs().mean().item(),
+            "ece": ece, "calibration": calibration}
+
+
+def load_pm(path: str | Path, device: str = "auto", dtype: str = "auto"):
+    """A saved PM and its tokenizer, in eval mode on the device. Returns (model, tokenizer)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise CaiError(f"{path}: no config.json; expected a preference model saved by the PM stage")
+    device = pick_device(device)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=pick_dtype(dtype, device))
+    if model.config.num_labels != 1:
+        raise CaiError(f"{path}: model has num_labels={model.config.num_labels}; a preference model has 1")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+def score_answers(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 16) -> list[float]:
+    """PM reward of each (prompt, answer) as a [user, assistant] chat. Right-padded, length-sorted batches."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"score_answers: {len(prompts)} prompts but {len(answers)} answers")
+    # tokenized exactly as TRL tokenizes the training conversations (trl.data_utils._tokenize)
+    rows = [tokenizer.apply_chat_template(conversation(p, a), tokenize=True, return_dict=True)["input_ids"]
+            for p, a in zip(prompts, answers)]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    device = next(model.parameters()).device
+    out = [0.0] * len(rows)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for s in range(0, len(order), batch_size):
+                idx = order[s:s + batch_size]
+                width = max(len(rows[i]) for i in idx)
+                ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for j, i in enumerate(idx):
+                    ids[j, :len(rows[i])] = torch.tensor(rows[i])
+                    mask[j, :len(rows[i])] = 1
+                for i, r in zip(idx, pm_rewards(model, ids.to(device), mask.to(device)).tolist()):
+                    out[i] = r
+    finally:
+        model.train(was_training)
+    return out

@@ -46,7 +46,8 @@ def run_sl(cfg) -> dict:
     from cai.critique import ChainSettings, generate_chains, sft_examples
     from cai.models import resolve_model
     from cai.prompts import load_few_shot, load_prompts
-    from cai.sl import train_sft, trained_model_matches, training_key
+    from cai.sl import sft_training_key, train_sft
+    from cai.training import trained_model_matches
     from cai.templates import load_template
 
     if cfg.critique.rounds < 0:
@@ -103,7 +104,7 @@ def run_sl(cfg) -> dict:
         model_dir = sl_dir / "model"
         if cfg.train:
             base = resolve_model(cfg.generator.model)
-            key = training_key(sl_dir / "sft.jsonl", base, cfg.sft, cfg.seed)
+            key = sft_training_key(sl_dir / "sft.jsonl", base, cfg.sft, cfg.seed)
             if trained_model_matches(model_dir, key):
                 train_summary = {**json.loads((model_dir / "cai_train.json").read_text()), "reused": True}
             else:

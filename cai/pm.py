@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +31,8 @@ from cai.config import F, stable_hash
 from cai.errors import CaiError
 from cai.losses import check_finite, soft_bt_loss
 from cai.models import ModelRef, load_tokenizer, pick_device, pick_dtype
-from cai.sl import TRAIN_INFO, _last_checkpoint, _use_bf16
-from cai.store import Metrics, write_atomic
+from cai.store import Metrics
+from cai.training import common_args, last_checkpoint, metrics_callback, save_trained
 
 
 @dataclass
@@ -55,7 +53,8 @@ class PMConfig:
 
 
 def pm_training_key(comparisons_sha: str, base: ModelRef, cfg, seed: int) -> str:
-    return stable_hash({"data": comparisons_sha, "base": base.identity, "pm": _as_dict(cfg), "seed": seed})
+    """Same shape as cai.training.training_key, given the sha256 hex of the comparisons file."""
+    return stable_hash({"data": comparisons_sha, "base": base.identity, "settings": _as_dict(cfg), "seed": seed})
 
 
 def _as_dict(cfg) -> dict:
@@ -214,31 +213,9 @@ def init_pm(base: ModelRef, tokenizer, seed: int, trust_remote_code: bool = Fals
 
 
 def reward_config(cfg, seed: int, output_dir: Path, device: str, progress: bool = True) -> RewardConfig:
-    return RewardConfig(
-        output_dir=str(output_dir),
-        num_train_epochs=cfg.epochs,
-        learning_rate=cfg.learning_rate,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        warmup_steps=cfg.warmup_ratio,
-        lr_scheduler_type="linear",
-        max_length=cfg.max_length,
-        center_rewards_coefficient=cfg.center_rewards_coefficient,
-        bf16=_use_bf16(str(cfg.bf16), device),
-        activation_checkpointing=cfg.gradient_checkpointing,
-        use_cpu=device == "cpu",
-        eval_strategy="no",  # held-out evaluation is evaluate_pm, after training
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=1,
-        save_only_model=False,
-        logging_steps=1,
-        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
-        seed=seed,
-        data_seed=seed,
-        disable_tqdm=not progress,
-        dataloader_num_workers=0,
-    )
+    return RewardConfig(**common_args(cfg, output_dir, device, seed, progress), max_length=cfg.max_length,
+                        center_rewards_coefficient=cfg.center_rewards_coefficient, save_only_model=False,
+                        eval_strategy="no")  # held-out evaluation is evaluate_pm, after training
 
 
 def train_pm(comparisons: list[dict], base: ModelRef, cfg, seed: int, out_dir: Path, ckpt_root: Path,
@@ -246,7 +223,6 @@ def train_pm(comparisons: list[dict], base: ModelRef, cfg, seed: int, out_dir: P
              trust_remote_code: bool = False) -> dict:
     """Train on the comparisons not held out; evaluate on the rest; save safetensors + tokenizer to out_dir."""
     import datasets
-    from transformers import TrainerCallback
 
     from cai.backends.transformers_backend import configure_cpu_threads
 
@@ -262,30 +238,14 @@ def train_pm(comparisons: list[dict], base: ModelRef, cfg, seed: int, out_dir: P
     model = init_pm(base, tokenizer, seed, trust_remote_code)
     ckpt_dir = ckpt_root / key
 
-    class ToMetrics(TrainerCallback):
-        """Namespaced metrics to metrics.jsonl, and tokens/s on the training progress bar."""
-
-        t0 = time.time()
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if not logs:
-                return
-            if "num_tokens" in logs:
-                logs["tokens_per_s"] = round(float(logs["num_tokens"]) / max(time.time() - self.t0, 1e-9), 1)
-                bar = next((getattr(c, "training_bar", None) for c in trainer.callback_handler.callbacks
-                            if getattr(c, "training_bar", None) is not None), None)
-                if bar is not None:
-                    bar.set_postfix(tok_s=logs["tokens_per_s"], loss=logs.get("loss"), acc=logs.get("accuracy"))
-            metrics.log({f"rl/pm/train/{k}": v for k, v in logs.items()}, step=state.global_step)
-
     trainer = SoftLabelRewardTrainer(model=model, args=reward_config(cfg, seed, ckpt_dir, device, progress),
                                      train_dataset=comparisons_dataset(train_recs), processing_class=tokenizer,
-                                     callbacks=[ToMetrics()])
+                                     callbacks=[metrics_callback(metrics, "rl/pm/train", lambda: trainer)])
     n_train = len(trainer.train_dataset)
     if n_train == 0:
         raise CaiError(f"all {len(train_recs)} training comparisons are longer than pm.max_length={cfg.max_length} "
                        "tokens on one side (TRL drops those); raise pm.max_length")
-    last = _last_checkpoint(ckpt_dir)
+    last = last_checkpoint(ckpt_dir)
     start = time.time()
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     seconds = time.time() - start
@@ -299,18 +259,9 @@ def train_pm(comparisons: list[dict], base: ModelRef, cfg, seed: int, out_dir: P
                "steps": result.global_step, "train_loss": result.training_loss, "seconds": round(seconds, 1),
                "resumed_from": str(last) if last else None, "heldout": heldout}
 
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    write_atomic(tmp / TRAIN_INFO, json.dumps(summary, indent=1))
-    old = out_dir.with_name(out_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    card = (f"# cai preference model\n\nScalar head on {base.identity}, trained on {n_train} comparisons with soft "
+            f"labels (Constitutional AI, section 4.1). Held-out accuracy: {heldout['accuracy']}. Key: {key}.\n")
+    save_trained(trainer.model, tokenizer, out_dir, card, summary, ckpt_dir)
     metrics.log({"rl/pm/train/seconds": seconds, "rl/pm/train/final_loss": result.training_loss,
                  **{f"rl/pm/heldout/{k}": v for k, v in heldout.items() if k != "calibration"}})
     return summary

@@ -1,0 +1,534 @@
+"""RL-CAI: PPO against the preference model, with a per-token KL penalty to the SL-CAI model.
+
+The loop (Ziegler et al. 2019 https://arxiv.org/abs/1909.08593; Ouyang et al. 2022 InstructGPT
+https://arxiv.org/abs/2203.02155; Bai et al. 2022 CAI section 4 https://arxiv.org/abs/2212.08073), per step:
+  1. rollout: sample answers to a batch of chat-templated prompts with the policy (seeded per row);
+  2. score: `reward_fn(prompts, answers)` (the PM), minus `missing_eos_penalty` for cut-off answers;
+  3. per-token rewards = -beta * KL(policy || reference) on every answer token, plus the score on the last;
+  4. advantages by GAE over the value model's per-token values, whitened;
+  5. ppo_epochs x minibatches of clipped policy loss + vf_coef * clipped value loss (+ ptx_coef * SFT loss).
+All maths is in `cai.losses`; this file is the loop. It runs on `accelerate`: the policy and value model are one
+prepared module with one optimizer (as TRL's PolicyAndValueWrapper), so `accelerate launch` with a DDP,
+DeepSpeed or FSDP config runs this same loop; each process rolls out its own `rollout_batch_size` prompts.
+
+Checkpoints (`out_dir/checkpoints/step-N/`, written to a temp dir and renamed) hold `accelerator.save_state`
+(policy + value weights, optimizer, RNG states) and `ppo_state.json` (step, KL coefficient, reward history);
+a rerun resumes from the newest one. The trained policy goes to `out_dir/policy/` (safetensors + tokenizer +
+`cai_train.json`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from cai.config import F
+from cai.errors import CaiError
+from cai.losses import (
+    AdaptiveKLController,
+    FixedKLController,
+    check_finite,
+    entropy_from_logits,
+    gae,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    rewards_with_kl,
+)
+from cai.models import ModelRef, cpu_supports_bf16
+
+TRAIN_INFO = "cai_train.json"
+STATE_FILE = "ppo_state.json"
+RewardFn = Callable[[list[str], list[str]], list[float]]
+
+
+@dataclass
+class PPOConfig:
+    steps: int = F(20, "PPO iterations (one rollout + its updates each)")
+    rollout_batch_size: int = F(8, "prompts sampled per rollout, per process")
+    mini_batch_size: int = F(4, "rollouts per optimizer update")
+    ppo_epochs: int = F(2, "passes over each rollout batch")
+    learning_rate: float = F(1e-5, "AdamW learning rate of the policy")
+    value_learning_rate: float = F(1e-5, "AdamW learning rate of the value model (its own param group)")
+    max_new_tokens: int = F(32, "tokens sampled at most per answer")
+    temperature: float = F(1.0, "sampling temperature (> 0); log-probs are taken at the same temperature")
+    top_p: float = F(1.0, "nucleus sampling mass (1 = off; < 1 makes the sampler differ from the trained policy)")
+    init_kl_coef: float = F(0.05, "beta: weight of the per-token KL penalty to the reference model")
+    adaptive_kl: bool = F(False, "adapt beta so the KL tracks kl_target (Ziegler et al. 2019)")
+    kl_target: float = F(6.0, "target KL (nats per answer) for the adaptive controller")
+    kl_horizon: int = F(10000, "horizon (in rollouts) of the adaptive controller")
+    kl_estimator: str = F("k1", "per-token KL estimator: k1 | k3 | mse | abs (http://joschu.net/blog/kl-approx.html)")
+    gamma: float = F(1.0, "discount over answer tokens")
+    lam: float = F(0.95, "GAE lambda")
+    clip_range: float = F(0.2, "PPO ratio clip epsilon")
+    clip_range_value: float = F(0.2, "value clip epsilon")
+    vf_coef: float = F(0.1, "weight of the value loss")
+    whiten_advantages: bool = F(True, "normalize advantages over the rollout batch")
+    whiten_rewards: bool = F(False, "scale per-token rewards to unit variance before GAE")
+    missing_eos_penalty: Optional[float] = F(None, "subtracted from the score of an answer cut off without EOS")
+    ptx_coef: float = F(0.0, "PPO-ptx: weight of the SFT loss on sft_examples mixed into each update (0 = off)")
+    ptx_max_length: int = F(512, "tokens per SFT example at most for the ptx loss (longer ones are truncated)")
+    max_grad_norm: float = F(1.0, "gradient clipping norm over policy + value parameters")
+    sample_every: int = F(5, "log a table of sample answers every N steps (0 = never)")
+    save_every: int = F(10, "checkpoint every N steps (and at the end)")
+    bf16: str = F("auto", "auto (where the hardware has it) | true | false; mixed precision over fp32 weights")
+    seed: int = F(0, "seed for prompt order, sampling and minibatch order")
+
+
+# --- small pieces ----------------------------------------------------------------------------------------
+
+
+def apply_missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """Subtract `penalty` from the score of every answer that ended without EOS. Shape: (b,), (b,) bool -> (b,).
+
+    A cut-off answer is usually a rambling one; without this the policy can learn to pad answers to the
+    length limit (TRL's `missing_eos_penalty`). None leaves the scores as they are.
+    """
+    if penalty is None:
+        return scores
+    return scores - penalty * (~has_eos.bool()).to(scores.dtype)
+
+
+def _row_seed(seed: int, step: int, row: int) -> int:
+    """A sampling seed per (run seed, step, global row): a resumed run draws the same answers."""
+    return int(hashlib.sha256(f"{seed}:{step}:{row}".encode()).hexdigest()[:15], 16)
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    # PPO's ratio compares two forward passes of the same weights; dropout would make it noise (as TRL does).
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shape: (b, max_len) ids and attention mask, padded on the left."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+class PolicyAndValue(nn.Module):
+    """The trainable policy and value model as one module, so accelerate wraps one model and one optimizer.
+
+    forward(input_ids, attention_mask, n_response) on prompt+answer rows returns, for the last n_response
+    positions, the policy logits that predicted each answer token and the value of the state before it:
+    logits (b, n_response, vocab), values (b, n_response); and the SFT loss when a ptx batch is given.
+    """
+
+    def __init__(self, policy: nn.Module, value_model: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model  # an AutoModelForSequenceClassification: backbone + `score` head
+
+    def forward(self, input_ids, attention_mask, n_response: int, ptx_input_ids=None, ptx_attention_mask=None,
+                ptx_labels=None):
+        positions = _positions(attention_mask)
+        # logits_to_keep: only the positions that predict answer tokens go through the vocabulary projection
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                             logits_to_keep=n_response + 1, use_cache=False).logits[:, :-1]
+        backbone = getattr(self.value_model, self.value_model.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                          use_cache=False).last_hidden_state
+        values = self.value_model.score(hidden[:, -n_response - 1:-1]).squeeze(-1)
+        ptx_loss = None
+        if ptx_input_ids is not None:
+            ptx_loss = self.policy(input_ids=ptx_input_ids, attention_mask=ptx_attention_mask,
+                                   labels=ptx_labels, use_cache=False).loss
+        return logits, values, ptx_loss
+
+
+@torch.no_grad()
+def sample_answers(policy: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, eos_ids: set[int],
+                   pad_id: int, cfg: PPOConfig, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample answers with a KV cache and one seeded generator per row; rows stop at EOS.
+
+    Shape: prompt_ids, prompt_mask (b, p) left-padded -> answers (b, t) (pad after the end), answer_mask (b, t)
+    (1 up to and including EOS, then 0), has_eos (b,) bool. t <= max_new_tokens.
+    """
+    from transformers import DynamicCache
+
+    from cai.backends import Sampling
+    from cai.backends.transformers_backend import sample_next
+
+    sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+    generators = [torch.Generator().manual_seed(s % (2**63)) for s in seeds]
+    b, device = prompt_ids.shape[0], prompt_ids.device
+    mask, positions, cache = prompt_mask, _positions(prompt_mask), DynamicCache()
+    out = policy(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                 use_cache=True, logits_to_keep=1)
+    last_pos = positions[:, -1:]
+    done = torch.zeros(b, dtype=torch.bool)
+    has_eos = torch.zeros(b, dtype=torch.bool)
+    eos = torch.tensor(sorted(eos_ids))
+    tokens, answer_mask = [], []
+    for _ in range(cfg.max_new_tokens):
+        nxt = sample_next(out.logits[:, -1, :].float().cpu(), sampling, generators)
+        answer_mask.append(~done)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        is_eos = torch.isin(nxt, eos) & ~done
+        has_eos |= is_eos
+        tokens.append(nxt)
+        done |= is_eos
+        if done.all():
+            break
+        mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+        last_pos = last_pos + 1
+        out = policy(input_ids=nxt.view(-1, 1).to(device), attention_mask=mask, position_ids=last_pos,
+                     past_key_values=cache, use_cache=True)
+    answers = torch.stack(tokens, dim=1).to(device)
+    return answers, torch.stack(answer_mask, dim=1).to(device).long(), has_eos.to(device)
+
+
+def sft_tensors(tokenizer, examples: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """Prompt/completion conversations -> (input ids, labels) with labels -100 on the prompt (loss on the answer)."""
+    out = []
+    for n, ex in enumerate(examples):
+        if not isinstance(ex.get("prompt"), list) or not isinstance(ex.get("completion"), list):
+            raise CaiError(f"sft_examples[{n}]: expected {{'prompt': [messages], 'completion': [messages]}}, "
+                           f"got keys {sorted(ex)}")
+        prompt_text = tokenizer.apply_chat_template(ex["prompt"], add_generation_prompt=True, tokenize=False)
+        full_text = tokenizer.apply_chat_template(ex["prompt"] + ex["completion"], tokenize=False)
+        if not full_text.startswith(prompt_text):
+            raise CaiError(f"sft_examples[{n}]: the chat template of prompt+completion does not start with the "
+                           "templated prompt, so the answer tokens cannot be told apart")
+        p = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        c = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+        ids, labels = (p + c)[:max_length], ([-100] * len(p) + c)[:max_length]
+        if any(x != -100 for x in labels):  # an answer truncated away entirely would give a 0/0 loss
+            out.append((ids, labels))
+    if not out:
+        raise CaiError(f"ptx_coef > 0 but no sft example has answer tokens within ptx_max_length={max_length}")
+    return out
+
+
+def _ptx_batch(data, update: int, size: int, pad_id: int, device):
+    """The update-th minibatch of SFT examples, cycling through the list; right-padded. Shape: 3 x (b, len)."""
+    rows = [data[(update * size + j) % len(data)] for j in range(size)]
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([i + [pad_id] * (width - len(i)) for i, _ in rows], device=device)
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in rows], device=device)
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows], device=device)
+    return ids, mask, labels
+
+
+def _last_checkpoint(root: Path) -> Path | None:
+    """The newest complete step-N directory (published by rename after its state file was written)."""
+    done = [p for p in root.glob("step-*") if p.name.split("-")[-1].isdigit() and (p / STATE_FILE).exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1])) if done else None
+
+
+def _use_bf16(setting: str, device: torch.device) -> bool:
+    if str(setting) == "auto":
+        return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16()
+    if str(setting) in ("true", "True"):
+        return True
+    if str(setting) in ("false", "False"):
+        return False
+    raise CaiError(f"ppo.bf16={setting!r}: expected auto, true or false")
+
+
+def _check_config(cfg: PPOConfig, n_prompts: int) -> None:
+    problems = []
+    for name in ("steps", "rollout_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "save_every"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"ppo.{name}={getattr(cfg, name)}: expected >= 1")
+    if cfg.temperature <= 0:
+        problems.append(f"ppo.temperature={cfg.temperature}: expected > 0 (PPO needs a sampling policy)")
+    if cfg.kl_estimator not in ("k1", "k3", "mse", "abs"):
+        problems.append(f"ppo.kl_estimator={cfg.kl_estimator!r}: expected one of k1, k3, mse, abs")
+    if n_prompts == 0:
+        problems.append("no prompts to train on")
+    if problems:
+        raise CaiError("; ".join(problems))
+
+
+# --- the loop --------------------------------------------------------------------------------------------
+
+
+def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOConfig, out_dir: Path, metrics,
+            value_init: ModelRef | None = None, sft_examples: list[dict] | None = None, progress: bool = True) -> dict:
+    """Train `policy` by PPO on `reward_fn` scores of its answers to `prompts`; save it to out_dir/policy/.
+
+    reward_fn(prompts, answers) -> one float per answer (answers decoded without special tokens).
+    value_init: the PM directory (a sequence-classification model with one label) whose backbone and `score`
+    head become the per-token value model, as InstructGPT initialises the value model from the RM; None
+    starts from the policy's backbone with a zero head. sft_examples: prompt/completion conversations for
+    the ptx loss (needed when ptx_coef > 0). Returns a summary dict (also written as policy/cai_train.json).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from cai.backends.transformers_backend import configure_cpu_threads
+    from cai.models import load_tokenizer
+
+    _check_config(cfg, len(prompts))
+    if cfg.ptx_coef > 0 and not sft_examples:
+        raise CaiError("ppo.ptx_coef > 0 needs sft_examples (prompt/completion conversations); got none")
+    configure_cpu_threads()
+    out_dir = Path(out_dir)
+    ckpt_root = out_dir / "checkpoints"
+    start_time = time.time()
+
+    probe = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = _use_bf16(cfg.bf16, probe)
+    # Mixed precision keeps fp32 master weights and autocasts matmuls to bf16: pure-bf16 weights would round
+    # away AdamW updates of lr 1e-5, and accelerate does the same thing on CPU (AMX) and GPU.
+    accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no")
+    if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed wants a micro-batch size when no dataloader
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.mini_batch_size
+    set_seed(cfg.seed)
+    device = accelerator.device
+
+    # -- models: trainable policy, frozen reference (the SL-CAI weights), value model -------------------
+    tokenizer = load_tokenizer(policy)
+    pad_id = tokenizer.pad_token_id
+    policy_model = AutoModelForCausalLM.from_pretrained(policy.path, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(policy.path, dtype=torch.float32).to(device).eval()
+    reference.requires_grad_(False)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected when starting from the policy
+    try:
+        value_model = AutoModelForSequenceClassification.from_pretrained(
+            (value_init or policy).path, num_labels=1, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if value_model.config.num_labels != 1:
+        raise CaiError(f"value_init={value_init.name}: has {value_model.config.num_labels} labels; expected a "
+                       "preference model with one scalar output")
+    if value_init is None:
+        nn.init.zeros_(value_model.score.weight)  # V = 0 until it learns: GAE starts as plain Monte Carlo
+        if value_model.score.bias is not None:
+            nn.init.zeros_(value_model.score.bias)
+    for m in (policy_model, value_model, reference):
+        _disable_dropout(m)
+    gen_eos = policy_model.generation_config.eos_token_id
+    eos_ids = set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) | {tokenizer.eos_token_id}
+    eos_ids.discard(None)
+
+    model = PolicyAndValue(policy_model, value_model)
+    # One AdamW, two param groups: one backward of pg + vf_coef * vf (+ ptx) steps both, with their own lrs.
+    optimizer = torch.optim.AdamW([
+        {"params": [p for p in policy_model.parameters() if p.requires_grad], "lr": cfg.learning_rate},
+        {"params": [p for p in value_model.parameters() if p.requires_grad], "lr": cfg.value_learning_rate},
+    ])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+
+    kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+              else FixedKLController(cfg.init_kl_coef))
+    ptx_data = sft_tensors(tokenizer, sft_examples, cfg.ptx_max_length) if cfg.ptx_coef > 0 else None
+
+    # -- resume ------------------------------------------------------------------------------------------
+    start, history, resumed_from = 0, {"reward_mean": [], "kl": []}, None
+    if accelerator.is_main_process and ckpt_root.exists():
+        for stale in ckpt_root.glob("*.tmp"):  # a save killed halfway
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    last = _last_checkpoint(ckpt_root) if ckpt_root.exists() else None
+    if last is not None:
+        accelerator.load_state(str(last))
+        state = json.loads((last / STATE_FILE).read_text())
+        start, history, kl_ctl.value = state["step"], state["history"], state["kl_coef"]
+        resumed_from = str(last)
+
+    def save_checkpoint(step: int) -> Path:
+        final = ckpt_root / f"step-{step}"
+        tmp = ckpt_root / f"step-{step}.tmp"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            state = {"step": step, "kl_coef": kl_ctl.value, "history": history, "config": asdict(cfg)}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in ckpt_root.glob("step-*"):  # keep only the newest complete checkpoint
+                if old != final and not old.name.endswith(".tmp"):
+                    shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+    # -- prompts: a seeded permutation per pass over the prompt list; each process takes its own slice ------
+    encoded = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                       tokenize=False), add_special_tokens=False)["input_ids"]
+               for p in prompts]
+    perms: dict[int, list[int]] = {}
+
+    def prompt_index(global_row: int) -> int:
+        epoch, pos = divmod(global_row, len(prompts))
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        return perms[epoch][pos]
+
+    world, rank, B = accelerator.num_processes, accelerator.process_index, cfg.rollout_batch_size
+    updates_per_step = cfg.ppo_epochs * -(-B // cfg.mini_batch_size)
+    unwrapped = accelerator.unwrap_model(model)
+    bar = tqdm(total=cfg.steps, initial=start, desc="ppo", unit="step",
+               disable=not progress or not accelerator.is_main_process)
+    last_good = resumed_from
+
+    for step in range(start + 1, cfg.steps + 1):
+        try:
+            # -- 1. rollout ------------------------------------------------------------------------------------
+            rows = [(step - 1) * B * world + rank * B + k for k in range(B)]
+            idx = [prompt_index(r) for r in rows]
+            batch_prompts = [prompts[i] for i in idx]
+            prompt_ids, prompt_mask = _left_pad([encoded[i] for i in idx], pad_id, device)
+            with accelerator.autocast():
+                answers, mask, has_eos = sample_answers(unwrapped.policy, prompt_ids, prompt_mask, eos_ids, pad_id,
+                                                        cfg, [_row_seed(cfg.seed, step, r) for r in rows])
+            T = answers.shape[1]
+            input_ids = torch.cat([prompt_ids, answers], dim=1)
+            attention_mask = torch.cat([prompt_mask, mask], dim=1)
+
+            # -- 2. log-probs, reference log-probs, values (the "old" policy of this step) ---------------------
+            logprobs, ref_logprobs, values, entropy = [], [], [], []
+            with torch.no_grad(), accelerator.autocast():
+                for s in range(0, B, cfg.mini_batch_size):
+                    sl = slice(s, s + cfg.mini_batch_size)
+                    logits, v, _ = model(input_ids[sl], attention_mask[sl], T)
+                    logits = logits.float() / cfg.temperature
+                    logprobs.append(logprobs_from_logits(logits, answers[sl]))
+                    entropy.append(entropy_from_logits(logits))
+                    values.append(v.float())
+                    ref_logits = reference(input_ids=input_ids[sl], attention_mask=attention_mask[sl],
+                                           position_ids=_positions(attention_mask[sl]), logits_to_keep=T + 1,
+                                           use_cache=False).logits[:, :-1].float() / cfg.temperature
+                    ref_logprobs.append(logprobs_from_logits(ref_logits, answers[sl]))
+            logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
+            values, entropy = torch.cat(values), torch.cat(entropy)
+            fmask = mask.float()
+            logprobs, ref_logprobs, values = logprobs * fmask, ref_logprobs * fmask, values * fmask
+
+            # -- 3. scores and KL-shaped per-token rewards ---------------------------------------------------
+            texts = [tokenizer.decode(a[m.bool()].tolist(), skip_special_tokens=True) for a, m in zip(answers, mask)]
+            raw_scores = torch.tensor([float(x) for x in reward_fn(batch_prompts, texts)], device=device)
+            if raw_scores.shape != (B,):
+                raise CaiError(f"reward_fn returned {raw_scores.shape[0]} scores for {B} answers; expected one each")
+            check_finite("reward_fn scores", raw_scores)
+            scores = apply_missing_eos_penalty(raw_scores, has_eos, cfg.missing_eos_penalty)
+            rewards, kl = rewards_with_kl(scores, logprobs, ref_logprobs, mask, kl_ctl.value, cfg.kl_estimator)
+            if cfg.whiten_rewards:
+                rewards = masked_whiten(rewards, mask, shift_mean=False)
+
+            # -- 4. advantages -------------------------------------------------------------------------------
+            advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:
+                advantages = masked_whiten(advantages, mask)
+            check_finite("advantages", advantages)
+
+            # -- 5. PPO updates -------------------------------------------------------------------------------
+            stats = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl",
+                                     "ptx_loss", "grad_norm")}
+            order_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            update = (step - 1) * updates_per_step
+            for _epoch in range(cfg.ppo_epochs):
+                order = torch.randperm(B, generator=order_gen).to(device)
+                for s in range(0, B, cfg.mini_batch_size):
+                    mb = order[s:s + cfg.mini_batch_size]
+                    ptx = _ptx_batch(ptx_data, update, cfg.mini_batch_size, pad_id, device) if ptx_data else (None,) * 3
+                    with accelerator.autocast():
+                        logits, new_values, ptx_loss = model(input_ids[mb], attention_mask[mb], T, *ptx)
+                    new_logprobs = logprobs_from_logits(logits.float() / cfg.temperature, answers[mb])
+                    pg_loss, clipfrac, approx_kl = ppo_policy_loss(new_logprobs, logprobs[mb], advantages[mb],
+                                                                   mask[mb], cfg.clip_range)
+                    vf_loss, vf_clipfrac = ppo_value_loss(new_values.float(), values[mb], returns[mb], mask[mb],
+                                                          cfg.clip_range_value)
+                    loss = pg_loss + cfg.vf_coef * vf_loss
+                    check_finite("policy loss", pg_loss)
+                    check_finite("value loss", vf_loss)
+                    if ptx_loss is not None:
+                        check_finite("ptx loss", ptx_loss)
+                        loss = loss + cfg.ptx_coef * ptx_loss
+                        stats["ptx_loss"].append(ptx_loss.detach())
+                    accelerator.backward(loss)
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    check_finite("gradient norm", grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                    update += 1
+                    for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clipfrac", clipfrac),
+                                 ("value_clipfrac", vf_clipfrac), ("approx_kl", approx_kl), ("grad_norm", grad_norm)):
+                        stats[k].append(torch.as_tensor(v).detach().float())
+        except FloatingPointError as e:
+            where = f"last good checkpoint: {last_good} (rerun to resume from it)" if last_good else "no checkpoint yet"
+            raise FloatingPointError(f"PPO step {step}: {e}; stopped before updating the weights with it; {where}") from e
+
+        # -- metrics (averaged over processes) --------------------------------------------------------------
+        seq_kl = kl.sum(1)
+        local = {
+            "reward_mean": rewards.sum(1).mean(), "score_mean": raw_scores.mean(),
+            "kl": seq_kl.mean(), "entropy": masked_mean(entropy, mask), "answer_length": fmask.sum(1).mean(),
+            "missing_eos_rate": (~has_eos).float().mean(),
+            **{k: torch.stack(v).mean() for k, v in stats.items() if v},
+        }
+        keys = list(local)
+        reduced = accelerator.reduce(torch.stack([local[k].float() for k in keys]), reduction="mean")
+        logged = {f"rl/ppo/{k}": float(v) for k, v in zip(keys, reduced)}
+        logged["rl/ppo/reward_std"] = float(rewards.sum(1).std()) if B > 1 else 0.0
+        logged["rl/ppo/kl_coef"] = kl_ctl.value
+        logged["rl/ppo/seconds"] = round(time.time() - start_time, 2)
+        if cfg.sample_every and step % cfg.sample_every == 0:
+            logged["rl/ppo/samples"] = [{"prompt": p, "answer": a, "score": float(sc)}
+                                        for p, a, sc in list(zip(batch_prompts, texts, raw_scores))[:4]]
+            if progress and accelerator.is_main_process:
+                for row in logged["rl/ppo/samples"]:
+                    tqdm.write(f"[step {step}] score={row['score']:+.3f}  {row['prompt'][:40]!r} -> {row['answer'][:80]!r}")
+        if accelerator.is_main_process:
+            metrics.log(logged, step=step)
+        history["reward_mean"].append(logged["rl/ppo/reward_mean"])
+        history["kl"].append(logged["rl/ppo/kl"])
+        # the controller sees this step's KL after its updates (Ziegler et al. 2019; TRL)
+        kl_ctl.update(logged["rl/ppo/kl"], B * world)
+        bar.update()
+        bar.set_postfix(reward=f"{logged['rl/ppo/reward_mean']:.3f}", kl=f"{logged['rl/ppo/kl']:.3f}")
+
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            last_good = str(save_checkpoint(step))
+    bar.close()
+
+    # -- the trained policy: safetensors + tokenizer + summary, published by rename ---------------------------
+    seconds = time.time() - start_time
+    summary = {"policy": policy.identity, "value_init": value_init.identity if value_init else None,
+               "steps": cfg.steps, "steps_run": cfg.steps - start, "prompts": len(prompts),
+               "first_reward_mean": history["reward_mean"][0] if history["reward_mean"] else None,
+               "last_reward_mean": history["reward_mean"][-1] if history["reward_mean"] else None,
+               "last_kl": history["kl"][-1] if history["kl"] else None, "kl_coef": kl_ctl.value,
+               "bf16": bf16, "seconds": round(seconds, 1), "resumed_from": resumed_from, "config": asdict(cfg)}
+    state_dict = accelerator.get_state_dict(model)  # gathers shards under DeepSpeed ZeRO-3 / FSDP
+    if accelerator.is_main_process:
+        final, tmp, old = out_dir / "policy", out_dir / "policy.tmp", out_dir / "policy.old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy_state = {k[len("policy."):]: v for k, v in state_dict.items() if k.startswith("policy.")}
+        accelerator.unwrap_model(model).policy.save_pretrained(tmp, state_dict=policy_state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / TRAIN_INFO).write_text(json.dumps(summary, indent=1))
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        metrics.log({"rl/ppo/train_seconds": seconds, "rl/ppo/steps_run": cfg.steps - start}, step=cfg.steps)
+    accelerator.wait_for_everyone()
+    return summary

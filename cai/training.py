@@ -1,0 +1,101 @@
+"""What every TRL-trained stage (SFT, PM, DPO) shares: keys, common arguments, checkpoint resume, saving.
+
+A trained model is keyed by (data, base model identity, settings, seed): a rerun with the same key reuses the
+saved model. Checkpoints live under <ckpt_root>/<key>/; HF's Trainer writes `trainer_state.json` last, so a
+checkpoint that has it is complete and a killed run resumes from the newest such one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+from cai.config import stable_hash
+from cai.models import ModelRef, cpu_supports_bf16
+from cai.store import Metrics, write_atomic
+
+TRAIN_INFO = "cai_train.json"
+
+
+def training_key(data: bytes, base: ModelRef, settings: dict, seed: int) -> str:
+    return stable_hash({"data": hashlib.sha256(data).hexdigest(), "base": base.identity, "settings": settings,
+                        "seed": seed})
+
+
+def trained_model_matches(model_dir: Path, key: str) -> bool:
+    info = model_dir / TRAIN_INFO
+    return info.exists() and json.loads(info.read_text()).get("key") == key
+
+
+def use_bf16(setting: str, device: str) -> bool:
+    """bf16 autocast where the hardware has it: CUDA with bf16, or a CPU with AVX512-BF16/AMX."""
+    if str(setting) == "auto":
+        import torch
+
+        return torch.cuda.is_bf16_supported() if device.startswith("cuda") else cpu_supports_bf16()
+    return str(setting).lower() == "true"
+
+
+def common_args(cfg, ckpt_dir: Path, device: str, seed: int, progress: bool) -> dict:
+    """TrainingArguments shared by our TRL stages; `cfg` has epochs, learning_rate, batch_size, grad_accum,
+    warmup_ratio, bf16, gradient_checkpointing, save_steps, report_to. On CPU, bf16 and checkpointing are set
+    explicitly because TRL's defaults assume a GPU."""
+    return dict(
+        output_dir=str(ckpt_dir), num_train_epochs=cfg.epochs, learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        warmup_steps=cfg.warmup_ratio, lr_scheduler_type="linear", bf16=use_bf16(cfg.bf16, device),
+        activation_checkpointing=cfg.gradient_checkpointing, use_cpu=device == "cpu", save_strategy="steps",
+        save_steps=cfg.save_steps, save_total_limit=1, logging_steps=1,
+        report_to=[] if cfg.report_to == "none" else [cfg.report_to], seed=seed, data_seed=seed,
+        disable_tqdm=not progress, dataloader_num_workers=0,
+    )
+
+
+def last_checkpoint(ckpt_dir: Path) -> Path | None:
+    if not ckpt_dir.exists():
+        return None
+    ckpts = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    done = [c for c in ckpts if (c / "trainer_state.json").exists()]
+    return done[-1] if done else None
+
+
+def metrics_callback(metrics: Metrics, prefix: str, get_trainer):
+    """A TrainerCallback: namespaced metrics to metrics.jsonl, tokens/s on the progress bar."""
+    from transformers import TrainerCallback
+
+    class ToMetrics(TrainerCallback):
+        t0 = time.time()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not logs:
+                return
+            if "num_tokens" in logs:
+                logs["tokens_per_s"] = round(float(logs["num_tokens"]) / max(time.time() - self.t0, 1e-9), 1)
+                bar = next((getattr(c, "training_bar", None) for c in get_trainer().callback_handler.callbacks
+                            if getattr(c, "training_bar", None) is not None), None)
+                if bar is not None:
+                    bar.set_postfix(tok_s=logs["tokens_per_s"], loss=logs.get("loss"))
+            metrics.log({f"{prefix}/{k}": v for k, v in logs.items()}, step=state.global_step)
+
+    return ToMetrics()
+
+
+def save_trained(model, tokenizer, out_dir: Path, card: str, summary: dict, ckpt_dir: Path | None = None) -> None:
+    """Safetensors + tokenizer + model card + cai_train.json, swapped into place whole; then drop checkpoints."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "README.md").write_text(card)
+    write_atomic(tmp / TRAIN_INFO, json.dumps(summary, indent=1))
+    old = out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    if ckpt_dir is not None:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)

@@ -1,0 +1,169 @@
+"""Preference model on the tiny preset: reward position with pad == eos, the soft-label loss, a short training run."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import cai.pm
+from cai.errors import CaiError
+from cai.losses import soft_bt_loss
+from cai.models import load_tokenizer, resolve_model
+from cai.pm import (PMConfig, SoftLabelRewardTrainer, comparisons_dataset, evaluate_pm, init_pm, load_pm,
+                    pm_rewards, pm_training_key, reward_config, score_answers, split_comparisons, train_pm)
+from cai.store import Metrics
+from cai.training import TRAIN_INFO, trained_model_matches
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    ref = resolve_model("tiny")
+    tokenizer = load_tokenizer(ref)
+    return ref, tokenizer
+
+
+def chat_ids(tokenizer, prompt, answer):
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+                                         tokenize=True, return_dict=True)["input_ids"]
+
+
+def yes_no_comparisons(n, label=0.9):
+    """The preferred answer always says yes; which side holds it alternates."""
+    out = []
+    for i in range(n):
+        a_is_yes = i % 2 == 0
+        yes, no = "yes yes yes", "no no no"
+        out.append({"key": f"cmp-{i:03d}", "prompt": f"question number {i}: is it {['red', 'blue', 'big'][i % 3]}?",
+                    "answer_a": yes if a_is_yes else no, "answer_b": no if a_is_yes else yes,
+                    "soft_label": label if a_is_yes else 1 - label})
+    return out
+
+
+def test_reward_is_read_at_the_last_real_token_when_pad_is_eos(tiny):
+    ref, tok = tiny
+    assert tok.pad_token_id == tok.eos_token_id
+    model = init_pm(ref, tok, seed=0).eval()
+    short = chat_ids(tok, "hi", "yes yes")[:-1]  # drop the template's trailing newline: ends in <|im_end|> == pad
+    assert short[-1] == tok.pad_token_id
+    long = chat_ids(tok, "hello there, how are you today?", "no no no no")
+    width = len(long) + 1
+    with torch.no_grad():
+        alone = pm_rewards(model, torch.tensor([short]), torch.ones(1, len(short), dtype=torch.long))
+        one_early = pm_rewards(model, torch.tensor([short[:-1]]), torch.ones(1, len(short) - 1, dtype=torch.long))
+        for side in ("right", "left"):
+            ids = torch.full((2, width), tok.pad_token_id)
+            mask = torch.zeros((2, width), dtype=torch.long)
+            for row, seq in enumerate((short, long)):
+                span = slice(0, len(seq)) if side == "right" else slice(width - len(seq), width)
+                ids[row, span], mask[row, span] = torch.tensor(seq), 1
+            padded = pm_rewards(model, ids, mask)
+            assert padded[0].item() == pytest.approx(alone.item(), abs=1e-5), side
+            assert abs(padded[0].item() - one_early.item()) > 1e-3, side
+        # transformers' own pooling (the last token that is not the pad id) reads one token early here
+        right = torch.full((1, width), tok.pad_token_id)
+        right[0, :len(short)] = torch.tensor(short)
+        builtin = model(input_ids=right, attention_mask=(torch.arange(width) < len(short)).long()[None]).logits
+        assert builtin.item() == pytest.approx(one_early.item(), abs=1e-5)
+
+
+def test_trainer_loss_is_the_soft_label_loss(tiny, tmp_path):
+    ref, tok = tiny
+    model = init_pm(ref, tok, seed=0)
+    comparisons = yes_no_comparisons(4, label=0.5)  # no preference: the loss should pull r_a - r_b toward 0
+    cfg = PMConfig(batch_size=4, learning_rate=1e-2)
+    trainer = SoftLabelRewardTrainer(model=model, args=reward_config(cfg, 0, tmp_path / "ckpt", "cpu", False),
+                                     train_dataset=comparisons_dataset(comparisons), processing_class=tok)
+    assert "soft_label" in trainer.train_dataset.column_names
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["soft_label"].dtype == torch.float32 and batch["soft_label"].tolist() == [0.5] * 4
+    model.train()
+    loss = trainer.compute_loss(model, dict(batch))
+    rewards = pm_rewards(model, batch["input_ids"], batch["attention_mask"])
+    r_chosen, r_rejected = rewards.chunk(2)
+    assert loss.item() == pytest.approx(soft_bt_loss(r_chosen, r_rejected, 0.5).item(), abs=1e-6)
+    hard = -torch.nn.functional.logsigmoid(r_chosen - r_rejected).mean()
+    assert abs(loss.item() - hard.item()) > 1e-4  # not TRL's hard-label loss
+
+    gap_before = (r_chosen - r_rejected).abs().mean().item()
+    assert gap_before > 1e-3
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 1e-1 * p.grad
+        r_chosen, r_rejected = pm_rewards(model, batch["input_ids"], batch["attention_mask"]).chunk(2)
+    assert (r_chosen - r_rejected).abs().mean().item() < gap_before
+
+
+def test_train_pm_learns_evaluates_and_saves(tiny, tmp_path):
+    ref, tok = tiny
+    comparisons = yes_no_comparisons(40)
+    cfg = PMConfig(epochs=3, learning_rate=3e-3, batch_size=8, eval_fraction=0.25, save_steps=1000,
+                   max_length=128)
+    train, heldout = split_comparisons(comparisons, cfg.eval_fraction)
+    assert len(heldout) >= 5 and len(train) + len(heldout) == 40
+    assert split_comparisons(list(reversed(comparisons)), cfg.eval_fraction)[1] == list(reversed(heldout))
+
+    key = pm_training_key("0" * 64, ref, cfg, seed=0)
+    assert key != pm_training_key("0" * 64, ref, PMConfig(epochs=2), seed=0)
+    out = tmp_path / "pm"
+    metrics = Metrics(tmp_path / "metrics.jsonl", "rl")
+    s = train_pm(comparisons, ref, cfg, 0, out, tmp_path / "ckpt", metrics, key, device="cpu", progress=False)
+
+    assert s["counts"] == {"comparisons": 40, "train": len(train), "train_too_long": 0, "heldout": len(heldout)}
+    assert s["heldout"]["accuracy"] >= 0.8, s["heldout"]
+    table = s["heldout"]["calibration"]
+    assert sum(b["count"] for b in table) == len(heldout) == s["heldout"]["count"]
+    assert all(b["lo"] <= b["mean_predicted"] <= b["hi"] for b in table)
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    assert json.loads((out / TRAIN_INFO).read_text())["key"] == key and trained_model_matches(out, key)
+    assert not (tmp_path / "ckpt" / key).exists()
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("rl/pm/train/loss" in m for m in logged) and any("rl/pm/heldout/accuracy" in m for m in logged)
+
+    from safetensors.torch import load_file
+
+    before = init_pm(ref, tok, seed=0).state_dict()
+    after = load_file(out / "model.safetensors")
+    changed = [k for k in after if not torch.equal(after[k].float(), before[k].float())]
+    assert "score.weight" in changed and len(changed) > len(after) // 2
+
+    model, tokenizer = load_pm(out, device="cpu", dtype="float32")
+    yes, no = score_answers(model, tokenizer, ["is it blue?", "is it blue?"], ["yes yes yes", "no no no"])
+    assert yes > no
+    again = evaluate_pm(model, tokenizer, heldout)
+    assert again["accuracy"] == s["heldout"]["accuracy"] and again["loss"] == pytest.approx(s["heldout"]["loss"], abs=1e-4)
+
+
+def test_evaluate_pm_leaves_ties_out_of_accuracy(tiny):
+    ref, tok = tiny
+    model = init_pm(ref, tok, seed=0)
+    comparisons = yes_no_comparisons(4) + [{"key": "tie", "prompt": "q", "answer_a": "x", "answer_b": "y",
+                                            "soft_label": 0.5}]
+    result = evaluate_pm(model, tok, comparisons)
+    assert result["count"] == 5 and result["decisive"] == 4
+    assert sum(b["count"] for b in result["calibration"]) == 5
+    assert math.isfinite(result["loss"]) and result["accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert model.training  # evaluation restores the mode it found
+
+
+def test_non_finite_loss_stops_before_saving(tiny, tmp_path, monkeypatch):
+    ref, _ = tiny
+    monkeypatch.setattr(cai.pm, "soft_bt_loss", lambda r_a, r_b, p: (r_a - r_b).mean() * float("nan"))
+    cfg = PMConfig(epochs=1, batch_size=8, eval_fraction=0.0, max_length=128)
+    out = tmp_path / "pm"
+    with pytest.raises(CaiError, match="PM loss is not finite"):
+        train_pm(yes_no_comparisons(8), ref, cfg, 0, out, tmp_path / "ckpt", Metrics(tmp_path / "m.jsonl", "rl"),
+                 "k", device="cpu", progress=False)
+    assert not out.exists()
+
+
+def test_bad_comparison_names_the_record_and_field(tiny, tmp_path):
+    ref, _ = tiny
+    bad = yes_no_comparisons(3)
+    bad[1]["soft_label"] = 1.5
+    with pytest.raises(CaiError, match=r"comparisons\[1\] \(key=cmp-001\): field 'soft_label'"):
+        train_pm(bad, ref, PMConfig(), 0, tmp_path / "pm", tmp_path / "ckpt", Metrics(tmp_path / "m.jsonl", "rl"),
+                 "k", device="cpu", progress=False)

@@ -71,8 +71,10 @@ def test_reward_is_read_at_the_last_real_token_when_pad_is_eos(tiny):
 def test_trainer_loss_is_the_soft_label_loss(tiny, tmp_path):
     ref, tok = tiny
     model = init_pm(ref, tok, seed=0)
+    with torch.no_grad():
+        model.score.weight *= 100  # rewards far enough apart that soft and hard losses clearly differ
     comparisons = yes_no_comparisons(4, label=0.5)  # no preference: the loss should pull r_a - r_b toward 0
-    cfg = PMConfig(batch_size=4, learning_rate=1e-2)
+    cfg = PMConfig(batch_size=4, bf16="false")  # fp32, so the hand computation matches to rounding
     trainer = SoftLabelRewardTrainer(model=model, args=reward_config(cfg, 0, tmp_path / "ckpt", "cpu", False),
                                      train_dataset=comparisons_dataset(comparisons), processing_class=tok)
     assert "soft_label" in trainer.train_dataset.column_names
@@ -84,15 +86,15 @@ def test_trainer_loss_is_the_soft_label_loss(tiny, tmp_path):
     r_chosen, r_rejected = rewards.chunk(2)
     assert loss.item() == pytest.approx(soft_bt_loss(r_chosen, r_rejected, 0.5).item(), abs=1e-6)
     hard = -torch.nn.functional.logsigmoid(r_chosen - r_rejected).mean()
-    assert abs(loss.item() - hard.item()) > 1e-4  # not TRL's hard-label loss
+    assert abs(loss.item() - hard.item()) > 1e-2  # not TRL's hard-label loss
 
     gap_before = (r_chosen - r_rejected).abs().mean().item()
-    assert gap_before > 1e-3
+    assert gap_before > 1e-2
     loss.backward()
-    with torch.no_grad():
+    with torch.no_grad():  # one small SGD step
         for p in model.parameters():
             if p.grad is not None:
-                p -= 1e-1 * p.grad
+                p -= 1e-2 * p.grad
         r_chosen, r_rejected = pm_rewards(model, batch["input_ids"], batch["attention_mask"]).chunk(2)
     assert (r_chosen - r_rejected).abs().mean().item() < gap_before
 
@@ -139,7 +141,7 @@ def test_train_pm_learns_evaluates_and_saves(tiny, tmp_path):
 
 def test_evaluate_pm_leaves_ties_out_of_accuracy(tiny):
     ref, tok = tiny
-    model = init_pm(ref, tok, seed=0)
+    model = init_pm(ref, tok, seed=0).train()
     comparisons = yes_no_comparisons(4) + [{"key": "tie", "prompt": "q", "answer_a": "x", "answer_b": "y",
                                             "soft_label": 0.5}]
     result = evaluate_pm(model, tok, comparisons)

@@ -1,0 +1,92 @@
+"""Offline preference optimization on labeled pairs with TRL's DPOTrainer (Rafailov et al. 2023).
+
+The offline alternative to online PPO: the preferred answer is the one with soft label > 0.5; pairs whose label
+is within `margin` of 0.5 carry too little signal and are dropped. The reference model is the starting (SL-CAI)
+model, as in PPO's KL penalty.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cai.config import F
+from cai.errors import CaiError
+from cai.models import ModelRef, load_tokenizer, pick_device
+from cai.store import Metrics
+from cai.training import common_args, last_checkpoint, metrics_callback, save_trained, training_key
+
+
+@dataclass
+class DPOConfig:
+    beta: float = F(0.1, "strength of the implicit KL to the reference model")
+    loss_type: str = F("sigmoid", "TRL DPO loss: sigmoid (DPO) | ipo | hinge | robust ...")
+    margin: float = F(0.1, "drop pairs whose soft label is within this distance of 0.5")
+    epochs: float = F(1.0, "passes over the preference pairs")
+    learning_rate: float = F(5e-6, "AdamW learning rate")
+    batch_size: int = F(4, "pairs per device step")
+    grad_accum: int = F(1, "gradient accumulation steps")
+    max_length: int = F(512, "tokens per prompt+answer at most")
+    warmup_ratio: float = F(0.05, "share of steps spent warming up the learning rate")
+    bf16: str = F("auto", "auto | true | false")
+    gradient_checkpointing: bool = F(False, "trade compute for memory")
+    save_steps: int = F(50, "checkpoint every N optimizer steps")
+    report_to: str = F("none", "none | tensorboard")
+
+
+def preference_pairs(comparisons: list[dict], margin: float) -> list[dict]:
+    """Conversational prompt/chosen/rejected records from soft-labeled comparisons."""
+    out = []
+    for c in comparisons:
+        p = c["soft_label"]
+        if abs(p - 0.5) < margin or c["answer_a"] == c["answer_b"]:
+            continue
+        chosen, rejected = (c["answer_a"], c["answer_b"]) if p > 0.5 else (c["answer_b"], c["answer_a"])
+        out.append({"prompt": [{"role": "user", "content": c["prompt"]}],
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}]})
+    return out
+
+
+def train_dpo(comparisons: list[dict], base: ModelRef, cfg: DPOConfig, seed: int, out_dir: Path, ckpt_root: Path,
+              metrics: Metrics, card: str, device: str = "auto", progress: bool = True,
+              trust_remote_code: bool = False) -> dict:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig as TRLDPOConfig
+    from trl import DPOTrainer
+
+    from cai.backends.transformers_backend import configure_cpu_threads
+    from cai.config import config_dict
+
+    configure_cpu_threads()
+    datasets.disable_progress_bars()
+    device = pick_device(device)
+    pairs = preference_pairs(comparisons, cfg.margin)
+    if not pairs:
+        raise CaiError(f"dpo: no pair has a soft label further than dpo.margin={cfg.margin} from 0.5; "
+                       "lower dpo.margin or label more pairs")
+    data = json.dumps(pairs, sort_keys=True).encode()
+    settings = config_dict(cfg) if not isinstance(cfg, DPOConfig) else vars(cfg)
+    key = training_key(data, base, settings, seed)
+    ckpt_dir = ckpt_root / key
+    tokenizer = load_tokenizer(base, trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    args = TRLDPOConfig(**common_args(cfg, ckpt_dir, device, seed, progress), beta=cfg.beta, loss_type=cfg.loss_type,
+                        max_length=cfg.max_length)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(pairs),
+                         processing_class=tokenizer, callbacks=[metrics_callback(metrics, "rl/dpo", lambda: trainer)])
+    last = last_checkpoint(ckpt_dir)
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    if not math.isfinite(result.training_loss):
+        raise CaiError(f"DPO loss became {result.training_loss}; no model was saved (checkpoints in {ckpt_dir})")
+    summary = {"key": key, "base": base.identity, "pairs": len(pairs), "dropped": len(comparisons) - len(pairs),
+               "steps": result.global_step, "train_loss": result.training_loss,
+               "seconds": round(time.time() - start, 1), "resumed_from": str(last) if last else None}
+    save_trained(trainer.model, tokenizer, out_dir, card, summary, ckpt_dir)
+    return summary

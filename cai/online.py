@@ -1,0 +1,95 @@
+"""RLOO and GRPO through TRL's trainers, rewarded by the same preference model as PPO.
+
+`algorithm=rloo` (Ahmadian et al. 2024) and `algorithm=grpo` (Shao et al. 2024) sample `num_generations`
+answers per prompt and use the group's other answers as the baseline instead of a value model; TRL's
+trainers do that. The PM is wrapped as a reward function, so all three algorithms optimize the same reward.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cai.config import F
+from cai.errors import CaiError
+from cai.models import ModelRef, load_tokenizer, pick_device
+from cai.store import Metrics
+from cai.training import common_args, last_checkpoint, metrics_callback, save_trained
+
+
+@dataclass
+class GroupRLConfig:
+    num_generations: int = F(4, "answers sampled per prompt (the group that forms the baseline)")
+    max_completion_length: int = F(32, "tokens per answer at most")
+    temperature: float = F(1.0, "sampling temperature")
+    beta: float = F(0.05, "KL coefficient to the reference (starting) model")
+    epochs: float = F(1.0, "passes over the prompts")
+    learning_rate: float = F(1e-5, "AdamW learning rate")
+    batch_size: int = F(8, "answers per device step (a multiple of num_generations)")
+    grad_accum: int = F(1, "gradient accumulation steps")
+    warmup_ratio: float = F(0.0, "share of steps spent warming up the learning rate")
+    bf16: str = F("auto", "auto | true | false")
+    gradient_checkpointing: bool = F(False, "trade compute for memory")
+    save_steps: int = F(50, "checkpoint every N optimizer steps")
+    report_to: str = F("none", "none | tensorboard")
+    use_vllm: bool = F(False, "generate with vLLM (GPU only; the `vllm` extra)")
+
+
+def pm_reward_function(score_fn):
+    """TRL reward function (prompts, completions) -> floats, from score_fn(prompt_texts, answer_texts)."""
+
+    def pm_reward(prompts, completions, **kwargs):
+        def text(x):
+            return x[-1]["content"] if isinstance(x, list) else x
+
+        return [float(r) for r in score_fn([text(p) for p in prompts], [text(c) for c in completions])]
+
+    return pm_reward
+
+
+def train_group_rl(algorithm: str, policy: ModelRef, score_fn, prompts: list[str], cfg: GroupRLConfig, seed: int,
+                   out_dir: Path, metrics: Metrics, key: str, card: str, device: str = "auto", progress: bool = True,
+                   trust_remote_code: bool = False) -> dict:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cai.backends.transformers_backend import configure_cpu_threads
+
+    configure_cpu_threads()
+    datasets.disable_progress_bars()
+    device = pick_device(device)
+    common = common_args(cfg, out_dir / "checkpoints" / key, device, seed, progress)
+    online = dict(num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
+                  temperature=cfg.temperature, beta=cfg.beta, use_vllm=cfg.use_vllm)
+    if algorithm == "grpo":
+        from trl import GRPOConfig as TRLConfig
+        from trl import GRPOTrainer as Trainer
+    elif algorithm == "rloo":
+        from trl import RLOOConfig as TRLConfig
+        from trl import RLOOTrainer as Trainer
+    else:
+        raise CaiError(f"algorithm={algorithm}: expected ppo, rloo or grpo")
+    if cfg.batch_size % cfg.num_generations:
+        raise CaiError(f"{algorithm}.batch_size={cfg.batch_size} must be a multiple of "
+                       f"{algorithm}.num_generations={cfg.num_generations}")
+    tokenizer = load_tokenizer(policy, trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(policy.path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompts])
+    trainer = Trainer(model=model, reward_funcs=[pm_reward_function(score_fn)], args=TRLConfig(**common, **online),
+                      train_dataset=ds, processing_class=tokenizer,
+                      callbacks=[metrics_callback(metrics, f"rl/{algorithm}", lambda: trainer)])
+    last = last_checkpoint(out_dir / "checkpoints" / key)
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    if not math.isfinite(result.training_loss):
+        raise CaiError(f"{algorithm} loss became {result.training_loss}; no policy was saved")
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    summary = {"key": key, "algorithm": algorithm, "base": policy.identity, "steps": result.global_step,
+               "train_loss": result.training_loss, "first_reward": rewards[0] if rewards else None,
+               "last_reward": rewards[-1] if rewards else None, "seconds": round(time.time() - start, 1),
+               "resumed_from": str(last) if last else None}
+    save_trained(trainer.model, tokenizer, out_dir / "policy", card, summary, out_dir / "checkpoints" / key)
+    return summary

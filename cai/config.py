@@ -98,7 +98,11 @@ class SLConfig:
     progress: bool = F(True, "show progress bars")
 
 
-SCHEMAS = {"sl": SLConfig}
+def stage_schemas() -> dict[str, type]:
+    """Stage name -> config schema. The RL schemas import the trainers' configs, so they load on demand."""
+    from cai.rl import DPOStageConfig, RLConfig
+
+    return {"sl": SLConfig, "rl": RLConfig, "dpo": DPOStageConfig}
 
 
 def _check_keys(data: Any, schema: type, where: str, prefix: str = "") -> None:
@@ -165,16 +169,17 @@ def load_config(argv: list[str]):
         data = load_yaml_mapping(path)
         stage = stage or data.get("stage")
     if stage is None:
-        raise CaiError(f"no stage given; expected stage=<name> with one of {sorted(SCHEMAS)}")
-    if stage not in SCHEMAS:
-        close = difflib.get_close_matches(str(stage), list(SCHEMAS), n=1)
-        raise CaiError(f"stage={stage}: no such stage" + (f"; did you mean '{close[0]}'?" if close else f"; expected one of {sorted(SCHEMAS)}"))
+        raise CaiError(f"no stage given; expected stage=<name> with one of {sorted(stage_schemas())}")
+    schemas = stage_schemas()
+    if stage not in schemas:
+        close = difflib.get_close_matches(str(stage), list(schemas), n=1)
+        raise CaiError(f"stage={stage}: no such stage" + (f"; did you mean '{close[0]}'?" if close else f"; expected one of {sorted(schemas)}"))
     if config_file is None:
         path = resolve_path(f"pipelines/{stage}.yaml")
         data = load_yaml_mapping(path)
     if data.get("stage", stage) != stage:
         raise CaiError(f"{path}: stage: this file is for stage={data['stage']}, but stage={stage} was asked for")
-    return build_config(SCHEMAS[stage], data, str(path), overrides)
+    return build_config(schemas[stage], data, str(path), overrides)
 
 
 def load_yaml_mapping(path: Path) -> dict:

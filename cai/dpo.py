@@ -17,7 +17,7 @@ from cai.config import F
 from cai.errors import CaiError
 from cai.models import ModelRef, load_tokenizer, pick_device
 from cai.store import Metrics
-from cai.training import common_args, last_checkpoint, metrics_callback, save_trained, training_key
+from cai.training import common_args, last_checkpoint, metrics_callback, save_trained, trained_model_matches, training_key
 
 
 @dataclass
@@ -74,6 +74,8 @@ def train_dpo(comparisons: list[dict], base: ModelRef, cfg: DPOConfig, seed: int
     settings = config_dict(cfg) if not isinstance(cfg, DPOConfig) else vars(cfg)
     key = training_key(data, base, settings, seed)
     ckpt_dir = ckpt_root / key
+    if trained_model_matches(out_dir, key):
+        return {**json.loads((out_dir / "cai_train.json").read_text()), "reused": True}
     tokenizer = load_tokenizer(base, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     args = TRLDPOConfig(**common_args(cfg, ckpt_dir, device, seed, progress), beta=cfg.beta, loss_type=cfg.loss_type,

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from cai.config import SCHEMAS, help_text, load_config, to_yaml
+from cai.config import help_text, load_config, stage_schemas, to_yaml
 from cai.errors import CaiError, cli_main
 from cai.store import JsonlStore, Metrics, RunLock, write_atomic, write_jsonl_atomic
 
@@ -154,7 +154,18 @@ def print_sl_summary(summary: dict, result) -> None:
     print(f"run: {summary['run']}  total {summary['seconds']} s\n")
 
 
-STAGES = {"sl": run_sl}
+def run_stage(cfg) -> dict:
+    if cfg.stage == "sl":
+        return run_sl(cfg)
+    elif cfg.stage == "rl":
+        from cai.rl import run_rl
+
+        return run_rl(cfg)
+    elif cfg.stage == "dpo":
+        from cai.rl import run_dpo
+
+        return run_dpo(cfg)
+    raise CaiError(f"stage={cfg.stage}: expected sl, rl or dpo")
 
 
 @cli_main
@@ -162,13 +173,13 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or "--help" in argv:
         stage = next((a.split("=", 1)[1] for a in argv if a.startswith("stage=")), None)
         print(__doc__)
-        for name, schema in SCHEMAS.items():
+        for name, schema in stage_schemas().items():
             if stage in (None, name):
                 print(f"stage={name} settings:")
                 print("\n".join(help_text(schema)))
         return 0
     cfg = load_config(argv)
-    STAGES[cfg.stage](cfg)
+    run_stage(cfg)
     return 0
 
 

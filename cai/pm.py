@@ -254,8 +254,8 @@ def train_pm(comparisons: list[dict], base: ModelRef, cfg, seed: int, out_dir: P
 
     heldout = evaluate_pm(trainer.model, tokenizer, heldout_recs, batch_size=2 * cfg.batch_size)
     summary = {"key": key, "base": base.identity, "seed": seed, "pm": _as_dict(cfg),
-               "counts": {"comparisons": len(comparisons), "train": n_train, "train_too_long": len(train_recs) - n_train,
-                          "heldout": len(heldout_recs)},
+               "counts": {"comparisons": len(comparisons), "train": n_train,
+                          "train_too_long": len(train_recs) - n_train, "heldout": len(heldout_recs)},
                "steps": result.global_step, "train_loss": result.training_loss, "seconds": round(seconds, 1),
                "resumed_from": str(last) if last else None, "heldout": heldout}
 

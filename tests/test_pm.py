@@ -2,7 +2,6 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +10,9 @@ import cai.pm
 from cai.errors import CaiError
 from cai.losses import soft_bt_loss
 from cai.models import load_tokenizer, resolve_model
-from cai.pm import (PMConfig, SoftLabelRewardTrainer, comparisons_dataset, evaluate_pm, init_pm, load_pm,
-                    pm_rewards, pm_training_key, reward_config, score_answers, split_comparisons, train_pm)
+from cai.pm import (PMConfig, SoftLabelRewardTrainer, comparisons_dataset, conversation, evaluate_pm, init_pm,
+                    load_pm, pm_rewards, pm_training_key, reward_config, score_answers, split_comparisons,
+                    train_pm)
 from cai.store import Metrics
 from cai.training import TRAIN_INFO, trained_model_matches
 
@@ -25,8 +25,7 @@ def tiny():
 
 
 def chat_ids(tokenizer, prompt, answer):
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
-                                         tokenize=True, return_dict=True)["input_ids"]
+    return tokenizer.apply_chat_template(conversation(prompt, answer), tokenize=True, return_dict=True)["input_ids"]
 
 
 def yes_no_comparisons(n, label=0.9):
@@ -86,7 +85,7 @@ def test_trainer_loss_is_the_soft_label_loss(tiny, tmp_path):
     r_chosen, r_rejected = rewards.chunk(2)
     assert loss.item() == pytest.approx(soft_bt_loss(r_chosen, r_rejected, 0.5).item(), abs=1e-6)
     hard = -torch.nn.functional.logsigmoid(r_chosen - r_rejected).mean()
-    assert abs(loss.item() - hard.item()) > 1e-2  # not TRL's hard-label loss
+    assert abs(loss.item() - hard.item()) > 1e-3  # not TRL's hard-label loss
 
     gap_before = (r_chosen - r_rejected).abs().mean().item()
     assert gap_before > 1e-2
@@ -94,7 +93,7 @@ def test_trainer_loss_is_the_soft_label_loss(tiny, tmp_path):
     with torch.no_grad():  # one small SGD step
         for p in model.parameters():
             if p.grad is not None:
-                p -= 1e-2 * p.grad
+                p -= 1e-4 * p.grad
         r_chosen, r_rejected = pm_rewards(model, batch["input_ids"], batch["attention_mask"]).chunk(2)
     assert (r_chosen - r_rejected).abs().mean().item() < gap_before
 
@@ -136,7 +135,8 @@ def test_train_pm_learns_evaluates_and_saves(tiny, tmp_path):
     yes, no = score_answers(model, tokenizer, ["is it blue?", "is it blue?"], ["yes yes yes", "no no no"])
     assert yes > no
     again = evaluate_pm(model, tokenizer, heldout)
-    assert again["accuracy"] == s["heldout"]["accuracy"] and again["loss"] == pytest.approx(s["heldout"]["loss"], abs=1e-4)
+    assert again["accuracy"] == s["heldout"]["accuracy"]
+    assert again["loss"] == pytest.approx(s["heldout"]["loss"], abs=1e-4)
 
 
 def test_evaluate_pm_leaves_ties_out_of_accuracy(tiny):
@@ -151,15 +151,28 @@ def test_evaluate_pm_leaves_ties_out_of_accuracy(tiny):
     assert model.training  # evaluation restores the mode it found
 
 
-def test_non_finite_loss_stops_before_saving(tiny, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_before_saving_and_a_rerun_resumes(tiny, tmp_path, monkeypatch):
     ref, _ = tiny
-    monkeypatch.setattr(cai.pm, "soft_bt_loss", lambda r_a, r_b, p: (r_a - r_b).mean() * float("nan"))
-    cfg = PMConfig(epochs=1, batch_size=8, eval_fraction=0.0, max_length=128)
-    out = tmp_path / "pm"
-    with pytest.raises(CaiError, match="PM loss is not finite"):
-        train_pm(yes_no_comparisons(8), ref, cfg, 0, out, tmp_path / "ckpt", Metrics(tmp_path / "m.jsonl", "rl"),
-                 "k", device="cpu", progress=False)
+    calls = []
+
+    def nan_on_third_step(r_a, r_b, p):
+        calls.append(1)
+        loss = soft_bt_loss(r_a, r_b, p)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(cai.pm, "soft_bt_loss", nan_on_third_step)
+    cfg = PMConfig(epochs=2, batch_size=4, eval_fraction=0.0, max_length=128, save_steps=1)
+    out, ckpt, metrics = tmp_path / "pm", tmp_path / "ckpt", Metrics(tmp_path / "m.jsonl", "rl")
+    with pytest.raises(CaiError, match="PM loss is not finite .* at step 2"):
+        train_pm(yes_no_comparisons(8), ref, cfg, 0, out, ckpt, metrics, "k", device="cpu", progress=False)
     assert not out.exists()
+    assert (ckpt / "k" / "checkpoint-2" / "trainer_state.json").exists()  # the last good step is kept
+
+    monkeypatch.setattr(cai.pm, "soft_bt_loss", soft_bt_loss)
+    s = train_pm(yes_no_comparisons(8), ref, cfg, 0, out, ckpt, metrics, "k", device="cpu", progress=False)
+    assert s["resumed_from"].endswith("checkpoint-2") and s["steps"] == 4
+    assert s["heldout"]["count"] == 0 and s["heldout"]["accuracy"] is None
+    assert (out / "model.safetensors").exists()
 
 
 def test_bad_comparison_names_the_record_and_field(tiny, tmp_path):

@@ -1,0 +1,293 @@
+"""stage=rl (RL-CAI) and stage=dpo, top to bottom.
+
+For each round r = 1..rounds (Bai et al. 2022 section 4; `rounds > 1` is online RLAIF):
+  1. the current policy (round 1: this run's SL-CAI model) samples two answers per prompt;
+  2. the feedback model labels each pair (cai.feedback) -> rl/round-r/comparisons.jsonl + label diagnostics;
+  3. a preference model is trained from the SL-CAI model on all comparisons so far -> rl/round-r/pm/;
+  4. RL against the PM: PPO with a per-token KL penalty to the round's starting policy (cai.ppo), or RLOO /
+     GRPO through TRL (cai.online) -> rl/round-r/policy/.
+stage=dpo runs steps 1-2 and trains with DPO on the labeled pairs instead -> rl/dpo/policy/.
+Every generated answer and every label is a keyed record in rl/steps.jsonl, so reruns and resumes reuse them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cai.config import F, ModelConfig, PromptSource, SamplingConfig, config_dict, to_yaml
+from cai.dpo import DPOConfig
+from cai.errors import CaiError
+from cai.online import GroupRLConfig
+from cai.pm import PMConfig
+from cai.ppo import PPOConfig
+from cai.store import JsonlStore, Metrics, RunLock, write_atomic, write_jsonl_atomic
+
+
+@dataclass
+class FeedbackConfig:
+    source: str = F("ai", "ai (human and mixed sources come with the human-feedback stage)")
+    labeler: ModelConfig = F(ModelConfig(), "the feedback model that compares answers")
+    principles_per_pair: int = F(2, "feedback principles sampled per pair; their labels are averaged")
+    conversation_template: str = F("prompts/templates/conversation.txt", "renders the conversation slot")
+    template: str = F("prompts/templates/feedback_mc.txt", "multiple-choice prompt; last line starts the answer")
+    cot: bool = F(False, "chain of thought: reason first, then score the letters (probabilities clamped)")
+    cot_template: str = F("prompts/templates/feedback_cot.txt", "chain-of-thought prompt")
+    cot_answer_template: str = F("prompts/templates/feedback_cot_answer.txt", "text after the reasoning, before the letter")
+    cot_max_new_tokens: int = F(128, "tokens of reasoning at most")
+    cot_clamp_low: float = F(0.4, "CoT probabilities are clamped to [low, high] (the paper's 0.4-0.6)")
+    cot_clamp_high: float = F(0.6, "see cot_clamp_low")
+
+
+@dataclass
+class RLConfig:
+    stage: str = F("rl", "which stage this config is for")
+    run: str = F("default", "run name: outputs go to <runs_dir>/<run>/")
+    runs_dir: str = F("runs", "where run directories live")
+    seed: int = F(0, "seed for pair sampling, principle choice and training")
+    constitution: str = F("constitutions/default.yaml", "constitution file (its feedback principles are used)")
+    policy: ModelConfig = F(ModelConfig(model="sl"), "starting policy: 'sl' = this run's SL-CAI model, or a model")
+    pair_sampling: SamplingConfig = F(SamplingConfig(max_new_tokens=64, temperature=1.0, top_p=1.0),
+                                      "sampling of the two answers per prompt")
+    red_team: PromptSource = F(PromptSource(path="prompts/sets/red_team_train.jsonl"), "red-team prompts")
+    helpful: PromptSource = F(PromptSource(path="prompts/sets/helpful_train.jsonl"), "helpful prompts")
+    helpful_pairs: bool = F(True, "also sample and label pairs for the helpful prompts")
+    feedback: FeedbackConfig = F(FeedbackConfig(), "AI feedback labeling")
+    pm: PMConfig = F(PMConfig(), "preference model training")
+    algorithm: str = F("ppo", "ppo | rloo | grpo | none (stop after the PM)")
+    ppo: PPOConfig = F(PPOConfig(), "PPO settings (algorithm=ppo)")
+    rloo: GroupRLConfig = F(GroupRLConfig(), "RLOO settings (algorithm=rloo)")
+    grpo: GroupRLConfig = F(GroupRLConfig(), "GRPO settings (algorithm=grpo)")
+    rounds: int = F(1, "online RLAIF rounds: sample from the current policy, label, retrain the PM, RL again")
+    progress: bool = F(True, "show progress bars")
+
+
+@dataclass
+class DPOStageConfig:
+    stage: str = F("dpo", "which stage this config is for")
+    run: str = F("default", "run name: outputs go to <runs_dir>/<run>/")
+    runs_dir: str = F("runs", "where run directories live")
+    seed: int = F(0, "seed for pair sampling, principle choice and training")
+    constitution: str = F("constitutions/default.yaml", "constitution file (its feedback principles are used)")
+    policy: ModelConfig = F(ModelConfig(model="sl"), "starting policy: 'sl' = this run's SL-CAI model, or a model")
+    pair_sampling: SamplingConfig = F(SamplingConfig(max_new_tokens=64, temperature=1.0, top_p=1.0),
+                                      "sampling of the two answers per prompt")
+    red_team: PromptSource = F(PromptSource(path="prompts/sets/red_team_train.jsonl"), "red-team prompts")
+    helpful: PromptSource = F(PromptSource(path="prompts/sets/helpful_train.jsonl"), "helpful prompts")
+    helpful_pairs: bool = F(True, "also sample and label pairs for the helpful prompts")
+    feedback: FeedbackConfig = F(FeedbackConfig(), "AI feedback labeling")
+    dpo: DPOConfig = F(DPOConfig(), "DPO training")
+    progress: bool = F(True, "show progress bars")
+
+
+def _policy_ref(cfg, run_dir: Path):
+    from cai.models import resolve_model
+
+    if cfg.policy.model == "sl":
+        sl_model = run_dir / "sl" / "model"
+        if not (sl_model / "config.json").exists():
+            raise CaiError(f"policy.model=sl: {sl_model} has no trained SL-CAI model; run stage=sl with "
+                           f"run={cfg.run} first, or set policy.model to a model")
+        return resolve_model(str(sl_model))
+    return resolve_model(cfg.policy.model)
+
+
+def _inputs(cfg):
+    """Read and check every input before anything is written."""
+    from cai.constitution import load_constitution
+    from cai.feedback import LabelSettings
+    from cai.prompts import load_prompts
+    from cai.backends import Sampling
+    from cai.templates import load_template
+
+    if cfg.feedback.source != "ai":
+        raise CaiError(f"feedback.source={cfg.feedback.source}: only 'ai' is available so far")
+    constitution = load_constitution(cfg.constitution)
+    prompts = load_prompts(cfg.red_team) + (load_prompts(cfg.helpful) if cfg.helpful_pairs else [])
+    f = cfg.feedback
+    settings = LabelSettings(
+        seed=cfg.seed, principles_per_pair=f.principles_per_pair,
+        conversation_template=load_template(f.conversation_template), template=load_template(f.template),
+        cot=f.cot, cot_template=load_template(f.cot_template), cot_answer=load_template(f.cot_answer_template),
+        cot_sampling=Sampling(max_new_tokens=f.cot_max_new_tokens, temperature=0.0),
+        cot_clamp=(f.cot_clamp_low, f.cot_clamp_high))
+    if f.principles_per_pair > len(constitution.feedback):
+        raise CaiError(f"feedback.principles_per_pair={f.principles_per_pair}: {cfg.constitution} has only "
+                       f"{len(constitution.feedback)} feedback principles")
+    return constitution, prompts, settings
+
+
+def _backend(model_cfg: ModelConfig, model: str):
+    from cai.backends import make_backend
+
+    b = make_backend(model_cfg.backend, model, dtype=model_cfg.dtype, device=model_cfg.device,
+                     batch_size=model_cfg.batch_size, trust_remote_code=model_cfg.trust_remote_code)
+    if hasattr(b, "progress"):
+        b.progress = False
+    return b
+
+
+def sample_and_label(cfg, policy_path: str, prompts, constitution, settings, store: JsonlStore, plan_dir: Path,
+                     label: str) -> tuple[list[dict], dict, dict]:
+    """Pairs from the policy, AI labels, diagnostics. Returns (comparisons, diagnostics, counts)."""
+    from cai.backends import Sampling
+    from cai.feedback import label_diagnostics, label_pairs, sample_pairs
+
+    s = cfg.pair_sampling
+    sampling = Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+    policy_backend = _backend(cfg.policy, policy_path)
+    pairs, pair_stats = sample_pairs(prompts, policy_backend, sampling, cfg.seed, store, plan_dir,
+                                     cfg.policy.batch_size, cfg.progress, label=f"{label} pairs")
+    del policy_backend
+    labeler = _backend(cfg.feedback.labeler, cfg.feedback.labeler.model)
+    t0 = time.time()
+    comparisons, label_stats = label_pairs(pairs, constitution, settings, labeler, store, plan_dir,
+                                           cfg.feedback.labeler.batch_size, cfg.progress)
+    label_seconds = time.time() - t0
+    del labeler
+    diag = label_diagnostics(comparisons)
+    counts = {"pairs": len(pairs), "answers_generated": pair_stats.generated, "answers_reused": pair_stats.reused,
+              "scores_computed": label_stats.generated, "scores_reused": label_stats.reused,
+              "label_seconds": round(label_seconds, 1),
+              "seconds_per_label": round(label_stats.seconds / max(label_stats.generated, 1), 4)}
+    return comparisons, diag, counts
+
+
+def print_diagnostics(title: str, diag: dict, counts: dict) -> None:
+    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+    print(f"\n{title}")
+    print(f"  pairs {counts['pairs']} (answers generated {counts['answers_generated']}, reused "
+          f"{counts['answers_reused']}); scores computed {counts['scores_computed']}, reused {counts['scores_reused']}")
+    print(f"  position consistency {fmt(diag['position_consistency'])}  mean |p-0.5| {fmt(diag['mean_margin'])}  "
+          f"near 0.5 {fmt(diag['share_near_half'])}  human agreement {fmt(diag['human_agreement'])} "
+          f"(shared {diag['human_shared']})")
+
+
+def run_rl(cfg) -> dict:
+    from cai.models import resolve_model
+    from cai.pm import load_pm, pm_training_key, score_answers, train_pm
+    from cai.ppo import run_ppo
+    from cai.training import trained_model_matches
+
+    if cfg.algorithm not in ("ppo", "rloo", "grpo", "none"):
+        raise CaiError(f"algorithm={cfg.algorithm}: expected ppo, rloo, grpo or none")
+    if cfg.rounds < 1:
+        raise CaiError(f"rounds={cfg.rounds}: expected 1 or more")
+    constitution, prompts, settings = _inputs(cfg)
+    from cai.pipeline import run_dir_for, snapshot_constitution
+
+    run_dir = run_dir_for(cfg)
+    sl_ref = _policy_ref(cfg, run_dir)
+    with RunLock(run_dir):
+        rl_dir = run_dir / "rl"
+        rl_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / "config.rl.yaml", to_yaml(cfg))
+        snapshot_constitution(run_dir, constitution)
+        metrics = Metrics(run_dir / "metrics.jsonl", "rl")
+        store = JsonlStore(rl_dir / "steps.jsonl")
+        started = time.time()
+        policy = sl_ref
+        all_comparisons: list[dict] = []
+        rounds = []
+        for r in range(1, cfg.rounds + 1):
+            rdir = rl_dir / f"round-{r}"
+            comps, diag, counts = sample_and_label(cfg, policy.path, prompts, constitution, settings, store,
+                                                   rl_dir / "plans", f"round {r}")
+            write_jsonl_atomic(rdir / "comparisons.jsonl", comps)
+            write_atomic(rdir / "label_diagnostics.json", json.dumps({**diag, **counts}, indent=1))
+            print_diagnostics(f"round {r}/{cfg.rounds}: AI labels", diag, counts)
+            metrics.log({f"rl/labels/{k}": v for k, v in {**diag, **counts}.items() if v is not None}, step=r)
+            all_comparisons += comps
+            write_jsonl_atomic(rl_dir / "comparisons.jsonl", all_comparisons)
+
+            # the PM: trained from the SL-CAI model on every comparison so far (keyed: reused when unchanged)
+            data = (rl_dir / "comparisons.jsonl").read_bytes()
+            pm_key = pm_training_key(hashlib.sha256(data).hexdigest(), sl_ref, cfg.pm, cfg.seed)
+            if trained_model_matches(rdir / "pm", pm_key):
+                pm_summary = {**json.loads((rdir / "pm" / "cai_train.json").read_text()), "reused": True}
+            else:
+                pm_summary = train_pm(all_comparisons, sl_ref, cfg.pm, cfg.seed, rdir / "pm", rl_dir / "checkpoints",
+                                      metrics, pm_key, device=cfg.policy.device, progress=cfg.progress)
+            round_summary = {"round": r, "labels": {**diag, **counts}, "pm": pm_summary}
+            if cfg.algorithm != "none":
+                pm_model, pm_tok = load_pm(rdir / "pm", device=cfg.policy.device)
+
+                def score(ps, answers):
+                    return score_answers(pm_model, pm_tok, ps, answers, batch_size=cfg.pm.batch_size * 2)
+
+                texts = [p.prompt for p in prompts]
+                if cfg.algorithm == "ppo":
+                    rl_summary = run_ppo(policy, score, texts, cfg.ppo, rdir, metrics,
+                                         value_init=resolve_model(str(rdir / "pm")), progress=cfg.progress)
+                else:
+                    from cai.config import stable_hash
+                    from cai.online import train_group_rl
+
+                    sub = cfg.rloo if cfg.algorithm == "rloo" else cfg.grpo
+                    key = stable_hash([policy.identity, pm_key, config_dict(sub), cfg.seed])
+                    if trained_model_matches(rdir / "policy", key):
+                        rl_summary = {**json.loads((rdir / "policy" / "cai_train.json").read_text()), "reused": True}
+                    else:
+                        card = f"# RL-CAI policy ({cfg.algorithm})\n\nFrom {policy.identity}, PM key {pm_key}.\n"
+                        rl_summary = train_group_rl(cfg.algorithm, policy, score, texts, sub, cfg.seed, rdir, metrics,
+                                                    key, card, device=cfg.policy.device, progress=cfg.progress)
+                del pm_model
+                round_summary["rl"] = rl_summary
+                policy = resolve_model(str(rdir / "policy"))
+            rounds.append(round_summary)
+        summary = {"run": str(run_dir), "algorithm": cfg.algorithm, "rounds": rounds,
+                   "seconds": round(time.time() - started, 1)}
+        write_atomic(rl_dir / "summary.json", json.dumps(summary, indent=1, default=str))
+        print_rl_summary(summary)
+        return summary
+
+
+def print_rl_summary(summary: dict) -> None:
+    print("\nRL-CAI")
+    for r in summary["rounds"]:
+        pm = r["pm"]
+        acc = pm.get("heldout", {}).get("accuracy")
+        print(f"  round {r['round']}: {r['labels']['pairs']} pairs, PM held-out accuracy "
+              f"{'-' if acc is None else f'{acc:.3f}'}{' (reused)' if pm.get('reused') else ''}")
+        rl = r.get("rl")
+        if rl:
+            first = rl.get("first_reward", rl.get("reward_first"))
+            last = rl.get("last_reward", rl.get("reward_last"))
+            print(f"    {summary['algorithm']}: {rl.get('steps')} steps, reward {first} -> {last}, "
+                  f"KL {rl.get('last_kl', '-')}{' (reused)' if rl.get('reused') else ''}")
+    print(f"run: {summary['run']}  total {summary['seconds']} s\n")
+
+
+def run_dpo(cfg) -> dict:
+    from cai.dpo import train_dpo
+
+    constitution, prompts, settings = _inputs(cfg)
+    from cai.pipeline import run_dir_for, snapshot_constitution
+
+    run_dir = run_dir_for(cfg)
+    policy = _policy_ref(cfg, run_dir)
+    with RunLock(run_dir):
+        rl_dir = run_dir / "rl"
+        rl_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / "config.dpo.yaml", to_yaml(cfg))
+        snapshot_constitution(run_dir, constitution)
+        metrics = Metrics(run_dir / "metrics.jsonl", "dpo")
+        store = JsonlStore(rl_dir / "steps.jsonl")
+        started = time.time()
+        comps, diag, counts = sample_and_label(cfg, policy.path, prompts, constitution, settings, store,
+                                               rl_dir / "plans", "dpo")
+        write_jsonl_atomic(rl_dir / "dpo" / "comparisons.jsonl", comps)
+        print_diagnostics("AI labels", diag, counts)
+        card = f"# DPO policy\n\nFrom {policy.identity} on {len(comps)} AI-labeled pairs ({constitution.name}).\n"
+        result = train_dpo(comps, policy, cfg.dpo, cfg.seed, rl_dir / "dpo" / "policy", rl_dir / "checkpoints",
+                           metrics, card, device=cfg.policy.device, progress=cfg.progress,
+                           trust_remote_code=cfg.policy.trust_remote_code)
+        summary = {"run": str(run_dir), "labels": {**diag, **counts}, "dpo": result,
+                   "seconds": round(time.time() - started, 1)}
+        write_atomic(rl_dir / "dpo" / "summary.json", json.dumps(summary, indent=1))
+        print(f"\nDPO: {result['pairs']} pairs ({result['dropped']} dropped near 0.5), {result['steps']} steps, "
+              f"loss {result['train_loss']:.4f}; run {run_dir}  total {summary['seconds']} s\n")
+        return summary

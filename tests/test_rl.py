@@ -1,0 +1,102 @@
+"""stage=rl and stage=dpo end to end on the tiny model: pairs, AI labels, PM, PPO / RLOO / GRPO / DPO, reuse."""
+
+import json
+import shutil
+
+import pytest
+
+from cai.pipeline import main
+
+from .conftest import ASSETS
+
+
+@pytest.fixture(scope="module")
+def sl_run(tmp_path_factory):
+    """A tiny SL-CAI model to start RL from (shared by the tests of this file)."""
+    root = tmp_path_factory.mktemp("rl")
+    const = root / "constitution.yaml"
+    shutil.copyfile(ASSETS / "constitutions" / "good.yaml", const)
+    main(["stage=sl", "run=r", f"runs_dir={root / 'runs'}", f"constitution={const}", "generator.model=tiny",
+          "red_team.limit=2", "critique.rounds=1", "critique.few_shot=0", "sampling.max_new_tokens=4",
+          "sft.helpful_ratio=0.5", "sft.batch_size=4", "progress=false"])
+    return root, const
+
+
+def rl_args(root, const, run="r", **over):
+    args = {"stage": "rl", "run": run, "runs_dir": str(root / "runs"), "constitution": str(const),
+            "pair_sampling.max_new_tokens": 6, "red_team.limit": 6, "helpful.limit": 2,
+            "feedback.labeler.model": "tiny", "feedback.principles_per_pair": 2, "pm.batch_size": 4,
+            "pm.eval_fraction": 0.25, "ppo.steps": 2, "ppo.rollout_batch_size": 4, "ppo.mini_batch_size": 2,
+            "ppo.ppo_epochs": 1, "ppo.max_new_tokens": 6, "ppo.save_every": 1, "progress": False}
+    args.update(over)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def test_rl_stage_with_ppo_then_reuse(sl_run):
+    root, const = sl_run
+    main(rl_args(root, const))
+    rl = root / "runs" / "r" / "rl"
+    s = json.loads((rl / "summary.json").read_text())
+    r1 = s["rounds"][0]
+    assert r1["labels"]["pairs"] == 8 and r1["labels"]["scores_computed"] == 8 * 2 * 2
+    comps = [json.loads(x) for x in (rl / "round-1" / "comparisons.jsonl").read_text().splitlines()]
+    assert len(comps) == 8 and all(0 < c["soft_label"] < 1 and len(c["principles"]) == 2 for c in comps)
+    assert (rl / "round-1" / "pm" / "model.safetensors").exists()
+    assert (rl / "round-1" / "policy" / "model.safetensors").exists()
+    diag = json.loads((rl / "round-1" / "label_diagnostics.json").read_text())
+    assert set(diag) >= {"position_consistency", "mean_margin", "share_near_half", "human_agreement"}
+    metrics = [json.loads(x) for x in (root / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert any("rl/ppo/kl" in m for m in metrics) and any("rl/labels/position_consistency" in m for m in metrics)
+
+    # rerun: every answer and score is reused, and the PM too
+    main(rl_args(root, const))
+    s = json.loads((rl / "summary.json").read_text())
+    labels = s["rounds"][0]["labels"]
+    assert labels["answers_generated"] == 0 and labels["scores_computed"] == 0
+    assert s["rounds"][0]["pm"].get("reused") is True
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
+def test_rl_stage_with_trl_group_algorithms(sl_run, algorithm):
+    root, const = sl_run
+    main(rl_args(root, const, run="r", algorithm=algorithm, **{
+        f"{algorithm}.num_generations": 2, f"{algorithm}.batch_size": 4, f"{algorithm}.max_completion_length": 6}))
+    s = json.loads((root / "runs" / "r" / "rl" / "summary.json").read_text())
+    rl = s["rounds"][0]["rl"]
+    assert rl["algorithm"] == algorithm and rl["steps"] >= 1 and rl["first_reward"] is not None
+
+
+def test_two_rounds_of_online_rlaif(sl_run):
+    root, const = sl_run
+    main(rl_args(root, const, rounds=2))
+    rl = root / "runs" / "r" / "rl"
+    s = json.loads((rl / "summary.json").read_text())
+    assert [r["round"] for r in s["rounds"]] == [1, 2]
+    # round 2 samples from round 1's policy: new answers, and its PM trains on both rounds' comparisons
+    assert s["rounds"][1]["labels"]["answers_generated"] == 16
+    assert s["rounds"][1]["pm"]["counts"]["comparisons"] == 16
+    assert (rl / "round-2" / "policy" / "model.safetensors").exists()
+
+
+def test_dpo_stage(sl_run):
+    root, const = sl_run
+    main(["stage=dpo", "run=r", f"runs_dir={root / 'runs'}", f"constitution={const}", "pair_sampling.max_new_tokens=6",
+          "red_team.limit=6", "helpful.limit=2", "feedback.labeler.model=tiny", "dpo.margin=0.0", "dpo.batch_size=4",
+          "progress=false"])
+    s = json.loads((root / "runs" / "r" / "rl" / "dpo" / "summary.json").read_text())
+    assert s["dpo"]["pairs"] == 8 and s["dpo"]["steps"] == 2
+    assert (root / "runs" / "r" / "rl" / "dpo" / "policy" / "model.safetensors").exists()
+
+
+def test_rl_needs_an_sl_model(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["stage=rl", "run=none", f"runs_dir={tmp_path}", "feedback.labeler.model=tiny"])
+    assert e.value.code == 2
+
+
+def test_dpo_pairs_drop_near_half():
+    from cai.dpo import preference_pairs
+
+    comps = [{"prompt": "q", "answer_a": "x", "answer_b": "y", "soft_label": p} for p in (0.9, 0.55, 0.2, 0.5)]
+    pairs = preference_pairs(comps, margin=0.1)
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [("x", "y"), ("y", "x")]

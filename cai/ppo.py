@@ -272,6 +272,7 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
     the ptx loss (needed when ptx_coef > 0). Returns a summary dict (also written as policy/cai_train.json).
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -292,6 +293,9 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
     bf16 = _use_bf16(cfg.bf16, probe)
     # Mixed precision keeps fp32 master weights and autocasts matmuls to bf16: pure-bf16 weights would round
     # away AdamW updates of lr 1e-5, and accelerate does the same thing on CPU (AMX) and GPU.
+    # Several stages can run in one process (the pipeline, tests), each with its own precision; accelerate's
+    # state is a process-wide singleton, so start it afresh, as transformers' TrainingArguments does.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no")
     if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed wants a micro-batch size when no dataloader
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.mini_batch_size
@@ -326,10 +330,11 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
 
     model = PolicyAndValue(policy_model, value_model)
     # One AdamW, two param groups: one backward of pg + vf_coef * vf (+ ptx) steps both, with their own lrs.
+    # fused: one kernel over all parameters, ~4x faster than the per-tensor loop on CPU (and on GPU).
     optimizer = torch.optim.AdamW([
         {"params": [p for p in policy_model.parameters() if p.requires_grad], "lr": cfg.learning_rate},
         {"params": [p for p in value_model.parameters() if p.requires_grad], "lr": cfg.value_learning_rate},
-    ])
+    ], fused=device.type in ("cpu", "cuda"))
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
 
@@ -349,6 +354,9 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
         state = json.loads((last / STATE_FILE).read_text())
         start, history, kl_ctl.value = state["step"], state["history"], state["kl_coef"]
         resumed_from = str(last)
+        if start > cfg.steps:
+            raise CaiError(f"{last}: this run is already at step {start}, past ppo.steps={cfg.steps}; "
+                           f"set ppo.steps >= {start} to continue it, or use a fresh output directory")
 
     def save_checkpoint(step: int) -> Path:
         final = ckpt_root / f"step-{step}"
@@ -378,7 +386,8 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
     def prompt_index(global_row: int) -> int:
         epoch, pos = divmod(global_row, len(prompts))
         if epoch not in perms:
-            perms[epoch] = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+            shuffle = torch.Generator().manual_seed(cfg.seed + epoch)
+            perms[epoch] = torch.randperm(len(prompts), generator=shuffle).tolist()
         return perms[epoch][pos]
 
     world, rank, B = accelerator.num_processes, accelerator.process_index, cfg.rollout_batch_size
@@ -464,23 +473,27 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
                         stats["ptx_loss"].append(ptx_loss.detach())
                     accelerator.backward(loss)
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    check_finite("gradient norm", grad_norm)
+                    if grad_norm is not None:  # None under DeepSpeed, whose engine clips inside backward
+                        check_finite("gradient norm", grad_norm)
+                        stats["grad_norm"].append(torch.as_tensor(grad_norm).detach().float())
                     optimizer.step()
                     optimizer.zero_grad()
                     update += 1
                     for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clipfrac", clipfrac),
-                                 ("value_clipfrac", vf_clipfrac), ("approx_kl", approx_kl), ("grad_norm", grad_norm)):
+                                 ("value_clipfrac", vf_clipfrac), ("approx_kl", approx_kl)):
                         stats[k].append(torch.as_tensor(v).detach().float())
         except FloatingPointError as e:
+            bar.close()
             where = f"last good checkpoint: {last_good} (rerun to resume from it)" if last_good else "no checkpoint yet"
-            raise FloatingPointError(f"PPO step {step}: {e}; stopped before updating the weights with it; {where}") from e
+            raise FloatingPointError(f"PPO step {step}: {e}; stopped before updating the weights with it; "
+                                     f"{where}") from e
 
         # -- metrics (averaged over processes) --------------------------------------------------------------
         seq_kl = kl.sum(1)
         local = {
             "reward_mean": rewards.sum(1).mean(), "score_mean": raw_scores.mean(),
             "kl": seq_kl.mean(), "entropy": masked_mean(entropy, mask), "answer_length": fmask.sum(1).mean(),
-            "missing_eos_rate": (~has_eos).float().mean(),
+            "missing_eos_rate": (~has_eos).float().mean(), "value_mean": masked_mean(values, mask),
             **{k: torch.stack(v).mean() for k, v in stats.items() if v},
         }
         keys = list(local)
@@ -494,7 +507,8 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
                                         for p, a, sc in list(zip(batch_prompts, texts, raw_scores))[:4]]
             if progress and accelerator.is_main_process:
                 for row in logged["rl/ppo/samples"]:
-                    tqdm.write(f"[step {step}] score={row['score']:+.3f}  {row['prompt'][:40]!r} -> {row['answer'][:80]!r}")
+                    tqdm.write(f"[step {step}] score={row['score']:+.3f}  {row['prompt'][:40]!r} -> "
+                               f"{row['answer'][:80]!r}")
         if accelerator.is_main_process:
             metrics.log(logged, step=step)
         history["reward_mean"].append(logged["rl/ppo/reward_mean"])

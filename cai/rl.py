@@ -227,7 +227,7 @@ def run_rl(cfg) -> dict:
                     from cai.online import train_group_rl
 
                     sub = cfg.rloo if cfg.algorithm == "rloo" else cfg.grpo
-                    key = stable_hash([policy.identity, pm_key, config_dict(sub), cfg.seed])
+                    key = stable_hash([cfg.algorithm, policy.identity, pm_key, config_dict(sub), cfg.seed])
                     if trained_model_matches(rdir / "policy", key):
                         rl_summary = {**json.loads((rdir / "policy" / "cai_train.json").read_text()), "reused": True}
                     else:

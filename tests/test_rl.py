@@ -81,7 +81,7 @@ def test_two_rounds_of_online_rlaif(sl_run):
 def test_dpo_stage(sl_run):
     root, const = sl_run
     main(["stage=dpo", "run=r", f"runs_dir={root / 'runs'}", f"constitution={const}", "pair_sampling.max_new_tokens=6",
-          "red_team.limit=6", "helpful.limit=2", "feedback.labeler.model=tiny", "dpo.margin=0.0", "dpo.batch_size=4",
+          "red_team.limit=6", "helpful.limit=2", "feedback.labeler.model=tiny", "feedback.principles_per_pair=2", "dpo.margin=0.0", "dpo.batch_size=4",
           "progress=false"])
     s = json.loads((root / "runs" / "r" / "rl" / "dpo" / "summary.json").read_text())
     assert s["dpo"]["pairs"] == 8 and s["dpo"]["steps"] == 2

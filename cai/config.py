@@ -78,7 +78,6 @@ class SFTConfig:
     bf16: str = F("auto", "auto (where the hardware has it) | true | false")
     gradient_checkpointing: bool = F(False, "trade compute for memory (off: faster on CPU at this size)")
     save_steps: int = F(50, "checkpoint every N optimizer steps (a killed run resumes from the last one)")
-    report_to: str = F("none", "none | tensorboard")
 
 
 @dataclass
@@ -95,6 +94,7 @@ class SLConfig:
     critique: CritiqueConfig = F(CritiqueConfig(), "critique/revision settings")
     sft: SFTConfig = F(SFTConfig(), "supervised fine-tuning of the SL-CAI model")
     train: bool = F(True, "run SFT after generating the data (false: data only)")
+    report_to: str = F("none", "none | tensorboard (metrics also go to <run>/tensorboard/)")
     progress: bool = F(True, "show progress bars")
 
 
@@ -236,6 +236,15 @@ def config_dict(cfg) -> dict:
 def stable_hash(obj: Any, n: int = 24) -> str:
     """Hash of a JSON-able object, independent of key order: the basis of every record key."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:n]
+
+
+def open_metrics(run_dir: Path, stage: str, report_to: str):
+    """The run's metrics log; with report_to=tensorboard also TensorBoard scalars under <run>/tensorboard/."""
+    from cai.store import Metrics
+
+    if report_to not in ("none", "tensorboard"):
+        raise CaiError(f"report_to={report_to}: expected none or tensorboard")
+    return Metrics(run_dir / "metrics.jsonl", stage, run_dir / "tensorboard" if report_to == "tensorboard" else None)
 
 
 def help_text(schema: type, prefix: str = "") -> list[str]:

@@ -34,7 +34,6 @@ class DPOConfig:
     bf16: str = F("auto", "auto | true | false")
     gradient_checkpointing: bool = F(False, "trade compute for memory")
     save_steps: int = F(50, "checkpoint every N optimizer steps")
-    report_to: str = F("none", "none | tensorboard")
 
 
 def preference_pairs(comparisons: list[dict], margin: float) -> list[dict]:

@@ -33,7 +33,6 @@ class GroupRLConfig:
     bf16: str = F("auto", "auto | true | false")
     gradient_checkpointing: bool = F(False, "trade compute for memory")
     save_steps: int = F(50, "checkpoint every N optimizer steps")
-    report_to: str = F("none", "none | tensorboard")
     use_vllm: bool = F(False, "generate with vLLM (GPU only; the `vllm` extra)")
 
 

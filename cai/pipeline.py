@@ -14,17 +14,16 @@ import sys
 import time
 from pathlib import Path
 
-from cai.config import help_text, load_config, stage_schemas, to_yaml
+from cai.config import help_text, load_config, open_metrics, stage_schemas, to_yaml
 from cai.errors import CaiError, cli_main
-from cai.store import JsonlStore, Metrics, RunLock, write_atomic, write_jsonl_atomic
+from cai.store import JsonlStore, RunLock, write_atomic, write_jsonl_atomic
 
 
 def run_dir_for(cfg) -> Path:
-    from cai.paths import resolve_path
-
+    """<runs_dir>/<run>, with runs_dir relative to the working directory."""
     if not cfg.run or "/" in cfg.run or cfg.run.startswith("."):
         raise CaiError(f"run={cfg.run!r}: expected a plain name (letters, digits, -, _)")
-    return Path(cfg.runs_dir if Path(cfg.runs_dir).is_absolute() else resolve_path(".") / cfg.runs_dir) / cfg.run
+    return Path(cfg.runs_dir).expanduser() / cfg.run
 
 
 def snapshot_constitution(run_dir: Path, constitution) -> None:
@@ -69,7 +68,7 @@ def run_sl(cfg) -> dict:
         sl_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "config.sl.yaml", to_yaml(cfg))
         snapshot_constitution(run_dir, constitution)
-        metrics = Metrics(run_dir / "metrics.jsonl", "sl")
+        metrics = open_metrics(run_dir, "sl", cfg.report_to)
         started = time.time()
 
         backend = make_backend(cfg.generator.backend, cfg.generator.model, dtype=cfg.generator.dtype,

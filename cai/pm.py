@@ -47,7 +47,6 @@ class PMConfig:
     gradient_checkpointing: bool = F(False, "trade compute for memory (off: faster on CPU at this size)")
     save_steps: int = F(50, "checkpoint every N optimizer steps (a killed run resumes from the last one)")
     eval_fraction: float = F(0.1, "share of comparisons held out for evaluation, chosen by hashing each key")
-    report_to: str = F("none", "none | tensorboard")
     center_rewards_coefficient: Optional[float] = F(None, "weight of mean((r_chosen + r_rejected)^2), pulls rewards "
                                                           "toward 0 (TRL; 0.01 recommended); null = off")
 

@@ -506,9 +506,8 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
             logged["rl/ppo/samples"] = [{"prompt": p, "answer": a, "score": float(sc)}
                                         for p, a, sc in list(zip(batch_prompts, texts, raw_scores))[:4]]
             if progress and accelerator.is_main_process:
-                for row in logged["rl/ppo/samples"]:
-                    tqdm.write(f"[step {step}] score={row['score']:+.3f}  {row['prompt'][:40]!r} -> "
-                               f"{row['answer'][:80]!r}")
+                tqdm.write("\n".join(f"[step {step}] score={row['score']:+.3f}  {row['prompt'][:40]!r} -> "
+                                     f"{row['answer'][:80]!r}" for row in logged["rl/ppo/samples"]))
         if accelerator.is_main_process:
             metrics.log(logged, step=step)
         history["reward_mean"].append(logged["rl/ppo/reward_mean"])

@@ -18,13 +18,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cai.config import F, ModelConfig, PromptSource, SamplingConfig, config_dict, to_yaml
+from cai.config import F, ModelConfig, PromptSource, SamplingConfig, config_dict, open_metrics, to_yaml
 from cai.dpo import DPOConfig
 from cai.errors import CaiError
 from cai.online import GroupRLConfig
 from cai.pm import PMConfig
 from cai.ppo import PPOConfig
-from cai.store import JsonlStore, Metrics, RunLock, write_atomic, write_jsonl_atomic
+from cai.store import JsonlStore, RunLock, write_atomic, write_jsonl_atomic
 
 
 @dataclass
@@ -62,6 +62,7 @@ class RLConfig:
     rloo: GroupRLConfig = F(GroupRLConfig(), "RLOO settings (algorithm=rloo)")
     grpo: GroupRLConfig = F(GroupRLConfig(), "GRPO settings (algorithm=grpo)")
     rounds: int = F(1, "online RLAIF rounds: sample from the current policy, label, retrain the PM, RL again")
+    report_to: str = F("none", "none | tensorboard (metrics also go to <run>/tensorboard/)")
     progress: bool = F(True, "show progress bars")
 
 
@@ -80,6 +81,7 @@ class DPOStageConfig:
     helpful_pairs: bool = F(True, "also sample and label pairs for the helpful prompts")
     feedback: FeedbackConfig = F(FeedbackConfig(), "AI feedback labeling")
     dpo: DPOConfig = F(DPOConfig(), "DPO training")
+    report_to: str = F("none", "none | tensorboard (metrics also go to <run>/tensorboard/)")
     progress: bool = F(True, "show progress bars")
 
 
@@ -186,7 +188,7 @@ def run_rl(cfg) -> dict:
         rl_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "config.rl.yaml", to_yaml(cfg))
         snapshot_constitution(run_dir, constitution)
-        metrics = Metrics(run_dir / "metrics.jsonl", "rl")
+        metrics = open_metrics(run_dir, "rl", cfg.report_to)
         store = JsonlStore(rl_dir / "steps.jsonl")
         started = time.time()
         policy = sl_ref
@@ -274,7 +276,7 @@ def run_dpo(cfg) -> dict:
         rl_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "config.dpo.yaml", to_yaml(cfg))
         snapshot_constitution(run_dir, constitution)
-        metrics = Metrics(run_dir / "metrics.jsonl", "dpo")
+        metrics = open_metrics(run_dir, "dpo", cfg.report_to)
         store = JsonlStore(rl_dir / "steps.jsonl")
         started = time.time()
         comps, diag, counts = sample_and_label(cfg, policy.path, prompts, constitution, settings, store,

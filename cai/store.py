@@ -135,17 +135,33 @@ class RunLock:
 
 
 class Metrics:
-    """Namespaced metrics (`sl/loss`, `sl/tokens_per_s`) appended to <run>/metrics.jsonl."""
+    """Namespaced metrics (`sl/train/loss`, `rl/ppo/kl`) appended to <run>/metrics.jsonl.
 
-    def __init__(self, path: Path, stage: str):
+    With `tensorboard_dir`, numeric values are also written as TensorBoard scalars (needs the `tensorboard`
+    package: `pip install -e .[tensorboard]`).
+    """
+
+    def __init__(self, path: Path, stage: str, tensorboard_dir: Path | None = None):
         self.path = path
         self.stage = stage
+        self.writer = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise CaiError("report_to=tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.writer = SummaryWriter(str(tensorboard_dir))
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         rec = {"time": round(time.time(), 3), "stage": self.stage, "step": step,
                **{(k if "/" in k else f"{self.stage}/{k}"): v for k, v in metrics.items()}}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(json.dumps(rec, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self.writer is not None:
+            for k, v in rec.items():
+                if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.writer.add_scalar(k, v, global_step=step)
+            self.writer.flush()

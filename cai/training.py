@@ -41,7 +41,7 @@ def use_bf16(setting: str, device: str) -> bool:
 
 def common_args(cfg, ckpt_dir: Path, device: str, seed: int, progress: bool) -> dict:
     """TrainingArguments shared by our TRL stages; `cfg` has epochs, learning_rate, batch_size, grad_accum,
-    warmup_ratio, bf16, gradient_checkpointing, save_steps, report_to. On CPU, bf16 and checkpointing are set
+    warmup_ratio, bf16, gradient_checkpointing, save_steps. On CPU, bf16 and checkpointing are set
     explicitly because TRL's defaults assume a GPU."""
     return dict(
         output_dir=str(ckpt_dir), num_train_epochs=cfg.epochs, learning_rate=cfg.learning_rate,
@@ -49,7 +49,8 @@ def common_args(cfg, ckpt_dir: Path, device: str, seed: int, progress: bool) -> 
         warmup_steps=cfg.warmup_ratio, lr_scheduler_type="linear", bf16=use_bf16(cfg.bf16, device),
         activation_checkpointing=cfg.gradient_checkpointing, use_cpu=device == "cpu", save_strategy="steps",
         save_steps=cfg.save_steps, save_total_limit=1, logging_steps=1,
-        report_to=[] if cfg.report_to == "none" else [cfg.report_to], seed=seed, data_seed=seed,
+        report_to=[],  # metrics go through cai.store.Metrics (metrics.jsonl, and TensorBoard when asked)
+        seed=seed, data_seed=seed,
         disable_tqdm=not progress, dataloader_num_workers=0,
     )
 

@@ -53,7 +53,8 @@ def without_timing(records):
 
 
 def test_full_sl_stage_trains_a_model(tmp_path, constitution):
-    main(sl_args(tmp_path, constitution, train=True, **{"sft.batch_size": 4, "sft.learning_rate": 1e-3}))
+    main(sl_args(tmp_path, constitution, train=True, report_to="tensorboard",
+                 **{"sft.batch_size": 4, "sft.learning_rate": 1e-3}))
     run = tmp_path / "runs" / "r"
     chains = read_jsonl(run / "sl" / "chains.jsonl")
     assert len(chains) == 6 and all(len(c["rounds"]) == ROUNDS for c in chains)
@@ -80,6 +81,7 @@ def test_full_sl_stage_trains_a_model(tmp_path, constitution):
     assert yaml.safe_load((run / "config.sl.yaml").read_text())["critique"]["rounds"] == ROUNDS
     metrics = read_jsonl(run / "metrics.jsonl")
     assert any("sl/train/loss" in m for m in metrics)
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))  # the same metrics, as TensorBoard scalars
     assert any(m.get("sl/generate/texts_generated") == 6 + 3 + 6 * 2 * ROUNDS for m in metrics)
 
     # the weights changed

@@ -23,14 +23,14 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from cai.config import F
+from cai.config import F, config_dict
 from cai.errors import CaiError
 from cai.losses import (
     AdaptiveKLController,
@@ -97,6 +97,11 @@ def apply_missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penal
     if penalty is None:
         return scores
     return scores - penalty * (~has_eos.bool()).to(scores.dtype)
+
+
+def _config_record(cfg) -> dict:
+    """The config as plain data, from a PPOConfig (Python callers) or its OmegaConf node (the pipeline)."""
+    return asdict(cfg) if is_dataclass(cfg) else config_dict(cfg)
 
 
 def _row_seed(seed: int, step: int, row: int) -> int:
@@ -367,7 +372,7 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
-            state = {"step": step, "kl_coef": kl_ctl.value, "history": history, "config": asdict(cfg)}
+            state = {"step": step, "kl_coef": kl_ctl.value, "history": history, "config": _config_record(cfg)}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
@@ -528,7 +533,7 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
                "first_reward_mean": history["reward_mean"][0] if history["reward_mean"] else None,
                "last_reward_mean": history["reward_mean"][-1] if history["reward_mean"] else None,
                "last_kl": history["kl"][-1] if history["kl"] else None, "kl_coef": kl_ctl.value,
-               "bf16": bf16, "seconds": round(seconds, 1), "resumed_from": resumed_from, "config": asdict(cfg)}
+               "bf16": bf16, "seconds": round(seconds, 1), "resumed_from": resumed_from, "config": _config_record(cfg)}
     state_dict = accelerator.get_state_dict(model)  # gathers shards under DeepSpeed ZeRO-3 / FSDP
     if accelerator.is_main_process:
         final, tmp, old = out_dir / "policy", out_dir / "policy.tmp", out_dir / "policy.old"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from cai.errors import CaiError
 from cai.models import ModelRef, load_tokenizer, resolve_model
@@ -201,7 +202,9 @@ def test_ptx_value_init_and_missing_eos_penalty(tmp_path):
     pm.save_pretrained(pm_dir)
     sft = [{"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": "Sure.\n"}]}
            for p in PROMPTS]
-    cfg = small_cfg(steps=2, ptx_coef=0.5, missing_eos_penalty=1.0)
+    # the pipeline passes the config as a read-only OmegaConf node, not the dataclass itself
+    cfg = OmegaConf.structured(small_cfg(steps=2, ptx_coef=0.5, missing_eos_penalty=1.0))
+    OmegaConf.set_readonly(cfg, True)
     run(tmp_path / "out", cfg, value_init=ModelRef("pm", str(pm_dir), "pm@test"), sft_examples=sft)
     steps = step_records(tmp_path / "out")
     assert len(steps) == 2
@@ -212,6 +215,7 @@ def test_ptx_value_init_and_missing_eos_penalty(tmp_path):
     assert first["rl/ppo/missing_eos_rate"] == 1.0
     assert first["rl/ppo/reward_mean"] == pytest.approx(first["rl/ppo/score_mean"] - 1.0, abs=1e-6)
     assert first["rl/ppo/value_mean"] != 0.0  # values come from the PM's head, not a zero-initialised one
+    assert json.loads((tmp_path / "out" / "policy" / "cai_train.json").read_text())["config"]["ptx_coef"] == 0.5
 
 
 def test_value_head_starts_at_zero_without_value_init(learned):

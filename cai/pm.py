@@ -22,33 +22,16 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from trl import RewardConfig, RewardTrainer
 
-from cai.config import F, stable_hash
+from cai.config import PMConfig, stable_hash  # noqa: F401  (PMConfig: this trainer's settings)
 from cai.errors import CaiError
 from cai.losses import check_finite, soft_bt_loss
 from cai.models import ModelRef, load_tokenizer, pick_device, pick_dtype
 from cai.store import Metrics
 from cai.training import common_args, last_checkpoint, metrics_callback, save_trained
-
-
-@dataclass
-class PMConfig:
-    epochs: float = F(1.0, "passes over the training comparisons")
-    learning_rate: float = F(1e-5, "AdamW learning rate")
-    batch_size: int = F(8, "comparisons per device step (the model sees twice as many sequences)")
-    grad_accum: int = F(1, "gradient accumulation steps")
-    max_length: int = F(512, "tokens per conversation at most; TRL drops comparisons with a longer side")
-    warmup_ratio: float = F(0.05, "share of steps spent warming up the learning rate")
-    bf16: str = F("auto", "auto (where the hardware has it) | true | false")
-    gradient_checkpointing: bool = F(False, "trade compute for memory (off: faster on CPU at this size)")
-    save_steps: int = F(50, "checkpoint every N optimizer steps (a killed run resumes from the last one)")
-    eval_fraction: float = F(0.1, "share of comparisons held out for evaluation, chosen by hashing each key")
-    center_rewards_coefficient: Optional[float] = F(None, "weight of mean((r_chosen + r_rejected)^2), pulls rewards "
-                                                          "toward 0 (TRL; 0.01 recommended); null = off")
 
 
 def pm_training_key(comparisons_sha: str, base: ModelRef, cfg, seed: int) -> str:

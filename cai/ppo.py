@@ -23,14 +23,14 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import nn
 
-from cai.config import F, config_dict
+from cai.config import PPOConfig, config_dict
 from cai.errors import CaiError
 from cai.losses import (
     AdaptiveKLController,
@@ -50,39 +50,6 @@ from cai.models import ModelRef, cpu_supports_bf16
 TRAIN_INFO = "cai_train.json"
 STATE_FILE = "ppo_state.json"
 RewardFn = Callable[[list[str], list[str]], list[float]]
-
-
-@dataclass
-class PPOConfig:
-    steps: int = F(20, "PPO iterations (one rollout + its updates each)")
-    rollout_batch_size: int = F(8, "prompts sampled per rollout, per process")
-    mini_batch_size: int = F(4, "rollouts per optimizer update")
-    ppo_epochs: int = F(2, "passes over each rollout batch")
-    learning_rate: float = F(1e-5, "AdamW learning rate of the policy")
-    value_learning_rate: float = F(1e-5, "AdamW learning rate of the value model (its own param group)")
-    max_new_tokens: int = F(32, "tokens sampled at most per answer")
-    temperature: float = F(1.0, "sampling temperature (> 0); log-probs are taken at the same temperature")
-    top_p: float = F(1.0, "nucleus sampling mass (1 = off; < 1 makes the sampler differ from the trained policy)")
-    init_kl_coef: float = F(0.05, "beta: weight of the per-token KL penalty to the reference model")
-    adaptive_kl: bool = F(False, "adapt beta so the KL tracks kl_target (Ziegler et al. 2019)")
-    kl_target: float = F(6.0, "target KL (nats per answer) for the adaptive controller")
-    kl_horizon: int = F(10000, "horizon (in rollouts) of the adaptive controller")
-    kl_estimator: str = F("k1", "per-token KL estimator: k1 | k3 | mse | abs (http://joschu.net/blog/kl-approx.html)")
-    gamma: float = F(1.0, "discount over answer tokens")
-    lam: float = F(0.95, "GAE lambda")
-    clip_range: float = F(0.2, "PPO ratio clip epsilon")
-    clip_range_value: float = F(0.2, "value clip epsilon")
-    vf_coef: float = F(0.1, "weight of the value loss")
-    whiten_advantages: bool = F(True, "normalize advantages over the rollout batch")
-    whiten_rewards: bool = F(False, "scale per-token rewards to unit variance before GAE")
-    missing_eos_penalty: Optional[float] = F(None, "subtracted from the score of an answer cut off without EOS")
-    ptx_coef: float = F(0.0, "PPO-ptx: weight of the SFT loss on sft_examples mixed into each update (0 = off)")
-    ptx_max_length: int = F(512, "tokens per SFT example at most for the ptx loss (longer ones are truncated)")
-    max_grad_norm: float = F(1.0, "gradient clipping norm over policy + value parameters")
-    sample_every: int = F(5, "log a table of sample answers every N steps (0 = never)")
-    save_every: int = F(10, "checkpoint every N steps (and at the end)")
-    bf16: str = F("auto", "auto (where the hardware has it) | true | false; mixed precision over fp32 weights")
-    seed: int = F(0, "seed for prompt order, sampling and minibatch order")
 
 
 # --- small pieces ----------------------------------------------------------------------------------------

@@ -18,12 +18,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cai.config import F, ModelConfig, PromptSource, SamplingConfig, config_dict, open_metrics, to_yaml
+from cai.config import F, ModelConfig, PMConfig, PPOConfig, PromptSource, SamplingConfig, config_dict, open_metrics, to_yaml
 from cai.dpo import DPOConfig
 from cai.errors import CaiError
 from cai.online import GroupRLConfig
-from cai.pm import PMConfig
-from cai.ppo import PPOConfig
 from cai.store import JsonlStore, RunLock, write_atomic, write_jsonl_atomic
 
 

@@ -22,8 +22,11 @@ def test_there_are_shipped_pipelines():
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
 def test_every_shipped_yaml_loads(path):
     cfg = load_config([f"config={path}"])
-    assert cfg.stage == "sl"
-    assert isinstance(cfg.critique.rounds, int) and isinstance(cfg.sampling.temperature, float)
+    assert cfg.stage == path.stem.split("_")[-1]  # sl.yaml, demo_sl.yaml, rl.yaml, demo_rl.yaml, dpo.yaml
+    if cfg.stage == "sl":
+        assert isinstance(cfg.critique.rounds, int) and isinstance(cfg.sampling.temperature, float)
+    else:
+        assert isinstance(cfg.feedback.principles_per_pair, int) and cfg.policy.model == "sl"
 
 
 def test_demo_yaml_values_are_applied():
@@ -128,6 +131,9 @@ def test_yaml_syntax_error_exact_position(tmp_path):
 def test_config_file_for_another_stage_is_rejected(tmp_path):
     path = tmp_path / "x.yaml"
     path.write_text("stage: rl\n", encoding="utf-8")
+    with pytest.raises(CaiError, match="this file is for stage=rl"):
+        load_config([f"config={path}", "stage=sl"])
+    path.write_text("stage: rlhf\n", encoding="utf-8")
     with pytest.raises(CaiError, match="no such stage"):
         load_config([f"config={path}"])
 

@@ -19,6 +19,7 @@ EXPECTED_SLOTS = {
     "feedback_mc_shared_prefix.txt": FEEDBACK_SLOTS,
     "feedback_cot.txt": FEEDBACK_SLOTS,
     "feedback_cot_answer.txt": set(),
+    "conversation.txt": {"prompt"},
 }
 
 

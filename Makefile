@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.cai-installed
 
-.PHONY: setup demo demo-sl test test-slow check lint clean
+.PHONY: setup demo demo-sl test test-slow clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,12 +19,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job on the bundled model (SmolLM2-135M-Instruct): SL-CAI with the demo config.
+# The main job on the bundled model (SmolLM2-135M-Instruct): SL-CAI then RL-CAI with the demo configs.
 demo: setup
 	$(PY) -m cai.constitution check constitutions/default.yaml constitutions/helpful_honest.yaml
 	$(PY) -m cai.pipeline config=pipelines/demo_sl.yaml
+	$(PY) -m cai.pipeline config=pipelines/demo_rl.yaml
 
-demo-sl: demo
+demo-sl: setup
+	$(PY) -m cai.pipeline config=pipelines/demo_sl.yaml
 
 # Fast suite (tiny model, seconds per test). Slow real-model tests: `make test-slow`.
 test: setup

@@ -234,14 +234,16 @@ def _check_config(cfg: PPOConfig, n_prompts: int) -> None:
 
 
 def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOConfig, out_dir: Path, metrics,
-            value_init: ModelRef | None = None, sft_examples: list[dict] | None = None, progress: bool = True) -> dict:
+            value_init: ModelRef | None = None, sft_examples: list[dict] | None = None, progress: bool = True,
+            reference: ModelRef | None = None) -> dict:
     """Train `policy` by PPO on `reward_fn` scores of its answers to `prompts`; save it to out_dir/policy/.
 
     reward_fn(prompts, answers) -> one float per answer (answers decoded without special tokens).
     value_init: the PM directory (a sequence-classification model with one label) whose backbone and `score`
     head become the per-token value model, as InstructGPT initialises the value model from the RM; None
     starts from the policy's backbone with a zero head. sft_examples: prompt/completion conversations for
-    the ptx loss (needed when ptx_coef > 0). Returns a summary dict (also written as policy/cai_train.json).
+    the ptx loss (needed when ptx_coef > 0). reference: the frozen KL anchor (default: the policy's own starting
+    weights; online rounds pass the SL-CAI model). Returns a summary dict (also written as policy/cai_train.json).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -278,7 +280,8 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
     tokenizer = load_tokenizer(policy)
     pad_id = tokenizer.pad_token_id
     policy_model = AutoModelForCausalLM.from_pretrained(policy.path, dtype=torch.float32)
-    reference = AutoModelForCausalLM.from_pretrained(policy.path, dtype=torch.float32).to(device).eval()
+    # the KL anchor: the SL-CAI model, also when later rounds start from an RL policy
+    reference = AutoModelForCausalLM.from_pretrained((reference or policy).path, dtype=torch.float32).to(device).eval()
     reference.requires_grad_(False)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected when starting from the policy

@@ -95,6 +95,16 @@ def _policy_ref(cfg, run_dir: Path):
     return resolve_model(cfg.policy.model)
 
 
+def _sft_examples(run_dir: Path) -> list[dict]:
+    """The SL stage's SFT conversations, for PPO-ptx (InstructGPT's pretraining-mix term)."""
+    from cai.store import read_jsonl
+
+    path = run_dir / "sl" / "sft.jsonl"
+    if not path.exists():
+        raise CaiError(f"ppo.ptx_coef > 0 mixes in the SFT data, but {path} does not exist; run stage=sl first")
+    return [{"prompt": r["prompt"], "completion": r["completion"]} for r in read_jsonl(path)]
+
+
 def _inputs(cfg):
     """Read and check every input before anything is written."""
     from cai.constitution import load_constitution
@@ -221,7 +231,9 @@ def run_rl(cfg) -> dict:
                 texts = [p.prompt for p in prompts]
                 if cfg.algorithm == "ppo":
                     rl_summary = run_ppo(policy, score, texts, cfg.ppo, rdir, metrics,
-                                         value_init=resolve_model(str(rdir / "pm")), progress=cfg.progress)
+                                         value_init=resolve_model(str(rdir / "pm")), reference=sl_ref,
+                                         sft_examples=_sft_examples(run_dir) if cfg.ppo.ptx_coef > 0 else None,
+                                         progress=cfg.progress)
                 else:
                     from cai.config import stable_hash
                     from cai.online import train_group_rl
@@ -252,6 +264,11 @@ def print_rl_summary(summary: dict) -> None:
         acc = pm.get("heldout", {}).get("accuracy")
         print(f"  round {r['round']}: {r['labels']['pairs']} pairs, PM held-out accuracy "
               f"{'-' if acc is None else f'{acc:.3f}'}{' (reused)' if pm.get('reused') else ''}")
+        calibration = pm.get("heldout", {}).get("calibration") or []
+        if calibration:
+            print("    PM calibration (held out): " + "  ".join(
+                f"[{b['lo']:.1f},{b['hi']:.1f}) n={b['count']} pred={b['mean_predicted']:.2f} label={b['mean_soft_label']:.2f}"
+                for b in calibration))
         rl = r.get("rl")
         if rl:
             first = rl.get("first_reward", rl.get("reward_first"))

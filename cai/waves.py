@@ -56,10 +56,11 @@ def run_wave(requests: list[Request], store: JsonlStore, compute: Callable[[list
     by_key = {r.key: r for r in requests}  # identical requests (same key) are computed once
     missing = [r for r in by_key.values() if r.key not in store]
     stats.reused = len(by_key) - len(missing)
-    if not missing:
-        return stats, generated
     wave_id = stable_hash([sorted(by_key), batch_size, identity])
     plan_path = plan_dir / f"{label.replace(' ', '_').replace('/', '-')}-{wave_id}.json"
+    if not missing:  # done (perhaps by a run killed after its last batch, before it removed the plan)
+        plan_path.unlink(missing_ok=True)
+        return stats, generated
     plan = json.loads(plan_path.read_text()) if plan_path.exists() else None
     if plan is None or any(k not in by_key for chunk in plan for k in chunk):
         # length bucketing: similar lengths share a batch, so little padding

@@ -68,7 +68,7 @@ def test_rl_stage_with_trl_group_algorithms(sl_run, algorithm):
 
 def test_two_rounds_of_online_rlaif(sl_run):
     root, const = sl_run
-    main(rl_args(root, const, rounds=2))
+    main(rl_args(root, const, rounds=2, **{"ppo.ptx_coef": 0.1}))  # with PPO-ptx on the SL data
     rl = root / "runs" / "r" / "rl"
     s = json.loads((rl / "summary.json").read_text())
     assert [r["round"] for r in s["rounds"]] == [1, 2]
@@ -76,6 +76,8 @@ def test_two_rounds_of_online_rlaif(sl_run):
     assert s["rounds"][1]["labels"]["answers_generated"] == 16
     assert s["rounds"][1]["pm"]["counts"]["comparisons"] == 16
     assert (rl / "round-2" / "policy" / "model.safetensors").exists()
+    metrics = [json.loads(x) for x in (root / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("rl/ppo/ptx_loss", 0) > 0 for m in metrics)
 
 
 def test_dpo_stage(sl_run):

@@ -293,6 +293,11 @@ def test_partly_written_batch_is_replayed_whole(tmp_path):
     assert stats.generated == 2 and stats.reused == 5
     again = [json.loads(x) for x in (tmp_path / "steps.jsonl").read_text().splitlines()]
     assert without_timing(again) == without_timing([json.loads(x) for x in lines])  # same records, same order
+    assert not list(plan_dir.glob("*.json"))
+    # killed after the last batch was stored but before the plan was removed: the next run removes it
+    (plan_dir / f"answers-{wave_id}.json").write_text("[]")
+    stats, _ = run_wave(reqs, store, generation(backend, sampling), plan_dir, 3, "answers", ident, progress=False)
+    assert stats.generated == 0 and not list(plan_dir.glob("*.json"))
 
 
 def test_sft_data_all_rounds_and_no_few_shot(tmp_path, constitution):

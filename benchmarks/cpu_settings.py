@@ -60,7 +60,9 @@ def main() -> None:
         torch.set_flush_denormal(v["flush"])
         if v["dtype"] not in models:
             models[v["dtype"]] = load_causal_lm(ref, v["dtype"], "cpu")
-        results[name] = measure(models[v["dtype"]], args.batch, args.prompt_len, args.tokens)
+        # best of 3: the first call at a new shape also pays for kernel selection, which is not what we compare
+        runs = [measure(models[v["dtype"]], args.batch, args.prompt_len, args.tokens) for _ in range(3)]
+        results[name] = (max(r[0] for r in runs), max(r[1] for r in runs))
     base = results["chosen"]
     print(f"{'setting':<20} {'prefill tok/s':>14} {'decode tok/s':>13} {'prefill x':>10} {'decode x':>9}")
     for name, (p, d) in results.items():

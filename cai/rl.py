@@ -271,10 +271,11 @@ def print_rl_summary(summary: dict) -> None:
                 for b in calibration))
         rl = r.get("rl")
         if rl:
-            first = rl.get("first_reward", rl.get("reward_first"))
-            last = rl.get("last_reward", rl.get("reward_last"))
-            print(f"    {summary['algorithm']}: {rl.get('steps')} steps, reward {first} -> {last}, "
-                  f"KL {rl.get('last_kl', '-')}{' (reused)' if rl.get('reused') else ''}")
+            first = rl.get("first_reward_mean", rl.get("first_reward"))  # PPO's keys, then TRL's
+            last = rl.get("last_reward_mean", rl.get("last_reward"))
+            fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+            print(f"    {summary['algorithm']}: {rl.get('steps')} steps, reward {fmt(first)} -> {fmt(last)}, "
+                  f"KL {fmt(rl.get('last_kl'))}{' (reused)' if rl.get('reused') else ''}")
     print(f"run: {summary['run']}  total {summary['seconds']} s\n")
 
 

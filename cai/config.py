@@ -138,6 +138,8 @@ class PPOConfig:
     clip_range: float = F(0.2, "PPO ratio clip epsilon")
     clip_range_value: float = F(0.2, "value clip epsilon")
     vf_coef: float = F(0.1, "weight of the value loss")
+    value_init: str = F("pm", "pm: value model initialised from the PM (InstructGPT) | policy: the policy's "
+                              "backbone with a zero value head")
     whiten_advantages: bool = F(True, "normalize advantages over the rollout batch")
     whiten_rewards: bool = F(False, "scale per-token rewards to unit variance before GAE")
     missing_eos_penalty: Optional[float] = F(None, "subtracted from the score of an answer cut off without EOS")

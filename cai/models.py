@@ -225,4 +225,4 @@ def load_causal_lm(ref: ModelRef, dtype: str = "auto", device: str = "auto", tru
     device = pick_device(device)
     model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=pick_dtype(dtype, device),
                                                  trust_remote_code=trust_remote_code)
-    return model.to(device).eval()
+    return model.to(device).train(False)

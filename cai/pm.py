@@ -300,7 +300,7 @@ def load_pm(path: str | Path, device: str = "auto", dtype: str = "auto"):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
+    return model.to(device).train(False), tokenizer
 
 
 def score_answers(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 16) -> list[float]:
@@ -314,7 +314,7 @@ def score_answers(model, tokenizer, prompts: list[str], answers: list[str], batc
     device = next(model.parameters()).device
     out = [0.0] * len(rows)
     was_training = model.training
-    model.eval()
+    model.train(False)
     try:
         with torch.inference_mode():
             for s in range(0, len(order), batch_size):

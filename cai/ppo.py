@@ -281,7 +281,7 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
     pad_id = tokenizer.pad_token_id
     policy_model = AutoModelForCausalLM.from_pretrained(policy.path, dtype=torch.float32)
     # the KL anchor: the SL-CAI model, also when later rounds start from an RL policy
-    reference = AutoModelForCausalLM.from_pretrained((reference or policy).path, dtype=torch.float32).to(device).eval()
+    reference = AutoModelForCausalLM.from_pretrained((reference or policy).path, dtype=torch.float32).to(device).train(False)
     reference.requires_grad_(False)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected when starting from the policy

@@ -41,7 +41,9 @@ class FeedbackConfig:
 
 
 @dataclass
-class RLConfig:
+class PairStageConfig:
+    """Settings shared by the stages that sample answer pairs and label them (rl, dpo)."""
+
     stage: str = F("rl", "which stage this config is for")
     run: str = F("default", "run name: outputs go to <runs_dir>/<run>/")
     runs_dir: str = F("runs", "where run directories live")
@@ -54,33 +56,24 @@ class RLConfig:
     helpful: PromptSource = F(PromptSource(path="prompts/sets/helpful_train.jsonl"), "helpful prompts")
     helpful_pairs: bool = F(True, "also sample and label pairs for the helpful prompts")
     feedback: FeedbackConfig = F(FeedbackConfig(), "AI feedback labeling")
+    report_to: str = F("none", "none | tensorboard (metrics also go to <run>/tensorboard/)")
+    progress: bool = F(True, "show progress bars")
+
+
+@dataclass
+class RLConfig(PairStageConfig):
     pm: PMConfig = F(PMConfig(), "preference model training")
     algorithm: str = F("ppo", "ppo | rloo | grpo | none (stop after the PM)")
     ppo: PPOConfig = F(PPOConfig(), "PPO settings (algorithm=ppo)")
     rloo: GroupRLConfig = F(GroupRLConfig(), "RLOO settings (algorithm=rloo)")
     grpo: GroupRLConfig = F(GroupRLConfig(), "GRPO settings (algorithm=grpo)")
     rounds: int = F(1, "online RLAIF rounds: sample from the current policy, label, retrain the PM, RL again")
-    report_to: str = F("none", "none | tensorboard (metrics also go to <run>/tensorboard/)")
-    progress: bool = F(True, "show progress bars")
 
 
 @dataclass
-class DPOStageConfig:
+class DPOStageConfig(PairStageConfig):
     stage: str = F("dpo", "which stage this config is for")
-    run: str = F("default", "run name: outputs go to <runs_dir>/<run>/")
-    runs_dir: str = F("runs", "where run directories live")
-    seed: int = F(0, "seed for pair sampling, principle choice and training")
-    constitution: str = F("constitutions/default.yaml", "constitution file (its feedback principles are used)")
-    policy: ModelConfig = F(ModelConfig(model="sl"), "starting policy: 'sl' = this run's SL-CAI model, or a model")
-    pair_sampling: SamplingConfig = F(SamplingConfig(max_new_tokens=64, temperature=1.0, top_p=1.0),
-                                      "sampling of the two answers per prompt")
-    red_team: PromptSource = F(PromptSource(path="prompts/sets/red_team_train.jsonl"), "red-team prompts")
-    helpful: PromptSource = F(PromptSource(path="prompts/sets/helpful_train.jsonl"), "helpful prompts")
-    helpful_pairs: bool = F(True, "also sample and label pairs for the helpful prompts")
-    feedback: FeedbackConfig = F(FeedbackConfig(), "AI feedback labeling")
     dpo: DPOConfig = F(DPOConfig(), "DPO training")
-    report_to: str = F("none", "none | tensorboard (metrics also go to <run>/tensorboard/)")
-    progress: bool = F(True, "show progress bars")
 
 
 def _policy_ref(cfg, run_dir: Path):
@@ -184,6 +177,8 @@ def run_rl(cfg) -> dict:
 
     if cfg.algorithm not in ("ppo", "rloo", "grpo", "none"):
         raise CaiError(f"algorithm={cfg.algorithm}: expected ppo, rloo, grpo or none")
+    if cfg.ppo.value_init not in ("pm", "policy"):
+        raise CaiError(f"ppo.value_init={cfg.ppo.value_init}: expected pm or policy")
     if cfg.rounds < 1:
         raise CaiError(f"rounds={cfg.rounds}: expected 1 or more")
     constitution, prompts, settings = _inputs(cfg)
@@ -231,7 +226,8 @@ def run_rl(cfg) -> dict:
                 texts = [p.prompt for p in prompts]
                 if cfg.algorithm == "ppo":
                     rl_summary = run_ppo(policy, score, texts, cfg.ppo, rdir, metrics,
-                                         value_init=resolve_model(str(rdir / "pm")), reference=sl_ref,
+                                         value_init=resolve_model(str(rdir / "pm")) if cfg.ppo.value_init == "pm" else None,
+                                         reference=sl_ref,
                                          sft_examples=_sft_examples(run_dir) if cfg.ppo.ptx_coef > 0 else None,
                                          progress=cfg.progress)
                 else:

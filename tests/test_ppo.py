@@ -228,3 +228,41 @@ def test_bad_config_fails_before_loading_models(tmp_path):
         run(tmp_path, small_cfg(kl_estimator="k9"))
     with pytest.raises(CaiError, match="ptx_coef > 0 needs sft_examples"):
         run(tmp_path, small_cfg(ptx_coef=0.1))
+
+
+def test_ppo_against_a_trained_preference_model(tmp_path):
+    """The real chain: a tiny PM learns from soft labels that newline-heavy answers are better, then PPO raises
+    the PM's score of the policy's answers, with bounded KL.
+
+    The value model starts from the policy with a zero head (ppo.value_init=policy). With the value model
+    initialised from this toy PM instead, the score did not rise within 20 steps (seen: 0.38 -> 0.29), since
+    the PM head read at every answer token gives values far from the returns; zero-head: 0.38 -> 0.92."""
+    from cai.config import PMConfig
+    from cai.pm import load_pm, score_answers, train_pm
+
+    words = ["the cat sat", "a dog ran far", "hello there friend", "blue sky today", "one two three"]
+    comps = [{"key": f"c{i}", "prompt": PROMPTS[i % len(PROMPTS)], "answer_a": "\n" * (2 + i % 6),
+              "answer_b": words[i % len(words)], "soft_label": 0.9} for i in range(40)]
+    for c in comps[::2]:  # half of them shown the other way round
+        c["answer_a"], c["answer_b"], c["soft_label"] = c["answer_b"], c["answer_a"], 0.1
+    pm_summary = train_pm(comps, resolve_model("tiny"), PMConfig(epochs=3, learning_rate=1e-3, batch_size=8,
+                                                                  eval_fraction=0.2, bf16="false"),
+                          0, tmp_path / "pm", tmp_path / "ckpt", Metrics(tmp_path / "pm.jsonl", "rl"), "pm-key",
+                          progress=False)
+    assert pm_summary["heldout"]["accuracy"] >= 0.8
+    pm, tok = load_pm(tmp_path / "pm", dtype="float32")
+
+    def pm_score(prompts, answers):
+        return score_answers(pm, tok, prompts, answers)
+
+    cfg = PPOConfig(steps=20, rollout_batch_size=8, mini_batch_size=8, ppo_epochs=2, max_new_tokens=TOKENS,
+                    temperature=0.1, learning_rate=2e-4, value_learning_rate=2e-4, init_kl_coef=0.05,
+                    sample_every=0, save_every=20, seed=0)
+    run(tmp_path / "ppo", cfg, reward_fn=pm_score)
+    steps = step_records(tmp_path / "ppo")
+    score = [r["rl/ppo/score_mean"] for r in steps]
+    kl = [r["rl/ppo/kl"] for r in steps]
+    spread = max(score) - min(score)
+    assert sum(score[-5:]) / 5 > sum(score[:5]) / 5 + 0.25 * spread, score
+    # KL bound: beta * KL can exceed the score gain only if the policy gets worse, so KL <= range / beta
+    assert all(abs(k) <= spread / cfg.init_kl_coef for k in kl), (kl, spread)

@@ -102,3 +102,61 @@ def test_dpo_pairs_drop_near_half():
     comps = [{"prompt": "q", "answer_a": "x", "answer_b": "y", "soft_label": p} for p in (0.9, 0.55, 0.2, 0.5)]
     pairs = preference_pairs(comps, margin=0.1)
     assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs] == [("x", "y"), ("y", "x")]
+
+
+def test_killed_rl_run_resumes_labels_and_ppo(sl_run):
+    """SIGKILL during labeling and during PPO; the rerun reuses what was stored, resumes PPO from its checkpoint,
+    and ends with exactly the comparisons of an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import ROOT
+
+    root, const = sl_run
+    policy = f"policy.model={root / 'runs' / 'r' / 'sl' / 'model'}"
+    over = {"ppo.steps": 4, "red_team.limit": 8}
+    main(rl_args(root, const, run="ref", **over) + [policy])
+    args = rl_args(root, const, run="killed", **over) + [policy]
+    rl = root / "runs" / "killed" / "rl"
+
+    def run_until(condition):
+        proc = subprocess.Popen([sys.executable, "-m", "cai.pipeline", *args], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 240
+        while proc.poll() is None and time.time() < deadline:
+            if condition():
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        return proc.wait()
+
+    steps = rl / "steps.jsonl"
+    # 20 answers, then 40 scores: kill in the middle of the labels
+    assert run_until(lambda: steps.exists() and steps.read_bytes().count(b"\n") >= 26) == -signal.SIGKILL
+    assert run_until(lambda: list((rl / "round-1" / "checkpoints").glob("step-2"))) == -signal.SIGKILL
+    main(args)
+    s = json.loads((rl / "summary.json").read_text())
+    labels, ppo = s["rounds"][0]["labels"], s["rounds"][0]["rl"]
+    assert labels["answers_generated"] == 0 and labels["scores_computed"] == 0  # all stored before the PPO kill
+    assert ppo["resumed_from"] and ppo["resumed_from"].endswith("step-2") and ppo["steps_run"] == 2
+    keys = [json.loads(x)["key"] for x in steps.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 20 + 40
+    ref = (root / "runs" / "ref" / "rl" / "comparisons.jsonl").read_text()
+    assert (rl / "comparisons.jsonl").read_text() == ref
+
+
+@pytest.mark.slow
+def test_rl_on_the_bundled_model(tmp_path):
+    """stage=rl with SmolLM2 as policy and labeler, one PPO step: the real-model path end to end."""
+    main(["stage=rl", "run=slow", f"runs_dir={tmp_path}", "policy.model=smollm2-135m", "red_team.limit=4",
+          "helpful.limit=2", "pair_sampling.max_new_tokens=16", "feedback.principles_per_pair=2", "pm.batch_size=4",
+          "pm.eval_fraction=0.34", "ppo.steps=1", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=2",
+          "ppo.ppo_epochs=1", "ppo.max_new_tokens=8", "progress=false"])
+    s = json.loads((tmp_path / "slow" / "rl" / "summary.json").read_text())
+    r = s["rounds"][0]
+    assert r["labels"]["pairs"] == 6 and r["rl"]["steps"] == 1
+    comps = [json.loads(x) for x in (tmp_path / "slow" / "rl" / "comparisons.jsonl").read_text().splitlines()]
+    # a real labeler puts nearly all its mass on the two letters: each order's P(A) is a real probability
+    assert all(0.0 < p["p_a_first"] < 1.0 for c in comps for p in c["principles"])

@@ -132,7 +132,7 @@ def tiny_dir(seed: int = 0) -> Path:
 def _dir_identity(path: Path) -> str:
     """Hash of a local model directory's weights and tokenizer files (cached beside them by size+mtime)."""
     files = sorted(p for p in path.iterdir() if p.is_file() and (p.suffix in {".safetensors", ".json", ".jinja", ".model", ".txt"})
-                   and p.name not in {"cai_identity.json", "README.md"})
+                   and p.name not in {"cai_identity.json", "cai_train.json", "README.md"})
     stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]  # ns: a same-second edit counts
     side = path / "cai_identity.json"
     try:
@@ -189,7 +189,7 @@ def pick_dtype(dtype: str, device: str):
 
     if dtype == "auto":
         if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return torch.bfloat16 if cpu_supports_bf16() else torch.float32
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}

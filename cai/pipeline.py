@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,8 +26,15 @@ def run_dir_for(cfg) -> Path:
 
 
 def snapshot_constitution(run_dir: Path, constitution) -> None:
-    shutil.copyfile(constitution.path, run_dir / ".constitution.tmp")
-    (run_dir / ".constitution.tmp").replace(run_dir / "constitution.yaml")
+    """Copy the constitution into the run, exactly the bytes that were loaded (checked by hash)."""
+    import hashlib
+
+    from cai.paths import resolve_path
+
+    data = resolve_path(constitution.path).read_bytes()
+    if hashlib.sha256(data).hexdigest() != constitution.sha:
+        raise CaiError(f"{constitution.path}: changed while the stage was starting; run it again")
+    write_atomic(run_dir / "constitution.yaml", data.decode("utf-8"))
     write_atomic(run_dir / "constitution.sha256", constitution.sha + "\n")
 
 
@@ -40,7 +46,7 @@ def table(rows: list[tuple], header: tuple) -> str:
 
 
 def run_sl(cfg) -> dict:
-    from cai.backends import Sampling, make_backend
+    from cai.backends import make_backend, sampling_from_config
     from cai.constitution import load_constitution
     from cai.critique import ChainSettings, generate_chains, sft_examples
     from cai.models import resolve_model
@@ -53,6 +59,9 @@ def run_sl(cfg) -> dict:
         raise CaiError(f"critique.rounds={cfg.critique.rounds}: expected 0 or more")
     if cfg.sft.data not in ("final", "all"):
         raise CaiError(f"sft.data={cfg.sft.data}: expected final or all")
+    if cfg.critique.few_shot < 0:
+        raise CaiError(f"critique.few_shot={cfg.critique.few_shot}: expected 0 or more")
+    sampling = sampling_from_config(cfg.sampling, "sampling")
     # read and check every input before anything is written
     constitution = load_constitution(cfg.constitution)
     red_team = load_prompts(cfg.red_team)
@@ -76,8 +85,6 @@ def run_sl(cfg) -> dict:
                                trust_remote_code=cfg.generator.trust_remote_code)
         if hasattr(backend, "progress"):
             backend.progress = False  # the stage shows one bar per wave instead
-        sampling = Sampling(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
-                            top_p=cfg.sampling.top_p, top_k=cfg.sampling.top_k)
         settings = ChainSettings(seed=cfg.seed, rounds=cfg.critique.rounds, critique_template=crit_t,
                                  revision_template=rev_t, few_shot=few_shot, sampling=sampling,
                                  model_identity=backend.identity)
@@ -86,6 +93,9 @@ def run_sl(cfg) -> dict:
                                  cfg.generator.batch_size, progress=cfg.progress)
         write_jsonl_atomic(sl_dir / "chains.jsonl", result.chains)
         examples = sft_examples(result.chains, result.helpful, cfg.sft.data)
+        if cfg.train and not examples:
+            raise CaiError("no SFT example: every revision and helpful answer is empty (or there are no prompts); "
+                           "the generated records are kept in sl/steps.jsonl")
         write_jsonl_atomic(sl_dir / "sft.jsonl", examples)
         gen_seconds = time.time() - started
         totals = {k: sum(getattr(w, k) for w in result.waves.values())

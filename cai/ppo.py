@@ -207,7 +207,7 @@ def _last_checkpoint(root: Path) -> Path | None:
 
 def _use_bf16(setting: str, device: torch.device) -> bool:
     if str(setting) == "auto":
-        return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16()
+        return torch.cuda.is_bf16_supported(including_emulation=False) if device.type == "cuda" else cpu_supports_bf16()
     if str(setting) in ("true", "True"):
         return True
     if str(setting) in ("false", "False"):
@@ -222,6 +222,10 @@ def _check_config(cfg: PPOConfig, n_prompts: int) -> None:
             problems.append(f"ppo.{name}={getattr(cfg, name)}: expected >= 1")
     if cfg.temperature <= 0:
         problems.append(f"ppo.temperature={cfg.temperature}: expected > 0 (PPO needs a sampling policy)")
+    if cfg.adaptive_kl and cfg.kl_target <= 0:
+        problems.append(f"ppo.kl_target={cfg.kl_target}: expected > 0 with adaptive_kl")
+    if not 0 < cfg.top_p <= 1:
+        problems.append(f"ppo.top_p={cfg.top_p}: expected 0 < top_p <= 1")
     if cfg.kl_estimator not in ("k1", "k3", "mse", "abs"):
         problems.append(f"ppo.kl_estimator={cfg.kl_estimator!r}: expected one of k1, k3, mse, abs")
     if n_prompts == 0:
@@ -413,12 +417,12 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
             check_finite("reward_fn scores", raw_scores)
             scores = apply_missing_eos_penalty(raw_scores, has_eos, cfg.missing_eos_penalty)
             rewards, kl = rewards_with_kl(scores, logprobs, ref_logprobs, mask, kl_ctl.value, cfg.kl_estimator)
-            if cfg.whiten_rewards:
+            if cfg.whiten_rewards and mask.sum() >= 2:  # whitening needs two tokens (a batch of one 1-token answer)
                 rewards = masked_whiten(rewards, mask, shift_mean=False)
 
             # -- 4. advantages -------------------------------------------------------------------------------
             advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-            if cfg.whiten_advantages:
+            if cfg.whiten_advantages and mask.sum() >= 2:
                 advantages = masked_whiten(advantages, mask)
             check_finite("advantages", advantages)
 

@@ -102,14 +102,19 @@ def _inputs(cfg):
     """Read and check every input before anything is written."""
     from cai.constitution import load_constitution
     from cai.feedback import LabelSettings
+    from cai.backends import Sampling, sampling_from_config
     from cai.prompts import load_prompts
-    from cai.backends import Sampling
     from cai.templates import load_template
 
     if cfg.feedback.source != "ai":
         raise CaiError(f"feedback.source={cfg.feedback.source}: only 'ai' is available so far")
     constitution = load_constitution(cfg.constitution)
     prompts = load_prompts(cfg.red_team) + (load_prompts(cfg.helpful) if cfg.helpful_pairs else [])
+    unique = {p.prompt: p for p in reversed(prompts)}  # the same text twice would give the same pair twice
+    prompts = [p for p in prompts if unique[p.prompt] is p]
+    if not prompts:
+        raise CaiError("no prompts to sample pairs for (red_team and helpful are empty)")
+    sampling_from_config(cfg.pair_sampling, "pair_sampling")
     f = cfg.feedback
     settings = LabelSettings(
         seed=cfg.seed, principles_per_pair=f.principles_per_pair,
@@ -117,6 +122,8 @@ def _inputs(cfg):
         cot=f.cot, cot_template=load_template(f.cot_template), cot_answer=load_template(f.cot_answer_template),
         cot_sampling=Sampling(max_new_tokens=f.cot_max_new_tokens, temperature=0.0),
         cot_clamp=(f.cot_clamp_low, f.cot_clamp_high))
+    if f.principles_per_pair < 1:
+        raise CaiError(f"feedback.principles_per_pair={f.principles_per_pair}: expected 1 or more")
     if f.principles_per_pair > len(constitution.feedback):
         raise CaiError(f"feedback.principles_per_pair={f.principles_per_pair}: {cfg.constitution} has only "
                        f"{len(constitution.feedback)} feedback principles")
@@ -136,11 +143,10 @@ def _backend(model_cfg: ModelConfig, model: str):
 def sample_and_label(cfg, policy_path: str, prompts, constitution, settings, store: JsonlStore, plan_dir: Path,
                      label: str) -> tuple[list[dict], dict, dict]:
     """Pairs from the policy, AI labels, diagnostics. Returns (comparisons, diagnostics, counts)."""
-    from cai.backends import Sampling
+    from cai.backends import sampling_from_config
     from cai.feedback import label_diagnostics, label_pairs, sample_pairs
 
-    s = cfg.pair_sampling
-    sampling = Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+    sampling = sampling_from_config(cfg.pair_sampling, "pair_sampling")
     policy_backend = _backend(cfg.policy, policy_path)
     pairs, pair_stats = sample_pairs(prompts, policy_backend, sampling, cfg.seed, store, plan_dir,
                                      cfg.policy.batch_size, cfg.progress, label=f"{label} pairs")
@@ -172,7 +178,6 @@ def print_diagnostics(title: str, diag: dict, counts: dict) -> None:
 def run_rl(cfg) -> dict:
     from cai.models import resolve_model
     from cai.pm import load_pm, pm_training_key, score_answers, train_pm
-    from cai.ppo import run_ppo
     from cai.training import trained_model_matches
 
     if cfg.algorithm not in ("ppo", "rloo", "grpo", "none"):
@@ -181,6 +186,9 @@ def run_rl(cfg) -> dict:
         raise CaiError(f"ppo.value_init={cfg.ppo.value_init}: expected pm or policy")
     if cfg.rounds < 1:
         raise CaiError(f"rounds={cfg.rounds}: expected 1 or more")
+    if cfg.rounds > 1 and cfg.algorithm == "none":
+        raise CaiError(f"rounds={cfg.rounds} with algorithm=none: later rounds would sample from the same policy "
+                       "and repeat round 1; set an algorithm or rounds=1")
     constitution, prompts, settings = _inputs(cfg)
     from cai.pipeline import run_dir_for, snapshot_constitution
 
@@ -225,11 +233,7 @@ def run_rl(cfg) -> dict:
 
                 texts = [p.prompt for p in prompts]
                 if cfg.algorithm == "ppo":
-                    rl_summary = run_ppo(policy, score, texts, cfg.ppo, rdir, metrics,
-                                         value_init=resolve_model(str(rdir / "pm")) if cfg.ppo.value_init == "pm" else None,
-                                         reference=sl_ref,
-                                         sft_examples=_sft_examples(run_dir) if cfg.ppo.ptx_coef > 0 else None,
-                                         progress=cfg.progress)
+                    rl_summary = _ppo_round(cfg, policy, sl_ref, pm_key, score, texts, rdir, run_dir, metrics)
                 else:
                     from cai.config import stable_hash
                     from cai.online import train_group_rl
@@ -251,6 +255,31 @@ def run_rl(cfg) -> dict:
         write_atomic(rl_dir / "summary.json", json.dumps(summary, indent=1, default=str))
         print_rl_summary(summary)
         return summary
+
+
+def _ppo_round(cfg, policy, sl_ref, pm_key: str, score, texts: list[str], rdir: Path, run_dir: Path, metrics) -> dict:
+    """PPO keyed like every trained model: same inputs -> reuse rdir/policy; else train in rdir/ppo/<key>/
+    (checkpoints there, so a killed run resumes only the same job) and swap the policy into place."""
+    import shutil
+
+    from cai.config import stable_hash
+    from cai.models import resolve_model
+    from cai.ppo import run_ppo
+    from cai.training import TRAIN_INFO, swap_into_place, trained_model_matches
+
+    ptx = _sft_examples(run_dir) if cfg.ppo.ptx_coef > 0 else None
+    key = stable_hash(["ppo", policy.identity, sl_ref.identity, pm_key, config_dict(cfg.ppo), texts, ptx])
+    if trained_model_matches(rdir / "policy", key):
+        return {**json.loads((rdir / "policy" / TRAIN_INFO).read_text()), "reused": True}
+    work = rdir / "ppo" / key
+    summary = run_ppo(policy, score, texts, cfg.ppo, work, metrics,
+                      value_init=resolve_model(str(rdir / "pm")) if cfg.ppo.value_init == "pm" else None,
+                      reference=sl_ref, sft_examples=ptx, progress=cfg.progress)
+    summary = {**summary, "key": key}
+    write_atomic(work / "policy" / TRAIN_INFO, json.dumps(summary, indent=1, default=str))
+    swap_into_place(work / "policy", rdir / "policy")
+    shutil.rmtree(rdir / "ppo", ignore_errors=True)  # the policy is in place: its checkpoints are done with
+    return summary
 
 
 def print_rl_summary(summary: dict) -> None:

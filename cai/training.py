@@ -35,7 +35,7 @@ def use_bf16(setting: str, device: str) -> bool:
     if str(setting) == "auto":
         import torch
 
-        return torch.cuda.is_bf16_supported() if device.startswith("cuda") else cpu_supports_bf16()
+        return torch.cuda.is_bf16_supported(including_emulation=False) if device.startswith("cuda") else cpu_supports_bf16()
     return str(setting).lower() == "true"
 
 
@@ -92,11 +92,16 @@ def save_trained(model, tokenizer, out_dir: Path, card: str, summary: dict, ckpt
     tokenizer.save_pretrained(tmp)
     (tmp / "README.md").write_text(card)
     write_atomic(tmp / TRAIN_INFO, json.dumps(summary, indent=1))
+    swap_into_place(tmp, out_dir)
+    if ckpt_dir is not None:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """Replace out_dir by the finished directory tmp (a killed swap leaves the old or the new one, or .old)."""
     old = out_dir.with_name(out_dir.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():
         out_dir.rename(old)
     tmp.rename(out_dir)
     shutil.rmtree(old, ignore_errors=True)
-    if ckpt_dir is not None:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)

@@ -54,6 +54,12 @@ def test_rl_stage_with_ppo_then_reuse(sl_run):
     labels = s["rounds"][0]["labels"]
     assert labels["answers_generated"] == 0 and labels["scores_computed"] == 0
     assert s["rounds"][0]["pm"].get("reused") is True
+    assert s["rounds"][0]["rl"].get("reused") is True  # the PPO policy is keyed too
+
+    # a different PPO setting trains a new policy (nothing stale is republished)
+    main(rl_args(root, const, **{"ppo.learning_rate": 2e-5}))
+    s = json.loads((rl / "summary.json").read_text())
+    assert not s["rounds"][0]["rl"].get("reused") and s["rounds"][0]["rl"]["steps_run"] == 2
 
 
 @pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
@@ -88,6 +94,17 @@ def test_dpo_stage(sl_run):
     s = json.loads((root / "runs" / "r" / "rl" / "dpo" / "summary.json").read_text())
     assert s["dpo"]["pairs"] == 8 and s["dpo"]["steps"] == 2
     assert (root / "runs" / "r" / "rl" / "dpo" / "policy" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("override", ["feedback.principles_per_pair=0", "pair_sampling.top_p=0", "rounds=0",
+                                      "algorithm=none rounds=2", "red_team.limit=0", "ppo.value_init=pmx"])
+def test_bad_rl_settings_exit_2_before_any_work(sl_run, override, capsys):
+    root, const = sl_run
+    with pytest.raises(SystemExit) as e:
+        main(rl_args(root, const, run="bad") + override.split())
+    assert e.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (root / "runs" / "bad" / "rl" / "steps.jsonl").exists()
 
 
 def test_rl_needs_an_sl_model(tmp_path):
@@ -135,7 +152,7 @@ def test_killed_rl_run_resumes_labels_and_ppo(sl_run):
     steps = rl / "steps.jsonl"
     # 20 answers, then 40 scores: kill in the middle of the labels
     assert run_until(lambda: steps.exists() and steps.read_bytes().count(b"\n") >= 26) == -signal.SIGKILL
-    assert run_until(lambda: list((rl / "round-1" / "checkpoints").glob("step-2"))) == -signal.SIGKILL
+    assert run_until(lambda: list((rl / "round-1" / "ppo").glob("*/checkpoints/step-2"))) == -signal.SIGKILL
     main(args)
     s = json.loads((rl / "summary.json").read_text())
     labels, ppo = s["rounds"][0]["labels"], s["rounds"][0]["rl"]

@@ -311,3 +311,22 @@ def test_sft_data_all_rounds_and_no_few_shot(tmp_path, constitution):
     assert sft["source"].count("revision") == len(revisions)
     assert sft["source"].count("helpful") == 3
     assert sorted(set(sft["round"])) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("override", ["sampling.top_p=0", "sampling.temperature=-1", "red_team.limit=0",
+                                      "critique.few_shot=-1", "critique.rounds=-1"])
+def test_bad_sl_settings_exit_2_before_any_work(tmp_path, constitution, override, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(sl_args(tmp_path, constitution) + [override])
+    assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_runs_from_another_directory_with_bundled_files(tmp_path, monkeypatch):
+    """Bundled constitution/prompt/template paths resolve against the project from any working directory."""
+    monkeypatch.chdir(tmp_path)
+    main(["stage=sl", "run=elsewhere", "generator.model=tiny", "red_team.limit=1", "critique.rounds=0",
+          "sampling.max_new_tokens=4", "train=false", "progress=false"])
+    run = tmp_path / "runs" / "elsewhere"
+    assert (run / "constitution.yaml").read_bytes() == (ROOT / "constitutions" / "default.yaml").read_bytes()
+    assert len(read_jsonl(run / "sl" / "chains.jsonl")) == 1

@@ -36,6 +36,25 @@ class Sampling:
         return d
 
 
+def sampling_from_config(section, name: str) -> Sampling:
+    """A Sampling from a config section (max_new_tokens, temperature, top_p, top_k), checked, errors naming the key."""
+    from cai.errors import CaiError
+
+    problems = []
+    if section.max_new_tokens < 1:
+        problems.append(f"{name}.max_new_tokens={section.max_new_tokens}: expected >= 1")
+    if section.temperature < 0:
+        problems.append(f"{name}.temperature={section.temperature}: expected >= 0 (0 = greedy)")
+    if not 0 < section.top_p <= 1:
+        problems.append(f"{name}.top_p={section.top_p}: expected 0 < top_p <= 1")
+    if section.top_k < 0:
+        problems.append(f"{name}.top_k={section.top_k}: expected >= 0 (0 = off)")
+    if problems:
+        raise CaiError("; ".join(problems))
+    return Sampling(max_new_tokens=section.max_new_tokens, temperature=section.temperature, top_p=section.top_p,
+                    top_k=section.top_k)
+
+
 @dataclass(frozen=True)
 class Completion:
     text: str

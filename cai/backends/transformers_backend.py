@@ -55,10 +55,11 @@ class TransformersBackend:
                  trust_remote_code: bool = False, model=None, tokenizer=None, progress: bool = True):
         configure_cpu_threads()
         self.ref = ref
-        self.identity = ref.identity
         self.tokenizer = tokenizer or load_tokenizer(ref, trust_remote_code)
         self.model = model if model is not None else load_causal_lm(ref, dtype, device, trust_remote_code)
         self.device = next(self.model.parameters()).device
+        # bf16 and fp32 runs of the same weights give different texts and scores: the dtype is part of the key
+        self.identity = f"{ref.identity}:{str(next(self.model.parameters()).dtype).removeprefix('torch.')}"
         self.batch_size = batch_size
         self.progress = progress
         eos = self.model.generation_config.eos_token_id

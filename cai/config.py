@@ -31,11 +31,16 @@ def F(default, help: str):  # noqa: A002 - a field with help text
 @dataclass
 class ModelConfig:
     model: str = F("smollm2-135m", "preset (smollm2-135m, tiny), local model dir, or hub id (online only)")
-    backend: str = F("transformers", "transformers | fake (control-flow tests only)")
+    backend: str = F("transformers", "transformers | openai (an OpenAI-compatible server) | fake (control-flow tests)")
     dtype: str = F("auto", "auto (bf16 where the CPU/GPU has it, else fp32) | float32 | bfloat16 | float16")
     device: str = F("auto", "auto | cpu | cuda | cuda:N")
     batch_size: int = F(16, "requests per forward batch (length-bucketed)")
     trust_remote_code: bool = F(False, "allow model repos to run their own Python code (off unless you trust it)")
+    base_url: str = F("", "backend=openai: server address, e.g. http://127.0.0.1:8000 (model = served model name)")
+    api_key_env: str = F("OPENAI_API_KEY", "backend=openai: environment variable holding the API key (never saved)")
+    tokenizer: str = F("", "backend=openai: local model dir or preset with the served model's chat template "
+                           "(needed for option scoring)")
+    concurrency: int = F(8, "backend=openai: requests in flight at most")
 
 
 @dataclass

@@ -25,6 +25,12 @@ def run_dir_for(cfg) -> Path:
     return Path(cfg.runs_dir).expanduser() / cfg.run
 
 
+def backend_options(m) -> dict:
+    """make_backend keyword arguments from a ModelConfig section."""
+    return dict(dtype=m.dtype, device=m.device, batch_size=m.batch_size, trust_remote_code=m.trust_remote_code,
+                base_url=m.base_url, tokenizer=m.tokenizer, api_key_env=m.api_key_env, concurrency=m.concurrency)
+
+
 def snapshot_constitution(run_dir: Path, constitution) -> None:
     """Copy the constitution into the run, exactly the bytes that were loaded (checked by hash)."""
     import hashlib
@@ -80,9 +86,7 @@ def run_sl(cfg) -> dict:
         metrics = open_metrics(run_dir, "sl", cfg.report_to)
         started = time.time()
 
-        backend = make_backend(cfg.generator.backend, cfg.generator.model, dtype=cfg.generator.dtype,
-                               device=cfg.generator.device, batch_size=cfg.generator.batch_size,
-                               trust_remote_code=cfg.generator.trust_remote_code)
+        backend = make_backend(cfg.generator.backend, cfg.generator.model, **backend_options(cfg.generator))
         if hasattr(backend, "progress"):
             backend.progress = False  # the stage shows one bar per wave instead
         settings = ChainSettings(seed=cfg.seed, rounds=cfg.critique.rounds, critique_template=crit_t,

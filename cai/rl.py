@@ -133,8 +133,9 @@ def _inputs(cfg):
 def _backend(model_cfg: ModelConfig, model: str):
     from cai.backends import make_backend
 
-    b = make_backend(model_cfg.backend, model, dtype=model_cfg.dtype, device=model_cfg.device,
-                     batch_size=model_cfg.batch_size, trust_remote_code=model_cfg.trust_remote_code)
+    from cai.pipeline import backend_options
+
+    b = make_backend(model_cfg.backend, model, **backend_options(model_cfg))
     if hasattr(b, "progress"):
         b.progress = False
     return b

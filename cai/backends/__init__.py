@@ -8,7 +8,8 @@
 - `chat_prompt(conversation)`: the raw text the model sees for a conversation; a conversation whose last
   message is from the assistant is continued rather than answered (used to put words in the labeler's mouth).
 
-Implementations: `transformers` (default; CPU or GPU) and `fake` (control-flow tests only). Which one runs
+Implementations: `transformers` (default; CPU or GPU), `openai` (any OpenAI-compatible server: vLLM serve,
+llama.cpp server, TGI, `python -m cai.serve`, hosted APIs) and `fake` (control-flow tests only). Which one runs
 is an `if/elif` on a string from the config: no code is imported because a config named it.
 """
 
@@ -74,7 +75,8 @@ class Backend(Protocol):
 
 
 def make_backend(kind: str, model: str, *, dtype: str = "auto", device: str = "auto", batch_size: int = 16,
-                 trust_remote_code: bool = False) -> Backend:
+                 trust_remote_code: bool = False, base_url: str = "", tokenizer: str = "",
+                 api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8) -> Backend:
     from cai.errors import CaiError
 
     if kind == "transformers":
@@ -83,8 +85,15 @@ def make_backend(kind: str, model: str, *, dtype: str = "auto", device: str = "a
 
         return TransformersBackend(resolve_model(model), dtype=dtype, device=device, batch_size=batch_size,
                                    trust_remote_code=trust_remote_code)
+    elif kind == "openai":
+        from cai.backends.openai_backend import OpenAIBackend
+
+        if not base_url:
+            raise CaiError("backend=openai needs base_url (e.g. http://127.0.0.1:8000/v1 without the /v1)")
+        return OpenAIBackend(base_url, model, tokenizer=tokenizer or None, api_key_env=api_key_env,
+                             concurrency=concurrency)
     elif kind == "fake":
         from cai.backends.fake import FakeBackend
 
         return FakeBackend(model)
-    raise CaiError(f"backend={kind}: expected one of transformers, fake")
+    raise CaiError(f"backend={kind}: expected one of transformers, openai, fake")

@@ -98,6 +98,8 @@ class SLConfig:
     helpful: PromptSource = F(PromptSource(path="prompts/sets/helpful_train.jsonl"), "helpful prompts for the SFT mix")
     critique: CritiqueConfig = F(CritiqueConfig(), "critique/revision settings")
     sft: SFTConfig = F(SFTConfig(), "supervised fine-tuning of the SL-CAI model")
+    source: str = F("revisions", "SFT data: revisions (AI critique/revision) | human (demonstrations) | both")
+    human_demonstrations: str = F("", "JSONL/CSV of human-written answers (prompt, answer, annotator) for source=human|both")
     train: bool = F(True, "run SFT after generating the data (false: data only)")
     report_to: str = F("none", "none | tensorboard (metrics also go to <run>/tensorboard/)")
     progress: bool = F(True, "show progress bars")

@@ -67,11 +67,21 @@ def run_sl(cfg) -> dict:
         raise CaiError(f"sft.data={cfg.sft.data}: expected final or all")
     if cfg.critique.few_shot < 0:
         raise CaiError(f"critique.few_shot={cfg.critique.few_shot}: expected 0 or more")
+    if cfg.source not in ("revisions", "human", "both"):
+        raise CaiError(f"source={cfg.source}: expected revisions, human or both")
+    if cfg.source != "revisions" and not cfg.human_demonstrations:
+        raise CaiError(f"source={cfg.source} needs human_demonstrations=FILE (JSONL/CSV with prompt, answer)")
     sampling = sampling_from_config(cfg.sampling, "sampling")
     # read and check every input before anything is written
     constitution = load_constitution(cfg.constitution)
-    red_team = load_prompts(cfg.red_team)
-    helpful_all = load_prompts(cfg.helpful)
+    demonstrations = []
+    if cfg.source != "revisions":
+        from cai.human import load_demonstrations
+
+        demonstrations = load_demonstrations(cfg.human_demonstrations)
+    # source=human: the human answers are the SFT data, nothing is generated
+    red_team = load_prompts(cfg.red_team) if cfg.source != "human" else []
+    helpful_all = load_prompts(cfg.helpful) if cfg.source != "human" else []
     few_shot = load_few_shot(cfg.critique.few_shot_file, cfg.critique.few_shot)
     crit_t, rev_t = load_template(cfg.critique.critique_template), load_template(cfg.critique.revision_template)
     n_red_examples = len(red_team) * (max(cfg.critique.rounds, 1) if cfg.sft.data == "all" else 1)
@@ -96,7 +106,7 @@ def run_sl(cfg) -> dict:
         result = generate_chains(red_team, helpful, constitution, settings, backend, store, sl_dir / "plans",
                                  cfg.generator.batch_size, progress=cfg.progress)
         write_jsonl_atomic(sl_dir / "chains.jsonl", result.chains)
-        examples = sft_examples(result.chains, result.helpful, cfg.sft.data)
+        examples = sft_examples(result.chains, result.helpful, cfg.sft.data) + demonstrations
         if cfg.train and not examples:
             raise CaiError("no SFT example: every revision and helpful answer is empty (or there are no prompts); "
                            "the generated records are kept in sl/steps.jsonl")
@@ -121,7 +131,7 @@ def run_sl(cfg) -> dict:
             if trained_model_matches(model_dir, key):
                 train_summary = {**json.loads((model_dir / "cai_train.json").read_text()), "reused": True}
             else:
-                counts = {s: sum(e["source"] == s for e in examples) for s in ("revision", "helpful")}
+                counts = {s: sum(e["source"] == s for e in examples) for s in ("revision", "helpful", "human")}
                 card = model_card(cfg, constitution, counts, len(result.chains))
                 train_summary = train_sft(sl_dir / "sft.jsonl", base, cfg, model_dir, sl_dir / "checkpoints", metrics,
                                           card, key, device=cfg.generator.device, progress=cfg.progress)
@@ -146,7 +156,8 @@ def model_card(cfg, constitution, counts: dict, n_chains: int) -> str:
         "(Bai et al. 2022, Constitutional AI, section 3).", "",
         f"- constitution: `{constitution.name}` version {constitution.version}, sha256 `{constitution.sha}`",
         f"- red-team chains: {n_chains}, critique/revision rounds: {cfg.critique.rounds}",
-        f"- SFT examples: {counts['revision']} revisions ({cfg.sft.data}), {counts['helpful']} helpful answers",
+        f"- SFT examples: {counts['revision']} revisions ({cfg.sft.data}), {counts['helpful']} helpful answers, "
+        f"{counts['human']} human demonstrations",
         f"- seed: {cfg.seed}", "", "## Config", "", "```yaml", to_yaml(cfg).rstrip(), "```", "",
     ])
 

@@ -27,7 +27,11 @@ from cai.store import JsonlStore, RunLock, write_atomic, write_jsonl_atomic
 
 @dataclass
 class FeedbackConfig:
-    source: str = F("ai", "ai (human and mixed sources come with the human-feedback stage)")
+    source: str = F("ai", "ai: AI labels | human: imported human labels only | mixed: both, by mixed_rule")
+    human_labels: str = F("", "JSONL/CSV of human comparisons (prompt, answer_a, answer_b, choice|probability, annotator)")
+    human_rankings: str = F("", "JSONL of human rankings of K answers (prompt, ranking, annotator) -> K(K-1)/2 pairs")
+    mixed_rule: str = F("human_first", "source=mixed: human_first (human labels wherever present, AI elsewhere) | "
+                                       "by_category (human for helpful prompts, AI for red-team: the paper's hybrid)")
     labeler: ModelConfig = F(ModelConfig(), "the feedback model that compares answers")
     principles_per_pair: int = F(2, "feedback principles sampled per pair; their labels are averaged")
     conversation_template: str = F("prompts/templates/conversation.txt", "renders the conversation slot")
@@ -106,8 +110,8 @@ def _inputs(cfg):
     from cai.prompts import load_prompts
     from cai.templates import load_template
 
-    if cfg.feedback.source != "ai":
-        raise CaiError(f"feedback.source={cfg.feedback.source}: only 'ai' is available so far")
+    if cfg.feedback.source not in ("ai", "human", "mixed"):
+        raise CaiError(f"feedback.source={cfg.feedback.source}: expected ai, human or mixed")
     constitution = load_constitution(cfg.constitution)
     prompts = load_prompts(cfg.red_team) + (load_prompts(cfg.helpful) if cfg.helpful_pairs else [])
     unique = {p.prompt: p for p in reversed(prompts)}  # the same text twice would give the same pair twice
@@ -130,6 +134,17 @@ def _inputs(cfg):
     return constitution, prompts, settings
 
 
+def _human_comparisons(cfg) -> list[dict]:
+    """Imported human labels (comparisons and rankings); required for feedback.source=human|mixed."""
+    from cai.human import load_human_comparisons, load_human_rankings
+
+    f = cfg.feedback
+    if f.source != "ai" and not (f.human_labels or f.human_rankings):
+        raise CaiError(f"feedback.source={f.source} needs feedback.human_labels=FILE and/or feedback.human_rankings=FILE")
+    human = load_human_comparisons(f.human_labels) if f.human_labels else []
+    return human + (load_human_rankings(f.human_rankings) if f.human_rankings else [])
+
+
 def _backend(model_cfg: ModelConfig, model: str):
     from cai.backends import make_backend
 
@@ -142,7 +157,7 @@ def _backend(model_cfg: ModelConfig, model: str):
 
 
 def sample_and_label(cfg, policy_path: str, prompts, constitution, settings, store: JsonlStore, plan_dir: Path,
-                     label: str) -> tuple[list[dict], dict, dict]:
+                     label: str, human: list[dict] | None = None) -> tuple[list[dict], dict, dict]:
     """Pairs from the policy, AI labels, diagnostics. Returns (comparisons, diagnostics, counts)."""
     from cai.backends import sampling_from_config
     from cai.feedback import label_diagnostics, label_pairs, sample_pairs
@@ -158,7 +173,7 @@ def sample_and_label(cfg, policy_path: str, prompts, constitution, settings, sto
                                            cfg.feedback.labeler.batch_size, cfg.progress)
     label_seconds = time.time() - t0
     del labeler
-    diag = label_diagnostics(comparisons)
+    diag = label_diagnostics(comparisons, human)
     counts = {"pairs": len(pairs), "answers_generated": pair_stats.generated, "answers_reused": pair_stats.reused,
               "scores_computed": label_stats.generated, "scores_reused": label_stats.reused,
               "label_seconds": round(label_seconds, 1),
@@ -169,6 +184,10 @@ def sample_and_label(cfg, policy_path: str, prompts, constitution, settings, sto
 def print_diagnostics(title: str, diag: dict, counts: dict) -> None:
     fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
     print(f"\n{title}")
+    if diag.get("source") == "human":
+        print(f"  {diag['pairs']} human comparisons from {diag['annotators']} annotator(s), "
+              f"mean |p-0.5| {fmt(diag['mean_margin'])}")
+        return
     print(f"  pairs {counts['pairs']} (answers generated {counts['answers_generated']}, reused "
           f"{counts['answers_reused']}); scores computed {counts['scores_computed']}, reused {counts['scores_reused']}")
     print(f"  position consistency {fmt(diag['position_consistency'])}  mean |p-0.5| {fmt(diag['mean_margin'])}  "
@@ -191,6 +210,14 @@ def run_rl(cfg) -> dict:
         raise CaiError(f"rounds={cfg.rounds} with algorithm=none: later rounds would sample from the same policy "
                        "and repeat round 1; set an algorithm or rounds=1")
     constitution, prompts, settings = _inputs(cfg)
+    f = cfg.feedback
+    # with source=ai, human labels (when given) are only compared with the AI labels
+    human = _human_comparisons(cfg) if (f.source != "ai" or f.human_labels or f.human_rankings) else []
+    if cfg.feedback.source == "human" and cfg.rounds > 1:
+        raise CaiError(f"rounds={cfg.rounds} with feedback.source=human: imported labels do not change between "
+                       "rounds; use rounds=1, or source=ai|mixed")
+    if cfg.feedback.source == "mixed" and cfg.feedback.mixed_rule not in ("human_first", "by_category"):
+        raise CaiError(f"feedback.mixed_rule={cfg.feedback.mixed_rule}: expected human_first or by_category")
     from cai.pipeline import run_dir_for, snapshot_constitution
 
     run_dir = run_dir_for(cfg)
@@ -208,11 +235,24 @@ def run_rl(cfg) -> dict:
         rounds = []
         for r in range(1, cfg.rounds + 1):
             rdir = rl_dir / f"round-{r}"
-            comps, diag, counts = sample_and_label(cfg, policy.path, prompts, constitution, settings, store,
-                                                   rl_dir / "plans", f"round {r}")
+            if cfg.feedback.source == "human":  # RLHF: the imported human labels are the comparisons
+                comps = human
+                diag = {"pairs": len(human), "source": "human",
+                        "annotators": len({c["annotator"] for c in human}),
+                        "mean_margin": sum(abs(c["soft_label"] - 0.5) for c in human) / max(len(human), 1)}
+                counts = {"pairs": len(human), "answers_generated": 0, "answers_reused": 0, "scores_computed": 0,
+                          "scores_reused": 0}
+            else:
+                comps, diag, counts = sample_and_label(cfg, policy.path, prompts, constitution, settings, store,
+                                                       rl_dir / "plans", f"round {r}", human)
+                if cfg.feedback.source == "mixed":
+                    from cai.human import merge_sources
+
+                    comps = merge_sources(comps, human, cfg.feedback.mixed_rule)
+                    counts["human_used"] = sum(c["source"] == "human" for c in comps)
             write_jsonl_atomic(rdir / "comparisons.jsonl", comps)
             write_atomic(rdir / "label_diagnostics.json", json.dumps({**diag, **counts}, indent=1))
-            print_diagnostics(f"round {r}/{cfg.rounds}: AI labels", diag, counts)
+            print_diagnostics(f"round {r}/{cfg.rounds}: {cfg.feedback.source} labels", diag, counts)
             metrics.log({f"rl/labels/{k}": v for k, v in {**diag, **counts}.items() if v is not None}, step=r)
             all_comparisons += comps
             write_jsonl_atomic(rl_dir / "comparisons.jsonl", all_comparisons)

@@ -177,3 +177,30 @@ def test_rl_on_the_bundled_model(tmp_path):
     comps = [json.loads(x) for x in (tmp_path / "slow" / "rl" / "comparisons.jsonl").read_text().splitlines()]
     # a real labeler puts nearly all its mass on the two letters: each order's P(A) is a real probability
     assert all(0.0 < p["p_a_first"] < 1.0 for c in comps for p in c["principles"])
+
+
+def test_rlhf_human_labels_and_mixed_sources(sl_run, tmp_path):
+    """feedback.source=human trains the PM on imported labels; mixed replaces AI labels where humans labeled."""
+    root, const = sl_run
+    policy = f"policy.model={root / 'runs' / 'r' / 'sl' / 'model'}"
+    # first an AI-labeled run, to have real pairs for humans to label
+    main(rl_args(root, const, run="ai", algorithm="none") + [policy])
+    ai = [json.loads(x) for x in (root / "runs" / "ai" / "rl" / "comparisons.jsonl").read_text().splitlines()]
+    human_file = tmp_path / "labels.jsonl"
+    rows = [{"prompt": c["prompt"], "answer_a": c["answer_b"], "answer_b": c["answer_a"],  # shown swapped
+             "choice": "a", "annotator": "ann-1"} for c in ai[:3]]
+    human_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    main(rl_args(root, const, run="hf", algorithm="none", **{"feedback.source": "human",
+                                                            "feedback.human_labels": human_file}) + [policy])
+    s = json.loads((root / "runs" / "hf" / "rl" / "summary.json").read_text())
+    assert s["rounds"][0]["labels"]["pairs"] == 3 and s["rounds"][0]["pm"]["counts"]["comparisons"] == 3
+    assert not (root / "runs" / "hf" / "rl" / "steps.jsonl").exists()  # nothing sampled or labeled by a model
+
+    main(rl_args(root, const, run="mixed", algorithm="none", **{"feedback.source": "mixed",
+                                                               "feedback.human_labels": human_file}) + [policy])
+    s = json.loads((root / "runs" / "mixed" / "rl" / "summary.json").read_text())
+    labels = s["rounds"][0]["labels"]
+    assert labels["human_used"] == 3 and labels["human_shared"] == 3  # AI-vs-human agreement on the shared pairs
+    comps = [json.loads(x) for x in (root / "runs" / "mixed" / "rl" / "comparisons.jsonl").read_text().splitlines()]
+    assert sum(c["source"] == "human" for c in comps) == 3 and sum(c["source"] == "ai" for c in comps) == len(ai) - 3

@@ -330,3 +330,17 @@ def test_runs_from_another_directory_with_bundled_files(tmp_path, monkeypatch):
     run = tmp_path / "runs" / "elsewhere"
     assert (run / "constitution.yaml").read_bytes() == (ROOT / "constitutions" / "default.yaml").read_bytes()
     assert len(read_jsonl(run / "sl" / "chains.jsonl")) == 1
+
+
+def test_human_demonstrations_as_sft_data(tmp_path, constitution):
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"prompt": f"question {i}", "answer": f"a careful answer {i}",
+                                         "annotator": "ann-1"}) + "\n" for i in range(4)))
+    main(sl_args(tmp_path, constitution, run="h", source="human", human_demonstrations=demos, train=True,
+                 **{"sft.batch_size": 4}))
+    sft = read_jsonl(tmp_path / "runs" / "h" / "sl" / "sft.jsonl")
+    assert [e["source"] for e in sft] == ["human"] * 4 and summary(tmp_path, "h")["generated"] == 0
+    assert "4 human demonstrations" in (tmp_path / "runs" / "h" / "sl" / "model" / "README.md").read_text()
+    main(sl_args(tmp_path, constitution, run="b", source="both", human_demonstrations=demos))
+    sources = [e["source"] for e in read_jsonl(tmp_path / "runs" / "b" / "sl" / "sft.jsonl")]
+    assert sources.count("human") == 4 and sources.count("revision") > 0 and sources.count("helpful") == 3

@@ -1,0 +1,293 @@
+"""Human feedback on the same interfaces as AI feedback: comparisons, rankings, demonstrations, mixing.
+
+- `load_human_comparisons`: pairwise labels (a choice, or a graded probability) -> comparison records of the
+  shape `cai.feedback.label_pairs` produces (source="human"), so the preference model trains on either;
+- `load_human_rankings`: InstructGPT-style rankings of K answers (2 <= K <= 9) -> all K*(K-1)/2 pairs, the
+  better answer shown first or second by a hash of the pair (no position pattern to learn);
+- `load_demonstrations`: human-written answers -> SFT records (InstructGPT's first step), the shape of
+  `cai.critique.sft_examples`;
+- `merge_sources`: AI and human comparisons for `feedback.source=mixed` (human_first, or by_category: the CAI
+  paper's hybrid of human helpfulness labels and AI harmlessness labels).
+
+Every bad row is a CaiError naming file, line and field. For CSV, LINE is the line on which the record starts
+(header = line 1); empty CSV cells count as absent.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+from cai.config import stable_hash
+from cai.errors import CaiError
+
+CHOICES = {"a": 1.0, "A": 1.0, "b": 0.0, "B": 0.0, "tie": 0.5}
+MIN_RANKING, MAX_RANKING = 2, 9
+MERGE_RULES = ("human_first", "by_category")
+DEFAULT_ANNOTATOR = "anonymous"
+
+_COMPARISON_FIELDS = ("prompt", "answer_a", "answer_b", "choice", "probability", "annotator", "prompt_id", "category")
+_RANKING_FIELDS = ("prompt", "ranking", "annotator", "prompt_id", "category")
+_DEMO_FIELDS = ("prompt", "answer", "annotator", "prompt_id", "category")
+
+
+# --- reading rows ------------------------------------------------------------------------------------------
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise CaiError(f"{path}: no such file")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise CaiError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8") from None
+
+
+def _rows(path: str | Path, fields: tuple[str, ...], csv_ok: bool = True) -> list[tuple[int, dict]]:
+    """(line number, row) for each non-blank row of a .jsonl (or .csv) file; unknown fields are errors."""
+    path = Path(path)
+    suffixes = (".jsonl", ".csv") if csv_ok else (".jsonl",)
+    if path.suffix.lower() not in suffixes:
+        raise CaiError(f"{path}: expected a {' or '.join(suffixes)} file, got {path.suffix or 'no suffix'!r}")
+    text = _read_text(path)
+    rows = []
+    if path.suffix.lower() == ".jsonl":
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise CaiError(f"{path}:{n}: invalid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise CaiError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            rows.append((n, {k: v for k, v in row.items() if v is not None}))
+    else:
+        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+        end = 0
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise CaiError(f"{path}: empty file; expected a header line with {', '.join(fields[:3])}, ...")
+            header = [h.strip() for h in header]
+            dup = sorted({h for h in header if header.count(h) > 1})
+            if dup:
+                raise CaiError(f"{path}:1: column {dup[0]!r} appears twice in the header")
+            unknown = [h for h in header if h not in fields]
+            if unknown:
+                raise CaiError(f"{path}:1: unknown column {unknown[0]!r}; expected columns: {', '.join(fields)}")
+            end = reader.line_num
+            for cells in reader:
+                start, end = end + 1, reader.line_num
+                if not any(c.strip() for c in cells):
+                    continue
+                if len(cells) != len(header):
+                    raise CaiError(f"{path}:{start}: expected {len(header)} fields as in the header, got {len(cells)}")
+                rows.append((start, {h: c for h, c in zip(header, cells) if c.strip()}))
+        except csv.Error as e:
+            raise CaiError(f"{path}:{end + 1}: invalid CSV ({e})") from None
+    for n, row in rows:
+        unknown = sorted(set(row) - set(fields))
+        if unknown:
+            raise CaiError(f"{path}:{n}: unknown field {unknown[0]!r}; expected fields: {', '.join(fields)}")
+    if not rows:
+        raise CaiError(f"{path}: no rows")
+    return rows
+
+
+def _text(path, n: int, row: dict, field: str, default: str | None = None) -> str:
+    v = row.get(field)
+    if v is None and default is not None:
+        return default
+    if not isinstance(v, str) or not v.strip():
+        raise CaiError(f"{path}:{n}: {field}: expected a non-empty string")
+    return v
+
+
+def _common(path, n: int, row: dict) -> tuple[str, str, str, str]:
+    """prompt, annotator, prompt_id, category of a row."""
+    prompt = _text(path, n, row, "prompt")
+    annotator = _text(path, n, row, "annotator", DEFAULT_ANNOTATOR)
+    prompt_id = _text(path, n, row, "prompt_id", "human-" + stable_hash({"prompt": prompt}, 12))
+    category = _text(path, n, row, "category", "")
+    return prompt, annotator, prompt_id, category
+
+
+def _check_unique(path, seen: dict, key: str, n: int, what: str) -> None:
+    if key in seen:
+        raise CaiError(f"{path}:{n}: duplicate of line {seen[key]} ({what})")
+    seen[key] = n
+
+
+# --- comparisons -------------------------------------------------------------------------------------------
+
+
+def human_pair_key(prompt: str, a: str, b: str) -> str:
+    """The same for (a, b) and (b, a): the pair, whichever answer was shown first."""
+    return stable_hash({"kind": "human-pair", "prompt": prompt, "answers": sorted([a, b])})
+
+
+def _comparison(prompt: str, prompt_id: str, category: str, a: str, b: str, annotator: str, soft: float,
+                **extra) -> dict:
+    key = stable_hash({"kind": "human-label", "prompt": prompt, "answer_a": a, "answer_b": b,
+                       "annotator": annotator, "soft_label": soft, **extra})
+    return {"key": key, "pair_key": human_pair_key(prompt, a, b), "prompt_id": prompt_id, "prompt": prompt,
+            "category": category, "answer_a": a, "answer_b": b, "source": "human", "annotator": annotator,
+            "soft_label": soft, "agree": None, "principles": [], "cot": False, **extra}
+
+
+def _soft_label(path, n: int, row: dict) -> float:
+    has_choice, has_prob = "choice" in row, "probability" in row
+    if has_choice == has_prob:
+        raise CaiError(f"{path}:{n}: choice/probability: expected exactly one of choice (a, b or tie) or "
+                       f"probability (P(answer_a is better), 0 to 1), got {'both' if has_choice else 'neither'}")
+    if has_choice:
+        c = row["choice"]
+        c = c.strip() if isinstance(c, str) else c
+        if not isinstance(c, str) or c not in CHOICES:
+            raise CaiError(f"{path}:{n}: choice: expected one of a, b, A, B, tie, got {row['choice']!r}")
+        return CHOICES[c]
+    p = row["probability"]
+    if isinstance(p, str) and path.suffix.lower() == ".csv":
+        try:
+            p = float(p)
+        except ValueError:
+            pass
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p):
+        raise CaiError(f"{path}:{n}: probability: expected a number from 0 to 1, got {row['probability']!r}")
+    if not 0.0 <= p <= 1.0:
+        raise CaiError(f"{path}:{n}: probability: expected a number from 0 to 1, got {p}")
+    return float(p)
+
+
+def load_human_comparisons(path: str | Path) -> list[dict]:
+    """Pairwise human labels (.jsonl or .csv) -> comparison records (source="human").
+
+    Fields: prompt, answer_a, answer_b, then either choice (a/b/A/B/tie) or probability (P(answer_a is
+    better)); optional annotator (default "anonymous"), prompt_id (default a hash of the prompt), category.
+    """
+    path = Path(path)
+    out, seen = [], {}
+    for n, row in _rows(path, _COMPARISON_FIELDS):
+        prompt, annotator, prompt_id, category = _common(path, n, row)
+        a = _text(path, n, row, "answer_a")
+        b = _text(path, n, row, "answer_b")
+        if a == b:
+            raise CaiError(f"{path}:{n}: answer_b: expected a different answer from answer_a (they are identical)")
+        rec = _comparison(prompt, prompt_id, category, a, b, annotator, _soft_label(path, n, row))
+        _check_unique(path, seen, rec["key"], n, "same prompt, answers, annotator and label")
+        out.append(rec)
+    return out
+
+
+def load_human_rankings(path: str | Path) -> list[dict]:
+    """Rankings (.jsonl rows {"prompt", "ranking": [best, ..., worst], "annotator"}) -> all pairs of each.
+
+    The better answer of a pair is answer_a or answer_b by a hash of the pair (soft_label 1.0 or 0.0), so the
+    position carries no signal. Each record also has ranking_size=K.
+    """
+    path = Path(path)
+    out, seen = [], {}
+    for n, row in _rows(path, _RANKING_FIELDS, csv_ok=False):
+        prompt, annotator, prompt_id, category = _common(path, n, row)
+        ranking = row.get("ranking")
+        expected = f"expected a list of {MIN_RANKING} to {MAX_RANKING} non-empty strings, best first"
+        if not isinstance(ranking, list):
+            got = type(ranking).__name__ if "ranking" in row else "nothing"
+            raise CaiError(f"{path}:{n}: ranking: {expected}, got {got}")
+        if not MIN_RANKING <= len(ranking) <= MAX_RANKING:
+            raise CaiError(f"{path}:{n}: ranking: {expected}, got {len(ranking)}")
+        for i, x in enumerate(ranking):
+            if not isinstance(x, str) or not x.strip():
+                raise CaiError(f"{path}:{n}: ranking[{i}]: expected a non-empty string")
+            if x in ranking[:i]:
+                raise CaiError(f"{path}:{n}: ranking[{i}]: expected distinct answers, "
+                               f"same as ranking[{ranking.index(x)}]")
+        k = len(ranking)
+        for i in range(k):
+            for j in range(i + 1, k):
+                better, worse = ranking[i], ranking[j]
+                flip = int(human_pair_key(prompt, better, worse), 16) % 2
+                first, second = sorted([better, worse])
+                a, b = (second, first) if flip else (first, second)
+                rec = _comparison(prompt, prompt_id, category, a, b, annotator, 1.0 if a == better else 0.0,
+                                  ranking_size=k)
+                _check_unique(path, seen, rec["key"], n, "same prompt, annotator and ranked pair")
+                out.append(rec)
+    return out
+
+
+# --- demonstrations ----------------------------------------------------------------------------------------
+
+
+def load_demonstrations(path: str | Path) -> list[dict]:
+    """Human-written answers -> SFT records (source="human", round 0).
+
+    Fields (.jsonl or .csv): prompt, answer; optional annotator, prompt_id, category (category is not kept).
+    """
+    path = Path(path)
+    out, seen = [], {}
+    for n, row in _rows(path, _DEMO_FIELDS):
+        prompt, annotator, prompt_id, _ = _common(path, n, row)
+        answer = _text(path, n, row, "answer")
+        key = stable_hash({"kind": "human-demo", "prompt": prompt, "answer": answer, "annotator": annotator})
+        _check_unique(path, seen, key, n, "same prompt, answer and annotator")
+        out.append({"key": key, "source": "human", "prompt_id": prompt_id, "round": 0, "annotator": annotator,
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "completion": [{"role": "assistant", "content": answer}]})
+    return out
+
+
+# --- mixing ------------------------------------------------------------------------------------------------
+
+
+def is_helpful(c: dict) -> bool:
+    """A helpfulness comparison: category "helpful", or a prompt id from a helpful set ("help-...")."""
+    return c.get("category") == "helpful" or str(c.get("prompt_id", "")).startswith("help-")
+
+
+def merge_sources(ai: list[dict], human: list[dict], rule: str) -> list[dict]:
+    """AI and human comparisons for feedback.source=mixed; pairs match by `pair_identity` (texts, either order).
+
+    - human_first: a pair with human labels gets all its human records (every annotator) in place of the AI
+      record; AI records elsewhere; human records on pairs the AI did not label are added after.
+    - by_category: helpfulness pairs (see `is_helpful`, of the AI record or any human record of the pair) get
+      human labels only; an AI helpfulness record without a human label is left out, as are human labels on
+      other pairs (AI labels there). The CAI paper's hybrid: human helpfulness, AI harmlessness.
+
+    Order: the AI records' order, a pair's human records in their input order, then unmatched human pairs.
+    Returns new dicts; the inputs are not changed.
+    """
+    from cai.feedback import pair_identity  # (cai.feedback imports torch; the loaders do not need it)
+
+    if rule not in MERGE_RULES:
+        raise CaiError(f"feedback.mixed_rule={rule}: expected one of {', '.join(MERGE_RULES)}")
+    by_pair: dict[tuple, list[dict]] = {}
+    for h in human:
+        by_pair.setdefault(pair_identity(h), []).append(h)
+    ai_by_pair: dict[tuple, list[dict]] = {}
+    for c in ai:
+        ai_by_pair.setdefault(pair_identity(c), []).append(c)
+
+    def use_human(ident) -> bool:
+        if rule == "human_first":
+            return ident in by_pair
+        return any(is_helpful(r) for r in ai_by_pair.get(ident, []) + by_pair.get(ident, []))
+
+    out, done = [], set()
+    for c in ai:
+        ident = pair_identity(c)
+        if not use_human(ident):
+            out.append(dict(c))
+        elif ident not in done:
+            done.add(ident)
+            out += [dict(h) for h in by_pair.get(ident, [])]
+    for ident, hs in by_pair.items():
+        if ident not in ai_by_pair and use_human(ident):
+            out += [dict(h) for h in hs]
+    return out

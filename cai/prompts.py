@@ -30,8 +30,8 @@ def load_prompts(source) -> list[PromptRecord]:
     """Read a prompt set described by a `PromptSource` config (path, column, id_column, ...)."""
     import datasets
 
-    if source.limit is not None and source.limit < 1:
-        raise CaiError(f"{source.path}: limit={source.limit}: expected 1 or more (or null for all)")
+    if source.limit is not None and source.limit < 0:
+        raise CaiError(f"{source.path}: limit={source.limit}: expected 0 or more (or null for all)")
     datasets.disable_progress_bars()
     spec = str(source.path)
     if spec.startswith("hf:"):

@@ -97,7 +97,7 @@ def test_dpo_stage(sl_run):
 
 
 @pytest.mark.parametrize("override", ["feedback.principles_per_pair=0", "pair_sampling.top_p=0", "rounds=0",
-                                      "algorithm=none rounds=2", "red_team.limit=0", "ppo.value_init=pmx"])
+                                      "algorithm=none rounds=2", "red_team.limit=-1", "ppo.value_init=pmx"])
 def test_bad_rl_settings_exit_2_before_any_work(sl_run, override, capsys):
     root, const = sl_run
     with pytest.raises(SystemExit) as e:

@@ -313,7 +313,7 @@ def test_sft_data_all_rounds_and_no_few_shot(tmp_path, constitution):
     assert sorted(set(sft["round"])) == [0, 1, 2]
 
 
-@pytest.mark.parametrize("override", ["sampling.top_p=0", "sampling.temperature=-1", "red_team.limit=0",
+@pytest.mark.parametrize("override", ["sampling.top_p=0", "sampling.temperature=-1", "red_team.limit=-1",
                                       "critique.few_shot=-1", "critique.rounds=-1"])
 def test_bad_sl_settings_exit_2_before_any_work(tmp_path, constitution, override, capsys):
     with pytest.raises(SystemExit) as e:

@@ -44,6 +44,13 @@ def snapshot_constitution(run_dir: Path, constitution) -> None:
     write_atomic(run_dir / "constitution.sha256", constitution.sha + "\n")
 
 
+def start_run(run_dir: Path, cfg, constitution):
+    """Inside the run lock: the resolved config, the constitution snapshot, and the metrics log."""
+    write_atomic(run_dir / f"config.{cfg.stage}.yaml", to_yaml(cfg))
+    snapshot_constitution(run_dir, constitution)
+    return open_metrics(run_dir, cfg.stage, cfg.report_to)
+
+
 def table(rows: list[tuple], header: tuple) -> str:
     cells = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -91,9 +98,7 @@ def run_sl(cfg) -> dict:
     with RunLock(run_dir):
         sl_dir = run_dir / "sl"
         sl_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / "config.sl.yaml", to_yaml(cfg))
-        snapshot_constitution(run_dir, constitution)
-        metrics = open_metrics(run_dir, "sl", cfg.report_to)
+        metrics = start_run(run_dir, cfg, constitution)
         started = time.time()
 
         backend = make_backend(cfg.generator.backend, cfg.generator.model, **backend_options(cfg.generator))

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cai.config import F, ModelConfig, PMConfig, PPOConfig, PromptSource, SamplingConfig, config_dict, open_metrics, to_yaml
+from cai.config import F, ModelConfig, PMConfig, PPOConfig, PromptSource, SamplingConfig, config_dict
 from cai.dpo import DPOConfig
 from cai.errors import CaiError
 from cai.online import GroupRLConfig
@@ -218,16 +218,14 @@ def run_rl(cfg) -> dict:
                        "rounds; use rounds=1, or source=ai|mixed")
     if cfg.feedback.source == "mixed" and cfg.feedback.mixed_rule not in ("human_first", "by_category"):
         raise CaiError(f"feedback.mixed_rule={cfg.feedback.mixed_rule}: expected human_first or by_category")
-    from cai.pipeline import run_dir_for, snapshot_constitution
+    from cai.pipeline import run_dir_for, start_run
 
     run_dir = run_dir_for(cfg)
     sl_ref = _policy_ref(cfg, run_dir)
     with RunLock(run_dir):
         rl_dir = run_dir / "rl"
         rl_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / "config.rl.yaml", to_yaml(cfg))
-        snapshot_constitution(run_dir, constitution)
-        metrics = open_metrics(run_dir, "rl", cfg.report_to)
+        metrics = start_run(run_dir, cfg, constitution)
         store = JsonlStore(rl_dir / "steps.jsonl")
         started = time.time()
         policy = sl_ref
@@ -349,16 +347,14 @@ def run_dpo(cfg) -> dict:
     from cai.dpo import train_dpo
 
     constitution, prompts, settings = _inputs(cfg)
-    from cai.pipeline import run_dir_for, snapshot_constitution
+    from cai.pipeline import run_dir_for, start_run
 
     run_dir = run_dir_for(cfg)
     policy = _policy_ref(cfg, run_dir)
     with RunLock(run_dir):
         rl_dir = run_dir / "rl"
         rl_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / "config.dpo.yaml", to_yaml(cfg))
-        snapshot_constitution(run_dir, constitution)
-        metrics = open_metrics(run_dir, "dpo", cfg.report_to)
+        metrics = start_run(run_dir, cfg, constitution)
         store = JsonlStore(rl_dir / "steps.jsonl")
         started = time.time()
         comps, diag, counts = sample_and_label(cfg, policy.path, prompts, constitution, settings, store,

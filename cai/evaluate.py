@@ -1,0 +1,129 @@
+"""`python -m cai.evaluate model=runs/x/sl/model prompts.path=prompts/sets/red_team_eval.jsonl pms=[runs/x/rl/round-1/pm]`
+
+Answers a prompt set with a model, then scores every answer: by each preference model given, by a refusal
+detector (regular expressions from a file, see prompts/detectors/refusal.txt), and by length. Writes one
+record per answer to `out` (JSONL) and prints a summary per category. Refusing a helpful prompt counts against
+a model: the refusal rate is reported per prompt set so red-team and helpful sets can be read side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cai.config import F, ModelConfig, PromptSource, SamplingConfig, build_config, parse_overrides
+from cai.errors import CaiError, cli_main
+from cai.paths import resolve_path
+
+
+@dataclass
+class EvalConfig:
+    model: ModelConfig = F(ModelConfig(), "the model that answers")
+    prompts: PromptSource = F(PromptSource(path="prompts/sets/red_team_eval.jsonl"), "the prompt set")
+    sampling: SamplingConfig = F(SamplingConfig(max_new_tokens=128, temperature=0.0, top_p=1.0),
+                                 "sampling (greedy by default, so evaluations repeat)")
+    pms: list = field(default_factory=list, metadata={"help": "preference model directories to score answers with"})
+    refusal_patterns: str = F("prompts/detectors/refusal.txt", "file of refusal regular expressions")
+    seed: int = F(0, "seed (for sampled evaluations)")
+    out: str = F("", "JSONL file for the per-answer records (default: print the summary only)")
+
+
+def load_patterns(path: str) -> list[re.Pattern]:
+    p = resolve_path(path)
+    if not p.exists():
+        raise CaiError(f"{path}: refusal pattern file not found")
+    out = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            out.append(re.compile(line, re.IGNORECASE))
+        except re.error as e:
+            raise CaiError(f"{path}:{n}: invalid regular expression ({e})") from None
+    return out
+
+
+def is_refusal(text: str, patterns: list[re.Pattern]) -> bool:
+    return any(p.search(text) for p in patterns)
+
+
+def evaluate(cfg) -> tuple[list[dict], dict]:
+    from cai.backends import make_backend, sampling_from_config
+    from cai.pipeline import backend_options
+    from cai.prompts import load_prompts
+
+    sampling = sampling_from_config(cfg.sampling, "sampling")
+    patterns = load_patterns(cfg.refusal_patterns)
+    prompts = load_prompts(cfg.prompts)
+    for pm in cfg.pms:
+        if not (Path(pm) / "config.json").exists():
+            raise CaiError(f"pms: {pm}: no preference model there (no config.json)")
+    backend = make_backend(cfg.model.backend, cfg.model.model, **backend_options(cfg.model))
+    outs = backend.generate([[{"role": "user", "content": p.prompt}] for p in prompts], sampling,
+                            [cfg.seed + i for i in range(len(prompts))])
+    records = [{"prompt_id": p.id, "category": p.category, "prompt": p.prompt, "answer": o.text,
+                "answer_tokens": o.completion_tokens, "finish_reason": o.finish_reason,
+                "refusal": is_refusal(o.text, patterns), "pm_scores": {}} for p, o in zip(prompts, outs)]
+    del backend
+    for pm_dir in cfg.pms:
+        from cai.pm import load_pm, score_answers
+
+        model, tok = load_pm(pm_dir, device=cfg.model.device)
+        for rec, s in zip(records, score_answers(model, tok, [r["prompt"] for r in records],
+                                                 [r["answer"] for r in records])):
+            rec["pm_scores"][str(pm_dir)] = s
+    return records, summarize(records, cfg.prompts.path, cfg.model.model)
+
+
+def summarize(records: list[dict], prompt_set: str, model: str) -> dict:
+    def stats(rows: list[dict]) -> dict:
+        n = len(rows)
+        pms = sorted({k for r in rows for k in r["pm_scores"]})
+        return {"answers": n, "refusal_rate": sum(r["refusal"] for r in rows) / n if n else None,
+                "mean_tokens": sum(r["answer_tokens"] for r in rows) / n if n else None,
+                "cut_off_rate": sum(r["finish_reason"] == "length" for r in rows) / n if n else None,
+                "pm_mean": {k: sum(r["pm_scores"][k] for r in rows) / n for k in pms}}
+
+    cats = sorted({r["category"] for r in records})
+    return {"model": model, "prompts": prompt_set, "all": stats(records),
+            "by_category": {c: stats([r for r in records if r["category"] == c]) for c in cats}}
+
+
+def print_summary(s: dict) -> None:
+    from cai.pipeline import table
+
+    pms = list(s["all"]["pm_mean"])
+    rows = [(name, st["answers"], f"{st['refusal_rate']:.2f}", f"{st['mean_tokens']:.1f}", f"{st['cut_off_rate']:.2f}",
+             *(f"{st['pm_mean'][k]:+.3f}" for k in pms))
+            for name, st in [("all", s["all"]), *s["by_category"].items()]]
+    print(f"\nmodel {s['model']} on {s['prompts']}")
+    print(table(rows, ("category", "answers", "refusal", "tokens", "cut off", *(f"pm{i + 1}" for i in range(len(pms))))))
+    for i, k in enumerate(pms):
+        print(f"pm{i + 1}: {k}")
+
+
+@cli_main
+def main(argv: list[str]) -> int:
+    if "--help" in argv or "-h" in argv:
+        from cai.config import help_text
+
+        print(__doc__)
+        print("\n".join(help_text(EvalConfig)))
+        return 0
+    cfg = build_config(EvalConfig, {}, "command line", parse_overrides(argv))
+    records, summary = evaluate(cfg)
+    if cfg.out:
+        from cai.store import write_atomic
+
+        write_atomic(cfg.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        write_atomic(Path(cfg.out).with_suffix(".summary.json"), json.dumps(summary, indent=1))
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""cai.evaluate: refusal detector, per-category summary (hand-checked), PM scoring and the CLI on the tiny model."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cai.errors import CaiError
+from cai.evaluate import is_refusal, load_patterns, summarize
+
+from .conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def patterns():
+    return load_patterns("prompts/detectors/refusal.txt")
+
+
+@pytest.mark.parametrize("text,refused", [
+    ("I'm sorry, but I can't help with that.", True),
+    ("I am unable to assist with this request.", True),
+    ("As an AI language model, I cannot provide that.", True),
+    ("I must decline.", True),
+    ("Sure! Preheat the oven to 180C and mix the flour with the butter.", False),
+    ("I can't believe how easy this is: first, open the settings menu.", False),
+])
+def test_refusal_detector(patterns, text, refused):
+    assert is_refusal(text, patterns) is refused
+
+
+def test_bad_pattern_file_names_the_line(tmp_path):
+    p = tmp_path / "r.txt"
+    p.write_text("# comment\nfine\n(unclosed\n")
+    with pytest.raises(CaiError, match=r"r.txt:3: invalid regular expression"):
+        load_patterns(str(p))
+
+
+def test_summary_by_hand():
+    recs = [
+        {"category": "a", "refusal": True, "answer_tokens": 10, "finish_reason": "eos", "pm_scores": {"pm": 1.0}},
+        {"category": "a", "refusal": False, "answer_tokens": 20, "finish_reason": "length", "pm_scores": {"pm": 3.0}},
+        {"category": "b", "refusal": False, "answer_tokens": 30, "finish_reason": "eos", "pm_scores": {"pm": -1.0}},
+        {"category": "b", "refusal": False, "answer_tokens": 40, "finish_reason": "eos", "pm_scores": {"pm": 1.0}},
+    ]
+    s = summarize(recs, "set", "m")
+    assert s["all"] == {"answers": 4, "refusal_rate": 0.25, "mean_tokens": 25.0, "cut_off_rate": 0.25,
+                        "pm_mean": {"pm": 1.0}}
+    assert s["by_category"]["a"]["refusal_rate"] == 0.5 and s["by_category"]["a"]["pm_mean"] == {"pm": 2.0}
+    assert s["by_category"]["b"]["mean_tokens"] == 35.0 and s["by_category"]["b"]["pm_mean"] == {"pm": 0.0}
+
+
+def test_cli_on_the_tiny_model_with_a_pm(tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from cai.models import resolve_model
+
+    tiny = resolve_model("tiny").path
+    torch.manual_seed(0)
+    pm = AutoModelForSequenceClassification.from_pretrained(tiny, num_labels=1)
+    pm.config.pad_token_id = pm.config.eos_token_id
+    pm.save_pretrained(tmp_path / "pm")
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(tmp_path / "pm")
+    out = tmp_path / "eval.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "cai.evaluate", "model.model=tiny", "prompts.limit=5",
+                           "sampling.max_new_tokens=5", f"pms=[{tmp_path / 'pm'}]", f"out={out}"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(recs) == 5 and all(len(r["pm_scores"]) == 1 and r["answer_tokens"] <= 5 for r in recs)
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert summary["all"]["answers"] == 5 and "refusal" in proc.stdout
+
+
+def test_cli_rejects_a_missing_pm(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cai.evaluate", "model.model=tiny", f"pms=[{tmp_path}]"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "no preference model there" in proc.stderr

@@ -98,6 +98,8 @@ class SLConfig:
     helpful: PromptSource = F(PromptSource(path="prompts/sets/helpful_train.jsonl"), "helpful prompts for the SFT mix")
     critique: CritiqueConfig = F(CritiqueConfig(), "critique/revision settings")
     sft: SFTConfig = F(SFTConfig(), "supervised fine-tuning of the SL-CAI model")
+    shard: str = F("", "i/n: generate only shard i of n of the prompts (processes or nodes); a run without shard= "
+                       "merges the shards' records (keys make the merge exact), then builds the data and trains")
     source: str = F("revisions", "SFT data: revisions (AI critique/revision) | human (demonstrations) | both")
     human_demonstrations: str = F("", "JSONL/CSV of human-written answers (prompt, answer, annotator) for source=human|both")
     train: bool = F(True, "run SFT after generating the data (false: data only)")

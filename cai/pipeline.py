@@ -51,6 +51,37 @@ def start_run(run_dir: Path, cfg, constitution):
     return open_metrics(run_dir, cfg.stage, cfg.report_to)
 
 
+def parse_shard(spec: str) -> tuple[int, int] | None:
+    if not spec:
+        return None
+    try:
+        i, n = (int(x) for x in str(spec).split("/"))
+    except ValueError:
+        raise CaiError(f"shard={spec}: expected i/n, e.g. shard=0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise CaiError(f"shard={spec}: expected 0 <= i < n")
+    return i, n
+
+
+def in_shard(text: str, i: int, n: int) -> bool:
+    """A prompt's shard depends on its text only, so every process agrees without talking to the others."""
+    import hashlib
+
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) % n == i
+
+
+def merge_shards(store: JsonlStore, shards_dir: Path) -> int:
+    """Append every shard's records to the run's store; keys already present are skipped, so merging is exact
+    and can be repeated. Returns how many records were added."""
+    before = len(store)
+    for path in sorted(shards_dir.glob("*/steps.jsonl")):
+        store.append(list(JsonlStore(path).records.values()))
+    added = len(store) - before
+    if added:
+        print(f"merged {added} records from {shards_dir}")
+    return added
+
+
 def table(rows: list[tuple], header: tuple) -> str:
     cells = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -95,10 +126,15 @@ def run_sl(cfg) -> dict:
     helpful = helpful_all[: min(len(helpful_all), math.ceil(cfg.sft.helpful_ratio * n_red_examples))]
 
     run_dir = run_dir_for(cfg)
-    with RunLock(run_dir):
-        sl_dir = run_dir / "sl"
-        sl_dir.mkdir(parents=True, exist_ok=True)
-        metrics = start_run(run_dir, cfg, constitution)
+    sl_dir = run_dir / "sl"
+    shard = parse_shard(cfg.shard)
+    if shard:  # this process generates its share only, into its own store, under its own lock
+        red_team = [p for p in red_team if in_shard(p.prompt, *shard)]
+        helpful = [p for p in helpful if in_shard(p.prompt, *shard)]
+    work_dir = sl_dir / "shards" / f"{shard[0]}-of-{shard[1]}" if shard else sl_dir
+    with RunLock(work_dir if shard else run_dir):
+        work_dir.mkdir(parents=True, exist_ok=True)
+        metrics = start_run(work_dir if shard else run_dir, cfg, constitution)
         started = time.time()
 
         backend = make_backend(cfg.generator.backend, cfg.generator.model, **backend_options(cfg.generator))
@@ -107,9 +143,20 @@ def run_sl(cfg) -> dict:
         settings = ChainSettings(seed=cfg.seed, rounds=cfg.critique.rounds, critique_template=crit_t,
                                  revision_template=rev_t, few_shot=few_shot, sampling=sampling,
                                  model_identity=backend.identity)
-        store = JsonlStore(sl_dir / "steps.jsonl")
-        result = generate_chains(red_team, helpful, constitution, settings, backend, store, sl_dir / "plans",
+        store = JsonlStore(work_dir / "steps.jsonl")
+        if not shard:
+            merge_shards(store, sl_dir / "shards")
+        result = generate_chains(red_team, helpful, constitution, settings, backend, store, work_dir / "plans",
                                  cfg.generator.batch_size, progress=cfg.progress)
+        if shard:
+            done = {"shard": cfg.shard, "prompts": len(red_team), "helpful": len(helpful),
+                    "generated": sum(w.generated for w in result.waves.values()),
+                    "reused": sum(w.reused for w in result.waves.values()), "seconds": round(time.time() - started, 1)}
+            write_atomic(work_dir / "summary.json", json.dumps(done, indent=1))
+            print(f"\nshard {cfg.shard}: {done['prompts']} red-team and {done['helpful']} helpful prompts, "
+                  f"{done['generated']} texts generated, {done['reused']} reused, {done['seconds']} s; "
+                  f"run without shard= to merge, build the SFT data and train\n")
+            return done
         write_jsonl_atomic(sl_dir / "chains.jsonl", result.chains)
         examples = sft_examples(result.chains, result.helpful, cfg.sft.data) + demonstrations
         if cfg.train and not examples:

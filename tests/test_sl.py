@@ -344,3 +344,21 @@ def test_human_demonstrations_as_sft_data(tmp_path, constitution):
     main(sl_args(tmp_path, constitution, run="b", source="both", human_demonstrations=demos))
     sources = [e["source"] for e in read_jsonl(tmp_path / "runs" / "b" / "sl" / "sft.jsonl")]
     assert sources.count("human") == 4 and sources.count("revision") > 0 and sources.count("helpful") == 3
+
+
+def test_sharded_generation_merges_exactly(tmp_path, constitution):
+    """shard=i/n processes generate disjoint parts; a run without shard= merges them and generates nothing."""
+    for i in range(3):
+        main(sl_args(tmp_path, constitution, shard=f"{i}/3"))
+    shards = [json.loads((tmp_path / "runs" / "r" / "sl" / "shards" / f"{i}-of-3" / "summary.json").read_text())
+              for i in range(3)]
+    assert sum(s["prompts"] for s in shards) == 6 and sum(s["helpful"] for s in shards) == 3
+    main(sl_args(tmp_path, constitution))
+    s = summary(tmp_path)
+    assert s["generated"] == 0 and s["chains_reused"] == 6  # every text came from the shards
+    steps = read_jsonl(tmp_path / "runs" / "r" / "sl" / "steps.jsonl")
+    assert len(steps) == len({r["key"] for r in steps}) == 6 + 3 + 6 * 2 * ROUNDS
+    main(sl_args(tmp_path, constitution))  # merging again adds nothing
+    assert len(read_jsonl(tmp_path / "runs" / "r" / "sl" / "steps.jsonl")) == len(steps)
+    with pytest.raises(SystemExit):
+        main(sl_args(tmp_path, constitution, shard="3/3"))

@@ -245,19 +245,25 @@ def load_config(argv: list[str]):
     return build_config(schemas[stage], data, str(path), overrides)
 
 
-def load_yaml_mapping(path: Path) -> dict:
+def read_yaml(path: Path, what: str = "config", shown: str | None = None) -> Any:
+    """yaml.safe_load of a file; a missing file, non-UTF-8 bytes or bad YAML is a CaiError at file:line:column."""
+    shown = shown or str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise CaiError(f"{path}: config file not found") from None
+        raise CaiError(f"{shown}: {what} file not found") from None
     except UnicodeDecodeError as e:
-        raise CaiError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        raise CaiError(f"{shown}: not UTF-8 text (byte {e.start})") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        where = f"{shown}:{mark.line + 1}:{mark.column + 1}" if mark else shown
         raise CaiError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+
+
+def load_yaml_mapping(path: Path) -> dict:
+    data = read_yaml(path)
     if data is None:
         return {}
     if not isinstance(data, dict):

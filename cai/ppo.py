@@ -45,7 +45,8 @@ from cai.losses import (
     ppo_value_loss,
     rewards_with_kl,
 )
-from cai.models import ModelRef, cpu_supports_bf16
+from cai.models import ModelRef
+from cai.training import use_bf16
 
 TRAIN_INFO = "cai_train.json"
 STATE_FILE = "ppo_state.json"
@@ -205,16 +206,6 @@ def _last_checkpoint(root: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[-1])) if done else None
 
 
-def _use_bf16(setting: str, device: torch.device) -> bool:
-    if str(setting) == "auto":
-        return torch.cuda.is_bf16_supported(including_emulation=False) if device.type == "cuda" else cpu_supports_bf16()
-    if str(setting) in ("true", "True"):
-        return True
-    if str(setting) in ("false", "False"):
-        return False
-    raise CaiError(f"ppo.bf16={setting!r}: expected auto, true or false")
-
-
 def _check_config(cfg: PPOConfig, n_prompts: int) -> None:
     problems = []
     for name in ("steps", "rollout_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "save_every"):
@@ -268,7 +259,7 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
     start_time = time.time()
 
     probe = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = _use_bf16(cfg.bf16, probe)
+    bf16 = use_bf16(cfg.bf16, probe.type, name="ppo.bf16")
     # Mixed precision keeps fp32 master weights and autocasts matmuls to bf16: pure-bf16 weights would round
     # away AdamW updates of lr 1e-5, and accelerate does the same thing on CPU (AMX) and GPU.
     # Several stages can run in one process (the pipeline, tests), each with its own precision; accelerate's

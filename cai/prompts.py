@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 from cai.errors import CaiError
 from cai.paths import resolve_path
@@ -94,15 +93,9 @@ def load_few_shot(path: str | Path, count: int) -> list[dict]:
     """The first `count` critique/revision demonstrations of a YAML list file."""
     if count == 0:
         return []
-    p = resolve_path(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CaiError(f"{path}: few-shot file not found") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise CaiError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    from cai.config import read_yaml
+
+    data = read_yaml(resolve_path(path), "few-shot", shown=str(path))
     if not isinstance(data, list):
         raise CaiError(f"{path}: expected a list of demonstrations, got {type(data).__name__}")
     for i, demo in enumerate(data):

@@ -30,13 +30,17 @@ def trained_model_matches(model_dir: Path, key: str) -> bool:
     return info.exists() and json.loads(info.read_text()).get("key") == key
 
 
-def use_bf16(setting: str, device: str) -> bool:
+def use_bf16(setting: str, device: str, name: str = "bf16") -> bool:
     """bf16 autocast where the hardware has it: CUDA with bf16, or a CPU with AVX512-BF16/AMX."""
     if str(setting) == "auto":
         import torch
 
         return torch.cuda.is_bf16_supported(including_emulation=False) if device.startswith("cuda") else cpu_supports_bf16()
-    return str(setting).lower() == "true"
+    if str(setting).lower() in ("true", "false"):
+        return str(setting).lower() == "true"
+    from cai.errors import CaiError
+
+    raise CaiError(f"{name}={setting!r}: expected auto, true or false")
 
 
 def common_args(cfg, ckpt_dir: Path, device: str, seed: int, progress: bool) -> dict:

@@ -2,7 +2,7 @@
 
 A trained model is keyed by (data, base model identity, settings, seed): a rerun with the same key reuses the
 saved model. Checkpoints live under <ckpt_root>/<key>/; HF's Trainer writes `trainer_state.json` last, so a
-checkpoint that has it is complete and a killed run resumes from the newest such one.
+checkpoint whose state file parses is complete and a killed run resumes from the newest such one.
 """
 
 from __future__ import annotations
@@ -63,8 +63,18 @@ def last_checkpoint(ckpt_dir: Path) -> Path | None:
     if not ckpt_dir.exists():
         return None
     ckpts = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    done = [c for c in ckpts if (c / "trainer_state.json").exists()]
+    done = [c for c in ckpts if _complete_state(c / "trainer_state.json")]
     return done[-1] if done else None
+
+
+def _complete_state(path: Path) -> bool:
+    """The Trainer writes trainer_state.json last but not atomically: a kill mid-write leaves it empty or cut
+    short, and that checkpoint must be skipped (resuming from it fails on the JSON)."""
+    try:
+        json.loads(path.read_text())
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def metrics_callback(metrics: Metrics, prefix: str, get_trainer):

@@ -362,3 +362,15 @@ def test_sharded_generation_merges_exactly(tmp_path, constitution):
     assert len(read_jsonl(tmp_path / "runs" / "r" / "sl" / "steps.jsonl")) == len(steps)
     with pytest.raises(SystemExit):
         main(sl_args(tmp_path, constitution, shard="3/3"))
+
+
+def test_checkpoint_with_a_torn_trainer_state_is_skipped(tmp_path):
+    """A kill while the Trainer writes trainer_state.json leaves it empty: resume from the previous checkpoint."""
+    from cai.training import last_checkpoint
+
+    for step, state in ((2, '{"global_step": 2}'), (4, "")):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert last_checkpoint(tmp_path).name == "checkpoint-2"
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2')  # cut short
+    assert last_checkpoint(tmp_path) is None

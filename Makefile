@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.cai-installed
 
-.PHONY: setup demo demo-sl test test-slow clean
+.PHONY: setup demo demo-sl browser test test-slow clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,16 @@ demo: setup
 demo-sl: setup
 	$(PY) -m cai.pipeline config=pipelines/demo_sl.yaml
 
+# Debian's Chromium for the labeling page's browser test (Playwright drives it; no browser download).
+browser:
+	@command -v chromium >/dev/null || { \
+	  if ! command -v apt-get >/dev/null; then echo "note: no chromium and no apt-get; the labeling page's browser test will be skipped"; \
+	  elif [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y chromium chromium-driver; \
+	  elif command -v sudo >/dev/null; then sudo apt-get update && sudo apt-get install -y chromium chromium-driver; \
+	  else echo "note: no chromium and no root/sudo to install it; the labeling page's browser test will be skipped"; fi; }
+
 # Fast suite (tiny model, seconds per test). Slow real-model tests: `make test-slow`.
-test: setup
+test: setup browser
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 test-slow: setup

@@ -107,16 +107,21 @@ def run_sl(cfg) -> dict:
         raise CaiError(f"critique.few_shot={cfg.critique.few_shot}: expected 0 or more")
     if cfg.source not in ("revisions", "human", "both"):
         raise CaiError(f"source={cfg.source}: expected revisions, human or both")
-    if cfg.source != "revisions" and not cfg.human_demonstrations:
-        raise CaiError(f"source={cfg.source} needs human_demonstrations=FILE (JSONL/CSV with prompt, answer)")
     sampling = sampling_from_config(cfg.sampling, "sampling")
     # read and check every input before anything is written
     constitution = load_constitution(cfg.constitution)
     demonstrations = []
-    if cfg.source != "revisions":
+    if cfg.source != "revisions":  # a file's demonstrations, then the labeling page's better answers
         from cai.human import load_demonstrations
+        from cai.label import page_demonstrations
 
-        demonstrations = load_demonstrations(cfg.human_demonstrations)
+        demonstrations = load_demonstrations(cfg.human_demonstrations) if cfg.human_demonstrations else []
+        keys = {d["key"] for d in demonstrations}
+        demonstrations += [d for d in page_demonstrations(run_dir_for(cfg)) if d["key"] not in keys]
+        if not demonstrations:
+            raise CaiError(f"source={cfg.source} needs human demonstrations: human_demonstrations=FILE (JSONL/CSV "
+                           f"with prompt, answer), or better answers from the labeling page "
+                           f"(python -m cai.label run={cfg.run})")
     # source=human: the human answers are the SFT data, nothing is generated
     red_team = load_prompts(cfg.red_team) if cfg.source != "human" else []
     helpful_all = load_prompts(cfg.helpful) if cfg.source != "human" else []

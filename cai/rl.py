@@ -135,14 +135,22 @@ def _inputs(cfg):
 
 
 def _human_comparisons(cfg) -> list[dict]:
-    """Imported human labels (comparisons and rankings); required for feedback.source=human|mixed."""
+    """Human labels: imported comparisons and rankings, then the run's labeling-page labels (`cai.label`);
+    required for feedback.source=human|mixed."""
     from cai.human import load_human_comparisons, load_human_rankings
+    from cai.label import page_comparisons
+    from cai.pipeline import run_dir_for
 
     f = cfg.feedback
-    if f.source != "ai" and not (f.human_labels or f.human_rankings):
-        raise CaiError(f"feedback.source={f.source} needs feedback.human_labels=FILE and/or feedback.human_rankings=FILE")
     human = load_human_comparisons(f.human_labels) if f.human_labels else []
-    return human + (load_human_rankings(f.human_rankings) if f.human_rankings else [])
+    human += load_human_rankings(f.human_rankings) if f.human_rankings else []
+    keys = {c["key"] for c in human}  # page labels exported and imported again count once
+    human += [c for c in page_comparisons(run_dir_for(cfg)) if c["key"] not in keys]
+    if f.source != "ai" and not human:
+        raise CaiError(f"feedback.source={f.source} needs human labels: feedback.human_labels=FILE and/or "
+                       f"feedback.human_rankings=FILE, or labels from the labeling page "
+                       f"(python -m cai.label run={cfg.run})")
+    return human
 
 
 def _backend(model_cfg: ModelConfig, model: str):
@@ -212,7 +220,7 @@ def run_rl(cfg) -> dict:
     constitution, prompts, settings = _inputs(cfg)
     f = cfg.feedback
     # with source=ai, human labels (when given) are only compared with the AI labels
-    human = _human_comparisons(cfg) if (f.source != "ai" or f.human_labels or f.human_rankings) else []
+    human = _human_comparisons(cfg)
     if cfg.feedback.source == "human" and cfg.rounds > 1:
         raise CaiError(f"rounds={cfg.rounds} with feedback.source=human: imported labels do not change between "
                        "rounds; use rounds=1, or source=ai|mixed")

@@ -1,0 +1,509 @@
+"""`python -m cai.label run=NAME`: a web page on which people label answer pairs and write better answers.
+
+The pairs are the run's AI-labeled pairs (every distinct pair in `rl/round-*/comparisons.jsonl`, so AI and
+human labels of the same pairs can be compared), or `pairs=FILE.jsonl` (prompt, answer_a, answer_b, optional
+prompt_id, category). The server binds 127.0.0.1 only and answers only requests that carry the random token
+printed at start. Each annotator sees the two answers in an order drawn per (annotator, pair) by a seeded
+hash, recorded with the label and mapped back to the stored order.
+
+Every action is an event appended to `<run>/human/labels.jsonl` (a JsonlStore, fsynced per event): label,
+skip, demonstration ("a better answer") and undo. Undo appends an event that cancels the annotator's latest
+un-cancelled label, skip or demonstration; undo events themselves are never cancelled (a second undo goes one
+step further back; there is no redo). Replaying the events gives each annotator's state, so a killed server
+restarts exactly where every annotator stopped. A lock on `human/.lock` keeps a second server off the store.
+
+Other stages read the labels through `page_comparisons` (comparison records of the shape `cai.human`
+produces) and `page_demonstrations` (SFT records); `export=FILE` writes them in `cai.human`'s import format.
+This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import secrets
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+from cai.config import F, build_config, parse_overrides, stable_hash
+from cai.errors import CaiError, cli_main
+from cai.store import JsonlStore, RunLock, write_jsonl_atomic
+
+HOST = "127.0.0.1"  # never anything else: the page has no login beyond the token
+PAGE = Path(__file__).parent / "web" / "label.html"
+CHOICES = {"a": "left", "b": "right", "tie": "tie"}  # on-screen choices the API takes
+EVENTS = ("label", "skip", "demonstration", "undo")
+MAX_BODY = 256 * 1024
+MAX_ANSWER_CHARS = 20_000
+MAX_ANNOTATOR_CHARS = 64
+
+
+@dataclass
+class LabelConfig:
+    run: str = F("", "run name: pairs from <runs_dir>/<run>/rl/round-*/comparisons.jsonl, labels in <run>/human/")
+    runs_dir: str = F("runs", "where run directories live")
+    pairs: str = F("", "JSONL of pairs to label instead of the run's (prompt, answer_a, answer_b; optional "
+                       "prompt_id, category; other fields ignored)")
+    port: int = F(0, "port on 127.0.0.1 (0: any free port)")
+    seed: int = F(0, "seed of the per-annotator left/right order of the answers")
+    export: str = F("", "write the labels to this JSONL file (cai.human import format) and exit")
+    export_demonstrations: str = F("", "write the better answers to this JSONL file (prompt, answer, ...) and exit")
+
+
+# --- pairs -------------------------------------------------------------------------------------------------
+
+
+def pair_id(prompt: str, a: str, b: str) -> str:
+    """The same for (a, b) and (b, a), like cai.feedback.pair_identity (which imports torch)."""
+    x, y = sorted([a, b])
+    return stable_hash({"kind": "page-pair", "prompt": prompt, "answers": [x, y]}, 16)
+
+
+def _jsonl_rows(path: Path):
+    """(line number, object) for each non-blank line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CaiError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise CaiError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise CaiError(f"{path}:{n}: invalid JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise CaiError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        yield n, row
+
+
+def _pair(path: Path, n: int, row: dict) -> dict:
+    for field in ("prompt", "answer_a", "answer_b"):
+        v = row.get(field)
+        if not isinstance(v, str) or not v.strip():
+            raise CaiError(f"{path}:{n}: {field}: expected a non-empty string")
+    for field in ("prompt_id", "category"):
+        if row.get(field) is not None and not isinstance(row[field], str):
+            raise CaiError(f"{path}:{n}: {field}: expected a string")
+    if row["answer_a"] == row["answer_b"]:
+        raise CaiError(f"{path}:{n}: answer_b: expected a different answer from answer_a (they are identical)")
+    prompt = row["prompt"]
+    return {"id": pair_id(prompt, row["answer_a"], row["answer_b"]), "prompt": prompt,
+            "prompt_id": row.get("prompt_id") or "human-" + stable_hash({"prompt": prompt}, 12),
+            "category": row.get("category") or "", "answer_a": row["answer_a"], "answer_b": row["answer_b"]}
+
+
+def load_pairs(run_dir: Path, pairs_file: str = "") -> tuple[list[dict], int]:
+    """The distinct pairs to label, in file order (first occurrence wins), and how many rows were left out.
+
+    From pairs_file every row must be a valid pair. From the run's comparisons, pairs a person cannot label
+    (an empty answer, or two identical answers) are left out and counted.
+    """
+    if pairs_file:
+        files, strict = [Path(pairs_file).expanduser()], True
+    else:
+        files = sorted((run_dir / "rl").glob("round-*/comparisons.jsonl"),
+                       key=lambda p: int(re.sub(r"\D", "", p.parent.name) or 0))
+        strict = False
+    pairs, seen, left_out = [], set(), 0
+    for path in files:
+        for n, row in _jsonl_rows(path):
+            try:
+                p = _pair(path, n, row)
+            except CaiError:
+                if strict or not all(isinstance(row.get(f), str) for f in ("prompt", "answer_a", "answer_b")):
+                    raise
+                left_out += 1
+                continue
+            if p["id"] not in seen:
+                seen.add(p["id"])
+                pairs.append(p)
+    if not pairs:
+        where = pairs_file or f"{run_dir}/rl/round-*/comparisons.jsonl"
+        raise CaiError(f"{where}: no pairs to label; run stage=rl first, or give pairs=FILE")
+    return pairs, left_out
+
+
+def is_swapped(seed: int, annotator: str, pid: str) -> bool:
+    """Whether answer_b is shown on the left: a seeded hash per (annotator, pair), so no position pattern."""
+    return int(stable_hash({"kind": "page-order", "seed": seed, "annotator": annotator, "pair": pid}), 16) % 2 == 1
+
+
+# --- events ------------------------------------------------------------------------------------------------
+
+
+def labels_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "human" / "labels.jsonl"
+
+
+def apply_event(active: dict[str, list[dict]], ev: dict, where: str = "") -> None:
+    """Replay one event into {annotator: [un-cancelled label/skip/demonstration events, oldest first]}."""
+    stack = active.setdefault(ev["annotator"], [])
+    if ev["event"] != "undo":
+        stack.append(ev)
+    elif stack and stack[-1]["key"] == ev["undoes"]:
+        stack.pop()
+    else:
+        raise CaiError(f"{where}event {ev['key']}: undoes {ev['undoes']}, which is not {ev['annotator']}'s latest "
+                       "un-cancelled event; the labels file was edited by hand?")
+
+
+def replay(events: list[dict], where: str = "") -> dict[str, list[dict]]:
+    active: dict[str, list[dict]] = {}
+    for ev in events:
+        apply_event(active, ev, where)
+    return active
+
+
+def _active_events(run_dir: Path) -> list[dict]:
+    path = labels_path(run_dir)
+    if not path.exists():
+        return []
+    events = list(JsonlStore(path).records.values())  # file order: the order they happened
+    active = {e["key"] for evs in replay(events, f"{path}: ").values() for e in evs}
+    return [e for e in events if e["key"] in active]
+
+
+def page_comparisons(run_dir: str | Path) -> list[dict]:
+    """The page's labels as comparison records (cai.human's shape: source="human", soft_label 1/0/0.5 for the
+    stored answer_a, annotator kept), oldest first."""
+    from cai.human import _comparison
+
+    return [_comparison(e["prompt"], e["prompt_id"], e["category"], e["answer_a"], e["answer_b"], e["annotator"],
+                        e["soft_label"]) for e in _active_events(Path(run_dir)) if e["event"] == "label"]
+
+
+def page_demonstrations(run_dir: str | Path) -> list[dict]:
+    """The page's better answers as SFT records (the shape of cai.human.load_demonstrations), oldest first."""
+    out, seen = [], set()
+    for e in _active_events(Path(run_dir)):
+        if e["event"] != "demonstration":
+            continue
+        key = stable_hash({"kind": "human-demo", "prompt": e["prompt"], "answer": e["answer"],
+                           "annotator": e["annotator"]})
+        if key not in seen:
+            seen.add(key)
+            out.append({"key": key, "source": "human", "prompt_id": e["prompt_id"], "round": 0,
+                        "annotator": e["annotator"], "prompt": [{"role": "user", "content": e["prompt"]}],
+                        "completion": [{"role": "assistant", "content": e["answer"]}]})
+    return out
+
+
+def export_labels(run_dir: Path, path: str) -> int:
+    """Labels in the import format of cai.human.load_human_comparisons; returns how many."""
+    rows = []
+    for c in page_comparisons(run_dir):
+        choice = {1.0: "a", 0.0: "b", 0.5: "tie"}[c["soft_label"]]
+        rows.append({"prompt": c["prompt"], "answer_a": c["answer_a"], "answer_b": c["answer_b"], "choice": choice,
+                     "annotator": c["annotator"], "prompt_id": c["prompt_id"], **({"category": c["category"]}
+                                                                                   if c["category"] else {})})
+    if not rows:
+        raise CaiError(f"{labels_path(run_dir)}: no labels yet; nothing to export")
+    write_jsonl_atomic(Path(path).expanduser(), rows)
+    return len(rows)
+
+
+def export_demonstrations(run_dir: Path, path: str) -> int:
+    """Better answers in the import format of cai.human.load_demonstrations; returns how many."""
+    rows = [{"prompt": d["prompt"][0]["content"], "answer": d["completion"][0]["content"],
+             "annotator": d["annotator"], "prompt_id": d["prompt_id"]} for d in page_demonstrations(run_dir)]
+    if not rows:
+        raise CaiError(f"{labels_path(run_dir)}: no better answers yet; nothing to export")
+    write_jsonl_atomic(Path(path).expanduser(), rows)
+    return len(rows)
+
+
+# --- the labeling session: pairs + event store + replayed state, behind one lock ----------------------------
+
+
+class RequestError(Exception):
+    """A request the page should not have sent: (HTTP status, one-line message)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class LabelSession:
+    """The pairs, the event store and every annotator's replayed state; writes are serialized by `lock`."""
+
+    def __init__(self, pairs: list[dict], run_dir: Path, seed: int = 0):
+        self.pairs, self.seed = pairs, seed
+        self.by_id = {p["id"]: p for p in pairs}
+        self.store = JsonlStore(labels_path(run_dir))
+        self.active = replay(list(self.store.records.values()), f"{self.store.path}: ")
+        self.seq = Counter(e["annotator"] for e in self.store.records.values())
+        self.added: Counter = Counter()  # (annotator, event) -> events this session
+        self.lock = threading.Lock()
+
+    # reads
+    def _done(self, annotator: str) -> dict[str, str]:
+        return {e["pair"]: e["event"] for e in self.active.get(annotator, []) if e["event"] in ("label", "skip")}
+
+    def counts(self, annotator: str) -> dict:
+        done = self._done(annotator)
+        kinds = Counter(v for k, v in done.items() if k in self.by_id)
+        demos = sum(e["event"] == "demonstration" for e in self.active.get(annotator, []))
+        return {"labeled": kinds["label"], "skipped": kinds["skip"], "total": len(self.pairs), "demonstrations": demos}
+
+    def progress(self) -> dict:
+        labeled_pairs = {e["pair"] for evs in self.active.values() for e in evs
+                         if e["event"] == "label" and e["pair"] in self.by_id}
+        per = {a: self.counts(a) for a in sorted(self.active) if self.active[a]}
+        return {"pairs_labeled": len(labeled_pairs), "total": len(self.pairs),
+                "labels": sum(c["labeled"] for c in per.values()), "annotators": per}
+
+    def state(self, annotator: str, message: str = "") -> dict:
+        """What the page shows an annotator: the next pair (left/right in their order), progress."""
+        with self.lock:
+            done = self._done(annotator)
+            nxt = next((p for p in self.pairs if p["id"] not in done), None)
+            view = None
+            if nxt is not None:
+                swapped = is_swapped(self.seed, annotator, nxt["id"])
+                view = {"id": nxt["id"], "prompt": nxt["prompt"], "category": nxt["category"],
+                        "left": nxt["answer_b"] if swapped else nxt["answer_a"],
+                        "right": nxt["answer_a"] if swapped else nxt["answer_b"]}
+            return {"annotator": annotator, "pair": view, "mine": self.counts(annotator), "all": self.progress(),
+                    "can_undo": bool(self.active.get(annotator)), "message": message}
+
+    # writes (one event each, fsynced before the answer goes back)
+    def _append(self, annotator: str, event: str, **fields) -> dict:
+        seq = self.seq[annotator]
+        ev = {"key": stable_hash({"kind": "page-event", "annotator": annotator, "seq": seq}), "event": event,
+              "annotator": annotator, "seq": seq, "time": round(time.time(), 3), **fields}
+        self.store.append([ev])
+        apply_event(self.active, ev)
+        self.seq[annotator] += 1
+        self.added[annotator, event] += 1
+        return ev
+
+    def _open_pair(self, annotator: str, pid: str) -> dict:
+        if pid not in self.by_id:
+            raise RequestError(400, f"pair: no pair {pid!r} on this page")
+        done = self._done(annotator).get(pid)
+        if done:
+            raise RequestError(409, f"{annotator} already {'skipped' if done == 'skip' else 'labeled'} this pair")
+        return self.by_id[pid]
+
+    def label(self, annotator: str, pid: str, choice: str) -> dict:
+        if choice not in CHOICES:
+            raise RequestError(400, f"choice: expected a (left better), b (right better) or tie, got {choice!r}")
+        with self.lock:
+            p = self._open_pair(annotator, pid)
+            swapped = is_swapped(self.seed, annotator, pid)
+            left_better = {"a": 1.0, "b": 0.0, "tie": 0.5}[choice]
+            soft = 1.0 - left_better if swapped else left_better  # P(stored answer_a is better)
+            self._append(annotator, "label", pair=pid, swapped=swapped, choice=choice, soft_label=soft,
+                         prompt=p["prompt"], prompt_id=p["prompt_id"], category=p["category"],
+                         answer_a=p["answer_a"], answer_b=p["answer_b"])
+        return self.state(annotator, f"labeled: {CHOICES[choice]}" + (" better" if choice != "tie" else ""))
+
+    def skip(self, annotator: str, pid: str) -> dict:
+        with self.lock:
+            self._open_pair(annotator, pid)
+            self._append(annotator, "skip", pair=pid, swapped=is_swapped(self.seed, annotator, pid))
+        return self.state(annotator, "skipped")
+
+    def demonstrate(self, annotator: str, pid: str, answer: str) -> dict:
+        if not isinstance(answer, str) or not answer.strip():
+            raise RequestError(400, "answer: expected a non-empty string")
+        if len(answer) > MAX_ANSWER_CHARS:
+            raise RequestError(400, f"answer: at most {MAX_ANSWER_CHARS} characters, got {len(answer)}")
+        with self.lock:
+            if pid not in self.by_id:
+                raise RequestError(400, f"pair: no pair {pid!r} on this page")
+            p = self.by_id[pid]
+            self._append(annotator, "demonstration", pair=pid, prompt=p["prompt"], prompt_id=p["prompt_id"],
+                         answer=answer)
+        return self.state(annotator, "better answer saved")
+
+    def undo(self, annotator: str) -> dict:
+        with self.lock:
+            stack = self.active.get(annotator)
+            if not stack:
+                raise RequestError(409, f"nothing to undo for {annotator}")
+            last = stack[-1]
+            self._append(annotator, "undo", undoes=last["key"], pair=last["pair"])
+        return self.state(annotator, f"undid the {last['event']}")
+
+
+# --- HTTP ----------------------------------------------------------------------------------------------------
+
+
+def check_annotator(value) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError(400, "annotator: expected a non-empty name")
+    name = value.strip()
+    if len(name) > MAX_ANNOTATOR_CHARS or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise RequestError(400, f"annotator: expected at most {MAX_ANNOTATOR_CHARS} printable characters")
+    return name
+
+
+def make_handler(session: LabelSession, token: str):
+    page = PAGE.read_bytes()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # quiet: request lines carry the token
+            pass
+
+        def _send(self, status: int, data: bytes, ctype: str = "application/json") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Referrer-Policy", "no-referrer")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            if ctype.startswith("text/html"):
+                self.send_header("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; "
+                                 "style-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; "
+                                 "form-action 'none'; frame-ancestors 'none'")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _json(self, status: int, body: dict) -> None:
+            self._send(status, json.dumps(body, ensure_ascii=False).encode())
+
+        def _route(self) -> tuple[str, dict] | None:
+            """(path, query) when the request carries the token (query or X-Cai-Token header), else a 403."""
+            url = urlparse(self.path)
+            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            given = self.headers.get("X-Cai-Token") or query.get("token", "")
+            if not hmac.compare_digest(given.encode(), token.encode()):
+                self._json(403, {"error": "missing or wrong token: open the URL the server printed at start"})
+                return None
+            return url.path, query
+
+        def _handle(self, fn) -> None:
+            try:
+                self._json(200, fn())
+            except RequestError as e:
+                self._json(e.status, {"error": str(e)})
+
+        def do_GET(self):
+            route = self._route()
+            if route is None:
+                return
+            path, query = route
+            if path == "/":
+                return self._send(200, page, "text/html; charset=utf-8")
+            if path == "/api/state":
+                return self._handle(lambda: session.state(check_annotator(query.get("annotator"))))
+            if path == "/api/progress":
+                return self._handle(lambda: session_progress(session))
+            self._json(404, {"error": f"no page {path}"})
+
+        def do_POST(self):
+            route = self._route()
+            if route is None:
+                return
+            path, _ = route
+            actions = {"/api/label": lambda b, a: session.label(a, b.get("pair"), b.get("choice")),
+                       "/api/skip": lambda b, a: session.skip(a, b.get("pair")),
+                       "/api/demonstration": lambda b, a: session.demonstrate(a, b.get("pair"), b.get("answer")),
+                       "/api/undo": lambda b, a: session.undo(a)}
+            if path not in actions:
+                return self._json(404, {"error": f"no action {path}"})
+            length = self.headers.get("Content-Length")
+            if length is None or not length.isdigit():
+                return self._json(400, {"error": "expected a Content-Length header"})
+            if int(length) > MAX_BODY:
+                self.close_connection = True
+                return self._json(413, {"error": f"request body over {MAX_BODY} bytes"})
+            try:
+                body = json.loads(self.rfile.read(int(length)).decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                return self._json(400, {"error": "body: expected a JSON object"})
+            if not isinstance(body, dict):
+                return self._json(400, {"error": "body: expected a JSON object"})
+
+            def act():
+                annotator = check_annotator(body.get("annotator"))
+                if path != "/api/undo" and not isinstance(body.get("pair"), str):
+                    raise RequestError(400, "pair: expected a pair id")
+                return actions[path](body, annotator)
+
+            self._handle(act)
+
+    return Handler
+
+
+def session_progress(session: LabelSession) -> dict:
+    with session.lock:
+        return session.progress()
+
+
+def start_server(session: LabelSession, port: int = 0) -> tuple[ThreadingHTTPServer, str]:
+    """A server on 127.0.0.1 (not yet serving) and its URL with a fresh random token."""
+    token = secrets.token_urlsafe(24)
+    server = ThreadingHTTPServer((HOST, port), make_handler(session, token))
+    server.daemon_threads = True
+    return server, f"http://{HOST}:{server.server_address[1]}/?token={token}"
+
+
+def print_summary(session: LabelSession) -> None:
+    from cai.pipeline import table
+
+    p = session_progress(session)
+    rows = [(a, c["labeled"], c["skipped"], c["demonstrations"], session.added[a, "label"])
+            for a, c in p["annotators"].items()]
+    print(f"\n{p['pairs_labeled']} of {p['total']} pairs labeled by at least one annotator; {p['labels']} labels "
+          f"in {session.store.path}")
+    if rows:
+        print(table(rows, ("annotator", "labels", "skipped", "better answers", "labels this session")))
+
+
+@cli_main
+def main(argv: list[str]) -> int:
+    if "--help" in argv or "-h" in argv:
+        from cai.config import help_text
+
+        print(__doc__)
+        print("\n".join(help_text(LabelConfig)))
+        return 0
+    cfg = build_config(LabelConfig, {}, "command line", parse_overrides(argv))
+    from cai.pipeline import run_dir_for
+
+    if not cfg.run:
+        raise CaiError("run: expected run=NAME (labels go to <runs_dir>/<run>/human/labels.jsonl)")
+    run_dir = run_dir_for(cfg)
+    if cfg.export or cfg.export_demonstrations:
+        if cfg.export:
+            print(f"{export_labels(run_dir, cfg.export)} labels -> {cfg.export}")
+        if cfg.export_demonstrations:
+            print(f"{export_demonstrations(run_dir, cfg.export_demonstrations)} better answers -> "
+                  f"{cfg.export_demonstrations}")
+        return 0
+    if not 0 <= cfg.port <= 65535:
+        raise CaiError(f"port={cfg.port}: expected 0 (any free port) to 65535")
+    pairs, left_out = load_pairs(run_dir, cfg.pairs)
+    with RunLock(run_dir / "human"):
+        session = LabelSession(pairs, run_dir, cfg.seed)
+        try:
+            server, url = start_server(session, cfg.port)
+        except OSError as e:
+            raise CaiError(f"port={cfg.port}: cannot listen on {HOST} ({e.strerror})") from None
+        skipped = f" ({left_out} rows with an empty or repeated answer left out)" if left_out else ""
+        print(f"{len(pairs)} pairs from {cfg.pairs or run_dir / 'rl'}{skipped}; labels go to {session.store.path}")
+        print(f"labeling page: {url}", flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
+            print_summary(session)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -32,8 +32,8 @@ demo-sl: setup
 browser:
 	@command -v chromium >/dev/null || { \
 	  if ! command -v apt-get >/dev/null; then echo "note: no chromium and no apt-get; the labeling page's browser test will be skipped"; \
-	  elif [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y chromium chromium-driver; \
-	  elif command -v sudo >/dev/null; then sudo apt-get update && sudo apt-get install -y chromium chromium-driver; \
+	  elif [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	  elif command -v sudo >/dev/null; then sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
 	  else echo "note: no chromium and no root/sudo to install it; the labeling page's browser test will be skipped"; fi; }
 
 # Fast suite (tiny model, seconds per test). Slow real-model tests: `make test-slow`.

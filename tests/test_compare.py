@@ -1,0 +1,273 @@
+"""cai.compare on two tiny runs: report numbers checked against hand computations from the raw records, reuse
+on a rerun, bad input; unit tests of the Bradley-Terry/Elo fit and the boilerplate detector on hand-made data."""
+
+import json
+import math
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from cai.compare import boilerplate, bradley_terry, elo_from_theta, elo_with_ci, main
+from cai.config import stable_hash
+from cai.pipeline import main as pipeline
+
+from .conftest import ASSETS, ROOT
+
+ELO = 400 / math.log(10)
+
+
+# --- maths on hand-made inputs -----------------------------------------------------------------------------
+
+
+def test_two_models_elo_gap_is_the_log_odds_of_the_win_rate():
+    for p in (0.75, 0.6, 0.1):
+        wins = np.array([[0, 4 * p], [4 * (1 - p), 0]])
+        elo = elo_from_theta(bradley_terry(wins, np.array([[0, 4.0], [4.0, 0]])))
+        assert elo[0] - elo[1] == pytest.approx(400 * math.log10(p / (1 - p)), abs=1e-3)
+        assert elo.mean() == pytest.approx(1000)
+
+
+def test_bt_recovers_strengths_from_exact_outcomes():
+    theta = np.array([0.0, 1.0, 2.0])
+    p = 1 / (1 + np.exp(-(theta[:, None] - theta[None, :])))
+    counts = 3.0 * (1 - np.eye(3))
+    elo = elo_from_theta(bradley_terry(p * counts, counts))
+    assert elo[1] - elo[0] == pytest.approx(ELO, abs=1e-3) and elo[2] - elo[1] == pytest.approx(ELO, abs=1e-3)
+    assert ELO == pytest.approx(173.7178, abs=1e-4)
+
+
+def test_bt_stays_finite_when_one_model_wins_everything():
+    theta = bradley_terry(np.array([[0, 5.0], [0, 0]]), np.array([[0, 5.0], [5.0, 0]]))
+    assert np.isfinite(theta).all() and theta[0] > theta[1] + 5
+
+
+def test_bootstrap_interval_is_seeded_and_contains_the_estimate():
+    rng = np.random.default_rng(1)
+    outcomes = rng.uniform(0.2, 0.8, size=(12, 3, 3))
+    outcomes[:, 0, 1] += 0.15  # model 0 a little better than 1
+    for i in range(3):
+        for j in range(i):
+            outcomes[:, i, j] = 1 - outcomes[:, j, i]
+    a, b, c = elo_with_ci(outcomes, 200, 7), elo_with_ci(outcomes, 200, 7), elo_with_ci(outcomes, 200, 8)
+    assert (a["ci_low"] == b["ci_low"]).all() and (a["ci_high"] == b["ci_high"]).all()
+    assert not (a["ci_low"] == c["ci_low"]).all()
+    assert (a["ci_low"] <= a["elo"]).all() and (a["elo"] <= a["ci_high"]).all()
+    assert elo_with_ci(outcomes, 0, 7)["ci_low"] is None
+
+
+def test_boilerplate_phrase_and_share():
+    answers = ["I am sorry, but I cannot help.", "Sure. I am SORRY but I can't do that.",
+               "Mix the flour and the butter.", "i am sorry but no", "short"]
+    b = boilerplate(answers, n=4)
+    assert b == {"phrase": "i am sorry but", "answers_with_phrase": 3, "answers": 5, "share": 0.6}
+    # ties go to the alphabetically first phrase; a phrase in one answer only is not boilerplate
+    assert boilerplate(["b b x", "b b y", "a a x", "a a y"], n=2)["phrase"] == "a a"
+    assert boilerplate(["one two three", "four five six"], n=2) == {"phrase": None, "answers_with_phrase": 0,
+                                                                    "answers": 2, "share": 0.0}
+
+
+# --- two tiny runs ---------------------------------------------------------------------------------------------
+
+
+def _rl(root, run, const, **over):
+    args = {"stage": "rl", "run": run, "runs_dir": str(root / "runs"), "constitution": str(const),
+            "pair_sampling.max_new_tokens": 6, "red_team.limit": 6, "helpful.limit": 2,
+            "feedback.labeler.model": "tiny", "pm.batch_size": 4, "pm.eval_fraction": 0.25, "ppo.steps": 2,
+            "ppo.rollout_batch_size": 4, "ppo.mini_batch_size": 2, "ppo.ppo_epochs": 1, "ppo.max_new_tokens": 6,
+            "progress": False, **over}
+    pipeline([f"{k}={v}" for k, v in args.items()])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A: SL-CAI then RL (seed 0). B: RL from A's SL-CAI model with another seed and constitution, plus human
+    labels on four of its pairs (two shown in the other order) that are compared with its AI labels."""
+    root = tmp_path_factory.mktemp("compare")
+    const_a, const_b = root / "a.yaml", root / "b.yaml"
+    shutil.copyfile(ASSETS / "constitutions" / "good.yaml", const_a)
+    shutil.copyfile(ASSETS / "constitutions" / "good_flow.yaml", const_b)
+    pipeline(["stage=sl", "run=A", f"runs_dir={root / 'runs'}", f"constitution={const_a}", "generator.model=tiny",
+              "red_team.limit=2", "critique.rounds=1", "critique.few_shot=0", "sampling.max_new_tokens=4",
+              "sft.helpful_ratio=0.5", "sft.batch_size=4", "progress=false"])
+    _rl(root, "A", const_a, **{"feedback.principles_per_pair": 2})
+    b_args = {"seed": 1, "policy.model": root / "runs" / "A" / "sl" / "model", "feedback.principles_per_pair": 1}
+    _rl(root, "B", const_b, **b_args)
+    comps = [json.loads(x) for x in (root / "runs" / "B" / "rl" / "round-1" / "comparisons.jsonl").read_text().splitlines()]
+    human = []
+    for i, c in enumerate(comps[:4]):
+        a, b = (c["answer_b"], c["answer_a"]) if i % 2 else (c["answer_a"], c["answer_b"])
+        human.append({"prompt": c["prompt"], "answer_a": a, "answer_b": b, "choice": "a" if i < 3 else "b",
+                      "annotator": "ann"})
+    labels = root / "human.jsonl"
+    labels.write_text("".join(json.dumps(h) + "\n" for h in human))
+    _rl(root, "B", const_b, **b_args, **{"feedback.human_labels": labels})  # everything reused; agreement measured
+    patterns = root / "refusal.txt"  # a pattern random text matches now and then, so refusal rates are not all 0
+    patterns.write_text("# test pattern\n\\bs[a-z]\n")
+    return root, patterns
+
+
+def _compare(root, patterns, out, *extra):
+    main([str(root / "runs" / "A"), str(root / "runs" / "B"), "judge.model=tiny", "red_team.limit=3",
+          "helpful.limit=3", "sampling.max_new_tokens=8", "sampling.temperature=1.0", "bootstrap=200",
+          f"refusal_patterns={patterns}", f"out={out}", "progress=false", *extra])
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def report(runs):
+    root, patterns = runs
+    out = root / "report"
+    return root, out, _compare(root, patterns, out)
+
+
+def _records(out):
+    return {r["key"]: r for r in map(json.loads, (out / "steps.jsonl").read_text().splitlines())}
+
+
+def test_models_found_and_deduplicated(report):
+    _, _, rep = report
+    # B's RL started from A's SL model: compared once, named by its kind; B has no base model of its own
+    assert [m["label"] for m in rep["models"]] == ["A/base", "sl", "A/rl", "B/rl"]
+    assert rep["models"][1]["aliases"] == ["A/sl", "B/sl"]
+    assert any("B: no base model" in n for n in rep["notes"])
+
+
+def test_win_rates_elo_refusals_lengths_and_pm_scores_by_hand(report, runs):
+    root, out, rep = report
+    recs = _records(out)
+    labels = [m["label"] for m in rep["models"]]
+    patterns = [re.compile(line, re.IGNORECASE) for line in runs[1].read_text().splitlines()
+                if line and not line.startswith("#")]
+    refusal_rates = []
+    for s in ("red_team", "helpful"):
+        answers = rep["records"]["answers"][s]
+        outcomes: dict = {}
+        for j in rep["records"]["judge"][s]:
+            xf, yf = recs[j["x_first"]], recs[j["y_first"]]
+            ax, ay = recs[answers[j["x"]][j["k"]]]["text"], recs[answers[j["y"]][j["k"]]]["text"]
+            # the judge saw x's answer first in one request and second in the other
+            assert (xf["first_sha"], xf["second_sha"]) == (stable_hash(ax), stable_hash(ay))
+            assert (yf["first_sha"], yf["second_sha"]) == (stable_hash(ay), stable_hash(ax))
+            for r in (xf, yf):  # option-letter probabilities normalized over A and B
+                la, lb = r["logp"]
+                assert r["p_option_a"] == pytest.approx(math.exp(la) / (math.exp(la) + math.exp(lb)))
+            p = (xf["p_option_a"] + (1 - yf["p_option_a"])) / 2  # both orders averaged
+            outcomes.setdefault((j["x"], j["y"]), []).append(p)
+            outcomes.setdefault((j["y"], j["x"]), []).append(1 - p)
+        assert len(outcomes) == 4 * 3 and all(len(v) == 3 for v in outcomes.values())
+        for (x, y), ps in outcomes.items():
+            assert rep["win_rates"][s][x][y] == pytest.approx(sum(ps) / len(ps), abs=1e-12)
+
+        # Elo by an independent fit: Hunter's MM iteration on the summed soft wins
+        wins = {x: sum(sum(outcomes[(x, y)]) for y in labels if y != x) for x in labels}
+        gamma = {x: 1.0 for x in labels}
+        for _ in range(2000):
+            gamma = {x: wins[x] / sum(3 / (gamma[x] + gamma[y]) for y in labels if y != x) for x in labels}
+        logs = {x: math.log(g) for x, g in gamma.items()}
+        mean_log = sum(logs.values()) / len(logs)
+        for x in labels:
+            e = rep["elo"][s][x]
+            assert e["elo"] == pytest.approx(1000 + ELO * (logs[x] - mean_log), abs=1e-3)
+            assert e["ci_low"] <= e["elo"] <= e["ci_high"]
+
+        for x in labels:
+            texts = [recs[k]["text"] for k in answers[x]]
+            tokens = [recs[k]["completion_tokens"] for k in answers[x]]
+            rate = sum(any(p.search(t) for p in patterns) for t in texts) / len(texts)
+            refusal_rates.append(rate)
+            assert rep["answers"][s][x]["refusal_rate"] == pytest.approx(rate)
+            assert rep["answers"][s][x]["mean_tokens"] == pytest.approx(sum(tokens) / len(tokens))
+            for pm, per_set in rep["records"]["pm_scores"].items():
+                scores = [recs[k]["score"] for k in per_set[s][x]]
+                assert rep["pm_scores"][pm][s][x] == pytest.approx(sum(scores) / len(scores))
+    assert any(0 < r < 1 for r in refusal_rates)  # the refusal check is not vacuous
+    assert set(rep["pm_scores"]) == {"A/pm", "B/pm"}
+
+
+def test_a_pm_score_matches_scoring_the_answer_directly(report):
+    from cai.pm import load_pm, score_answers
+
+    root, out, rep = report
+    recs = _records(out)
+    key = rep["records"]["answers"]["helpful"]["B/rl"][0]
+    model, tok = load_pm(root / "runs" / "B" / "rl" / "round-1" / "pm")
+    prompt = json.loads((ROOT / "prompts" / "sets" / "helpful_eval.jsonl").read_text().splitlines()[0])["prompt"]
+    [score] = score_answers(model, tok, [prompt], [recs[key]["text"]])
+    assert recs[rep["records"]["pm_scores"]["B/pm"]["helpful"]["B/rl"][0]]["score"] == pytest.approx(score, abs=1e-3)
+
+
+def test_run_records_curves_labels_cost_and_diffs(report):
+    root, _, rep = report
+    metrics = [json.loads(x) for x in (root / "runs" / "A" / "metrics.jsonl").read_text().splitlines()]
+    ppo = [m for m in metrics if "rl/ppo/reward_mean" in m]
+    assert rep["curves"]["A"] == [{"algorithm": "ppo", "steps": [m["step"] for m in ppo],
+                                   "reward": [m["rl/ppo/reward_mean"] for m in ppo], "kl": [m["rl/ppo/kl"] for m in ppo]}]
+    assert len(rep["curves"]["B"]) == 1 and len(rep["curves"]["B"][0]["steps"]) == 2  # the rerun trained nothing
+
+    # AI vs human on B's shared pairs, by hand (two of the human records show the pair in the other order)
+    b_dir = root / "runs" / "B"
+    ai = {tuple(sorted([c["answer_a"], c["answer_b"]])): c
+          for c in map(json.loads, (b_dir / "rl" / "comparisons.jsonl").read_text().splitlines())}
+    human = [json.loads(x) for x in (root / "human.jsonl").read_text().splitlines()]
+    agree = 0
+    for h in human:
+        c = ai[tuple(sorted([h["answer_a"], h["answer_b"]]))]
+        ai_prefers_h_a = (c["soft_label"] > 0.5) == (c["answer_a"] == h["answer_a"])
+        agree += ai_prefers_h_a == (h["choice"] == "a")
+    lab = rep["labels"]["B"]
+    assert lab["human_labels"] == 4 and lab["human_shared"] == 4
+    assert lab["human_agreement"] == pytest.approx(agree / 4)
+    diag = json.loads((b_dir / "rl" / "round-1" / "label_diagnostics.json").read_text())
+    assert lab["rounds"][0]["position_consistency"] == diag["position_consistency"]
+    assert diag["human_agreement"] == pytest.approx(agree / 4)  # the RL stage's own count agrees
+    assert sum(b["count"] for b in lab["ai_vs_human_calibration"]) == 4
+    assert rep["labels"]["A"]["human_labels"] == 0 and rep["labels"]["A"]["pm_heldout_calibration"]
+    assert rep["cost"]["runs"]["B"][0]["seconds_per_label"] == diag["seconds_per_label"]
+    assert rep["cost"]["judge"]["labels"] == 2 * 6 * 6 and rep["cost"]["judge"]["tokens_per_label"] > 50
+
+    diffs = rep["config_diff"]["B vs A"]
+    assert "\n-seed: 0\n" in diffs["config.rl.yaml"] and "\n+seed: 1\n" in diffs["config.rl.yaml"] and "test-flow" in diffs["constitution.yaml"]
+    assert diffs["config.sl.yaml"].count("\n-") > 10  # B has no SL config: every line is removed
+
+
+def test_report_files_embed_the_plots(report):
+    _, out, rep = report
+    assert set(rep["plots"]) == {"plots/elo.png", "plots/win_rates.png", "plots/answers.png",
+                                 "plots/rl_curves.png", "plots/calibration.png"}
+    md = (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    for p in rep["plots"]:
+        assert (out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({p})" in md
+    assert page.count('src="data:image/png;base64,') == len(rep["plots"]) and "plots/" not in page
+    assert "&quot;test-flow&quot;" in page  # run text is escaped
+    e = rep["elo"]["red_team"]["B/rl"]
+    assert f"{e['elo']:.1f} [{e['ci_low']:.1f}, {e['ci_high']:.1f}]" in md
+
+
+def test_rerun_computes_nothing_and_repeats_the_numbers(report, runs):
+    root, out, rep = report
+    before = (out / "steps.jsonl").read_bytes()
+    again = _compare(root, runs[1], out)
+    assert (out / "steps.jsonl").read_bytes() == before
+    assert all(again["work"][k]["computed"] == 0 for k in ("answers", "judge", "pm_scores"))
+    assert again["work"]["answers"]["reused"] == 4 * 6 and again["work"]["judge"]["reused"] == 2 * 6 * 6
+    assert again["elo"] == rep["elo"] and again["win_rates"] == rep["win_rates"]  # seeded bootstrap
+    assert not list((out / "plans").glob("*.json"))
+
+
+@pytest.mark.parametrize("case", ["one run", "not a run", "missing", "twice", "bad key"])
+def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys, case):
+    root, _ = runs
+    a = str(root / "runs" / "A")
+    argv = {"one run": [a], "not a run": [a, str(tmp_path)], "missing": [a, str(tmp_path / "nope")],
+            "twice": [a, a], "bad key": [a, str(root / "runs" / "B"), "bootstrapp=3"]}[case]
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["judge.model=tiny", f"out={tmp_path / 'out'}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert {"one run": "expected 2 or more", "not a run": "not a run directory", "missing": "no such directory",
+            "twice": "given twice", "bad key": "did you mean 'bootstrap'"}[case] in err
+    assert not (tmp_path / "out").exists()

@@ -31,7 +31,8 @@ def F(default, help: str):  # noqa: A002 - a field with help text
 @dataclass
 class ModelConfig:
     model: str = F("smollm2-135m", "preset (smollm2-135m, tiny), local model dir, or hub id (online only)")
-    backend: str = F("transformers", "transformers | openai (an OpenAI-compatible server) | fake (control-flow tests)")
+    backend: str = F("transformers", "transformers | vllm (GPU, the vllm extra) | openai (an OpenAI-compatible "
+                                     "server) | fake (control-flow tests)")
     dtype: str = F("auto", "auto (bf16 where the CPU/GPU has it, else fp32) | float32 | bfloat16 | float16")
     device: str = F("auto", "auto | cpu | cuda | cuda:N")
     batch_size: int = F(16, "requests per forward batch (length-bucketed)")
@@ -41,6 +42,12 @@ class ModelConfig:
     tokenizer: str = F("", "backend=openai: local model dir or preset with the served model's chat template "
                            "(needed for option scoring)")
     concurrency: int = F(8, "backend=openai: requests in flight at most")
+    gpu_memory_utilization: float = F(0.85, "backend=vllm: share of the GPU's memory vLLM may take (weights + KV "
+                                            "cache)")
+    max_model_len: int = F(0, "backend=vllm: tokens of context to reserve KV cache for (0 = the model's own limit)")
+    enable_prefix_caching: bool = F(True, "backend=vllm: reuse the KV cache of shared prompt prefixes (few-shot, "
+                                          "templates)")
+    tensor_parallel_size: int = F(1, "backend=vllm: GPUs one copy of the model is split across")
 
 
 @dataclass

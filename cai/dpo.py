@@ -89,5 +89,5 @@ def train_dpo(comparisons: list[dict], base: ModelRef, cfg: DPOConfig, seed: int
     summary = {"key": key, "base": base.identity, "pairs": len(pairs), "dropped": len(comparisons) - len(pairs),
                "steps": result.global_step, "train_loss": result.training_loss,
                "seconds": round(time.time() - start, 1), "resumed_from": str(last) if last else None}
-    save_trained(trainer.model, tokenizer, out_dir, card, summary, ckpt_dir)
+    save_trained(trainer, tokenizer, out_dir, card, summary, ckpt_dir)
     return summary

@@ -33,7 +33,10 @@ class GroupRLConfig:
     bf16: str = F("auto", "auto | true | false")
     gradient_checkpointing: bool = F(False, "trade compute for memory")
     save_steps: int = F(50, "checkpoint every N optimizer steps")
-    use_vllm: bool = F(False, "generate with vLLM (GPU only; the `vllm` extra)")
+    use_vllm: bool = F(False, "generate with vLLM inside each training process (TRL's vllm_mode=colocate; GPU "
+                              "only, the vllm extra)")
+    vllm_gpu_memory_utilization: float = F(0.3, "use_vllm: share of each GPU's memory vLLM may take (the rest is "
+                                                "for training)")
 
 
 def pm_reward_function(score_fn):
@@ -63,6 +66,11 @@ def train_group_rl(algorithm: str, policy: ModelRef, score_fn, prompts: list[str
     common = common_args(cfg, out_dir / "checkpoints" / key, device, seed, progress)
     online = dict(num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
                   temperature=cfg.temperature, beta=cfg.beta, use_vllm=cfg.use_vllm)
+    if cfg.use_vllm:  # vLLM in the trainer's own processes, weights synced from the policy every step
+        from cai.backends.vllm_backend import require_vllm
+
+        require_vllm(f"{algorithm}.use_vllm=true")
+        online.update(vllm_mode="colocate", vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
     if algorithm == "grpo":
         from trl import GRPOConfig as TRLConfig
         from trl import GRPOTrainer as Trainer
@@ -90,5 +98,5 @@ def train_group_rl(algorithm: str, policy: ModelRef, score_fn, prompts: list[str
                "train_loss": result.training_loss, "first_reward": rewards[0] if rewards else None,
                "last_reward": rewards[-1] if rewards else None, "seconds": round(time.time() - start, 1),
                "resumed_from": str(last) if last else None}
-    save_trained(trainer.model, tokenizer, out_dir / "policy", card, summary, out_dir / "checkpoints" / key)
+    save_trained(trainer, tokenizer, out_dir / "policy", card, summary, out_dir / "checkpoints" / key)
     return summary

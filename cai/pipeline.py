@@ -15,6 +15,8 @@ from pathlib import Path
 
 from cai.config import help_text, load_config, open_metrics, stage_schemas, to_yaml
 from cai.errors import CaiError, cli_main
+from cai.launch import init as init_launch
+from cai.launch import is_main, launched, on_main
 from cai.store import JsonlStore, RunLock, write_atomic, write_jsonl_atomic
 
 
@@ -28,7 +30,9 @@ def run_dir_for(cfg) -> Path:
 def backend_options(m) -> dict:
     """make_backend keyword arguments from a ModelConfig section."""
     return dict(dtype=m.dtype, device=m.device, batch_size=m.batch_size, trust_remote_code=m.trust_remote_code,
-                base_url=m.base_url, tokenizer=m.tokenizer, api_key_env=m.api_key_env, concurrency=m.concurrency)
+                base_url=m.base_url, tokenizer=m.tokenizer, api_key_env=m.api_key_env, concurrency=m.concurrency,
+                gpu_memory_utilization=m.gpu_memory_utilization, max_model_len=m.max_model_len,
+                enable_prefix_caching=m.enable_prefix_caching, tensor_parallel_size=m.tensor_parallel_size)
 
 
 def snapshot_constitution(run_dir: Path, constitution) -> None:
@@ -45,7 +49,10 @@ def snapshot_constitution(run_dir: Path, constitution) -> None:
 
 
 def start_run(run_dir: Path, cfg, constitution):
-    """Inside the run lock: the resolved config, the constitution snapshot, and the metrics log."""
+    """Inside the run lock: the resolved config, the constitution snapshot, and the metrics log. Launched: the
+    main process writes them; the others get a metrics log that writes nothing (cai.store.Metrics)."""
+    if not is_main():
+        return open_metrics(run_dir, cfg.stage, "none")
     write_atomic(run_dir / f"config.{cfg.stage}.yaml", to_yaml(cfg))
     snapshot_constitution(run_dir, constitution)
     return open_metrics(run_dir, cfg.stage, cfg.report_to)
@@ -90,7 +97,7 @@ def table(rows: list[tuple], header: tuple) -> str:
 
 
 def run_sl(cfg) -> dict:
-    from cai.backends import make_backend, sampling_from_config
+    from cai.backends import check_backend, make_backend, release, sampling_from_config
     from cai.constitution import load_constitution
     from cai.critique import ChainSettings, generate_chains, sft_examples
     from cai.models import resolve_model
@@ -136,49 +143,62 @@ def run_sl(cfg) -> dict:
     if shard:  # this process generates its share only, into its own store, under its own lock
         red_team = [p for p in red_team if in_shard(p.prompt, *shard)]
         helpful = [p for p in helpful if in_shard(p.prompt, *shard)]
+    if shard and launched():
+        raise CaiError(f"shard={cfg.shard}: each shard is its own process (one command per shard); run shards "
+                       "without accelerate launch")
+    check_backend(cfg.generator, "generator")
     work_dir = sl_dir / "shards" / f"{shard[0]}-of-{shard[1]}" if shard else sl_dir
-    with RunLock(work_dir if shard else run_dir):
+    with RunLock(work_dir if shard else run_dir):  # launched: the main process holds it for all (cai.launch)
         work_dir.mkdir(parents=True, exist_ok=True)
         metrics = start_run(work_dir if shard else run_dir, cfg, constitution)
         started = time.time()
 
-        backend = make_backend(cfg.generator.backend, cfg.generator.model, **backend_options(cfg.generator))
-        if hasattr(backend, "progress"):
-            backend.progress = False  # the stage shows one bar per wave instead
-        settings = ChainSettings(seed=cfg.seed, rounds=cfg.critique.rounds, critique_template=crit_t,
-                                 revision_template=rev_t, few_shot=few_shot, sampling=sampling,
-                                 model_identity=backend.identity)
-        store = JsonlStore(work_dir / "steps.jsonl")
-        if not shard:
-            merge_shards(store, sl_dir / "shards")
-        result = generate_chains(red_team, helpful, constitution, settings, backend, store, work_dir / "plans",
-                                 cfg.generator.batch_size, progress=cfg.progress)
+        def generate_data():  # launched: the main process only; the others wait for its files
+            backend = make_backend(cfg.generator.backend, cfg.generator.model, **backend_options(cfg.generator))
+            if hasattr(backend, "progress"):
+                backend.progress = False  # the stage shows one bar per wave instead
+            settings = ChainSettings(seed=cfg.seed, rounds=cfg.critique.rounds, critique_template=crit_t,
+                                     revision_template=rev_t, few_shot=few_shot, sampling=sampling,
+                                     model_identity=backend.identity)
+            store = JsonlStore(work_dir / "steps.jsonl")
+            if not shard:
+                merge_shards(store, sl_dir / "shards")
+            result = generate_chains(red_team, helpful, constitution, settings, backend, store, work_dir / "plans",
+                                     cfg.generator.batch_size, progress=cfg.progress)
+            if shard:
+                done = {"shard": cfg.shard, "prompts": len(red_team), "helpful": len(helpful),
+                        "generated": sum(w.generated for w in result.waves.values()),
+                        "reused": sum(w.reused for w in result.waves.values()),
+                        "seconds": round(time.time() - started, 1)}
+                write_atomic(work_dir / "summary.json", json.dumps(done, indent=1))
+                print(f"\nshard {cfg.shard}: {done['prompts']} red-team and {done['helpful']} helpful prompts, "
+                      f"{done['generated']} texts generated, {done['reused']} reused, {done['seconds']} s; "
+                      f"run without shard= to merge, build the SFT data and train\n")
+                return done
+            write_jsonl_atomic(sl_dir / "chains.jsonl", result.chains)
+            examples = sft_examples(result.chains, result.helpful, cfg.sft.data) + demonstrations
+            if cfg.train and not examples:
+                raise CaiError("no SFT example: every revision and helpful answer is empty (or there are no "
+                               "prompts); the generated records are kept in sl/steps.jsonl")
+            write_jsonl_atomic(sl_dir / "sft.jsonl", examples)
+            gen_seconds = time.time() - started
+            totals = {k: sum(getattr(w, k) for w in result.waves.values())
+                      for k in ("generated", "reused", "prompt_tokens", "completion_tokens", "seconds")}
+            metrics.log({"sl/generate/texts_generated": totals["generated"],
+                         "sl/generate/texts_reused": totals["reused"],
+                         "sl/generate/completion_tokens": totals["completion_tokens"],
+                         "sl/generate/tokens_per_s": totals["completion_tokens"] / max(totals["seconds"], 1e-9),
+                         "sl/generate/chains_reused": result.chains_reused,
+                         "sl/generate/chains_regenerated": result.chains_regenerated,
+                         "sl/generate/rounds_reused": result.rounds_reused,
+                         "sl/generate/rounds_regenerated": result.rounds_regenerated})
+            release(backend)  # free the generator's memory (vLLM: its GPU engine) before training
+            return result, examples, totals, gen_seconds
+
+        data = on_main(generate_data)
         if shard:
-            done = {"shard": cfg.shard, "prompts": len(red_team), "helpful": len(helpful),
-                    "generated": sum(w.generated for w in result.waves.values()),
-                    "reused": sum(w.reused for w in result.waves.values()), "seconds": round(time.time() - started, 1)}
-            write_atomic(work_dir / "summary.json", json.dumps(done, indent=1))
-            print(f"\nshard {cfg.shard}: {done['prompts']} red-team and {done['helpful']} helpful prompts, "
-                  f"{done['generated']} texts generated, {done['reused']} reused, {done['seconds']} s; "
-                  f"run without shard= to merge, build the SFT data and train\n")
-            return done
-        write_jsonl_atomic(sl_dir / "chains.jsonl", result.chains)
-        examples = sft_examples(result.chains, result.helpful, cfg.sft.data) + demonstrations
-        if cfg.train and not examples:
-            raise CaiError("no SFT example: every revision and helpful answer is empty (or there are no prompts); "
-                           "the generated records are kept in sl/steps.jsonl")
-        write_jsonl_atomic(sl_dir / "sft.jsonl", examples)
-        gen_seconds = time.time() - started
-        totals = {k: sum(getattr(w, k) for w in result.waves.values())
-                  for k in ("generated", "reused", "prompt_tokens", "completion_tokens", "seconds")}
-        metrics.log({"sl/generate/texts_generated": totals["generated"], "sl/generate/texts_reused": totals["reused"],
-                     "sl/generate/completion_tokens": totals["completion_tokens"],
-                     "sl/generate/tokens_per_s": totals["completion_tokens"] / max(totals["seconds"], 1e-9),
-                     "sl/generate/chains_reused": result.chains_reused,
-                     "sl/generate/chains_regenerated": result.chains_regenerated,
-                     "sl/generate/rounds_reused": result.rounds_reused,
-                     "sl/generate/rounds_regenerated": result.rounds_regenerated})
-        del backend  # free the generator's memory before training
+            return data
+        result, examples, totals, gen_seconds = data if is_main() else (None,) * 4
 
         train_summary = None
         model_dir = sl_dir / "model"
@@ -187,12 +207,15 @@ def run_sl(cfg) -> dict:
             key = sft_training_key(sl_dir / "sft.jsonl", base, cfg.sft, cfg.seed)
             if trained_model_matches(model_dir, key):
                 train_summary = {**json.loads((model_dir / "cai_train.json").read_text()), "reused": True}
-            else:
-                counts = {s: sum(e["source"] == s for e in examples) for s in ("revision", "helpful", "human")}
-                card = model_card(cfg, constitution, counts, len(result.chains))
+            else:  # launched: every process trains, the main one saves
+                card = ""
+                if is_main():
+                    counts = {s: sum(e["source"] == s for e in examples) for s in ("revision", "helpful", "human")}
+                    card = model_card(cfg, constitution, counts, len(result.chains))
                 train_summary = train_sft(sl_dir / "sft.jsonl", base, cfg, model_dir, sl_dir / "checkpoints", metrics,
                                           card, key, device=cfg.generator.device, progress=cfg.progress)
-
+        if not is_main():
+            return {"train": train_summary}
         summary = {
             "run": str(run_dir), "constitution": f"{constitution.name} ({constitution.sha[:12]})",
             "prompts": len(red_team), "helpful": len(helpful), "rounds": cfg.critique.rounds,
@@ -260,6 +283,7 @@ def main(argv: list[str]) -> int:
                 print("\n".join(help_text(schema)))
         return 0
     cfg = load_config(argv)
+    init_launch()  # under accelerate launch: the process group, before any trainer makes one
     run_stage(cfg)
     return 0
 

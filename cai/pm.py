@@ -105,17 +105,28 @@ def pm_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
     The last real token is the last 1 in the attention mask (right or left padding), never a search for the pad
     id: with pad == eos a sequence ending in EOS would be read one token early. Position ids count real tokens
     only, so a left-padded row gets the same positions as when run alone.
+
+    The model is called whole, and a hook keeps its backbone's last hidden state: under `accelerate launch` it
+    is wrapped (DDP), and only its own forward synchronizes the gradients across processes.
     """
-    score = getattr(model, "score", None)
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)
+    score = getattr(inner, "score", None)
     if score is None:
-        raise CaiError(f"{type(model).__name__} has no `score` head; expected an AutoModelForSequenceClassification")
+        raise CaiError(f"{type(inner).__name__} has no `score` head; expected an AutoModelForSequenceClassification")
     mask = attention_mask.long()
     t = mask.shape[1]
     # the last index where mask == 1: position weights 1..t make the last unmasked one the largest
     last = (mask * torch.arange(1, t + 1, device=mask.device)).argmax(dim=1)
     position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False).last_hidden_state
+    kept = []
+    hook = inner.base_model.register_forward_hook(lambda module, args, out: kept.append(out[0]))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    finally:
+        hook.remove()
+    hidden = kept[0]  # (b, t, hidden): the backbone's last hidden state
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
     return score(picked).squeeze(-1).float()
 
@@ -243,7 +254,7 @@ def train_pm(comparisons: list[dict], base: ModelRef, cfg, seed: int, out_dir: P
 
     card = (f"# cai preference model\n\nScalar head on {base.identity}, trained on {n_train} comparisons with soft "
             f"labels (Constitutional AI, section 4.1). Held-out accuracy: {heldout['accuracy']}. Key: {key}.\n")
-    save_trained(trainer.model, tokenizer, out_dir, card, summary, ckpt_dir)
+    save_trained(trainer, tokenizer, out_dir, card, summary, ckpt_dir)
     metrics.log({"rl/pm/train/seconds": seconds, "rl/pm/train/final_loss": result.training_loss,
                  **{f"rl/pm/heldout/{k}": v for k, v in heldout.items() if k != "calibration"}})
     return summary

@@ -8,8 +8,10 @@ https://arxiv.org/abs/2203.02155; Bai et al. 2022 CAI section 4 https://arxiv.or
   4. advantages by GAE over the value model's per-token values, whitened;
   5. ppo_epochs x minibatches of clipped policy loss + vf_coef * clipped value loss (+ ptx_coef * SFT loss).
 All maths is in `cai.losses`; this file is the loop. It runs on `accelerate`: the policy and value model are one
-prepared module with one optimizer (as TRL's PolicyAndValueWrapper), so `accelerate launch` with a DDP,
-DeepSpeed or FSDP config runs this same loop; each process rolls out its own `rollout_batch_size` prompts.
+prepared module with one optimizer (as TRL's PolicyAndValueWrapper), so `accelerate launch` with a DDP or
+DeepSpeed ZeRO-2 config runs this same loop; each process rolls out its own `rollout_batch_size` prompts.
+ZeRO-3 and FSDP are refused: rollouts and the frozen reference need whole weights on every process (see
+`cai.launch.sharded_launch`).
 
 Checkpoints (`out_dir/checkpoints/step-N/`, written to a temp dir and renamed) hold `accelerator.save_state`
 (policy + value weights, optimizer, RNG states) and `ppo_state.json` (step, KL coefficient, reward history);
@@ -248,6 +250,7 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
     from transformers.utils import logging as hf_logging
 
     from cai.backends.transformers_backend import configure_cpu_threads
+    from cai.launch import sharded_launch
     from cai.models import load_tokenizer
 
     _check_config(cfg, len(prompts))
@@ -266,6 +269,9 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
     # state is a process-wide singleton, so start it afresh, as transformers' TrainingArguments does.
     AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision="bf16" if bf16 else "no")
+    if sharded_launch():
+        raise CaiError(f"PPO runs alone, under DDP or under DeepSpeed ZeRO-2, not under {sharded_launch()}: "
+                       "rollouts and the frozen reference need whole weights on every process")
     if accelerator.state.deepspeed_plugin is not None:  # DeepSpeed wants a micro-batch size when no dataloader
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.mini_batch_size
     set_seed(cfg.seed)

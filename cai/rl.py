@@ -21,8 +21,9 @@ from pathlib import Path
 from cai.config import F, ModelConfig, PMConfig, PPOConfig, PromptSource, SamplingConfig, config_dict
 from cai.dpo import DPOConfig
 from cai.errors import CaiError
+from cai.launch import barrier, is_main, on_main, sharded_launch
 from cai.online import GroupRLConfig
-from cai.store import JsonlStore, RunLock, write_atomic, write_jsonl_atomic
+from cai.store import JsonlStore, RunLock, read_jsonl, write_atomic, write_jsonl_atomic
 
 
 @dataclass
@@ -106,7 +107,7 @@ def _inputs(cfg):
     """Read and check every input before anything is written."""
     from cai.constitution import load_constitution
     from cai.feedback import LabelSettings
-    from cai.backends import Sampling, sampling_from_config
+    from cai.backends import Sampling, check_backend, sampling_from_config
     from cai.prompts import load_prompts
     from cai.templates import load_template
 
@@ -120,6 +121,9 @@ def _inputs(cfg):
         raise CaiError("no prompts to sample pairs for (red_team and helpful are empty)")
     sampling_from_config(cfg.pair_sampling, "pair_sampling")
     f = cfg.feedback
+    if f.source != "human":  # source=human samples and labels nothing
+        check_backend(cfg.policy, "policy")
+        check_backend(f.labeler, "feedback.labeler")
     settings = LabelSettings(
         seed=cfg.seed, principles_per_pair=f.principles_per_pair,
         conversation_template=load_template(f.conversation_template), template=load_template(f.template),
@@ -167,19 +171,21 @@ def _backend(model_cfg: ModelConfig, model: str):
 def sample_and_label(cfg, policy_path: str, prompts, constitution, settings, store: JsonlStore, plan_dir: Path,
                      label: str, human: list[dict] | None = None) -> tuple[list[dict], dict, dict]:
     """Pairs from the policy, AI labels, diagnostics. Returns (comparisons, diagnostics, counts)."""
-    from cai.backends import sampling_from_config
+    from cai.backends import release, sampling_from_config
     from cai.feedback import label_diagnostics, label_pairs, sample_pairs
 
     sampling = sampling_from_config(cfg.pair_sampling, "pair_sampling")
     policy_backend = _backend(cfg.policy, policy_path)
     pairs, pair_stats = sample_pairs(prompts, policy_backend, sampling, cfg.seed, store, plan_dir,
                                      cfg.policy.batch_size, cfg.progress, label=f"{label} pairs")
+    release(policy_backend)  # vLLM: shut its engine down before the labeler takes the GPU
     del policy_backend
     labeler = _backend(cfg.feedback.labeler, cfg.feedback.labeler.model)
     t0 = time.time()
     comparisons, label_stats = label_pairs(pairs, constitution, settings, labeler, store, plan_dir,
                                            cfg.feedback.labeler.batch_size, cfg.progress)
     label_seconds = time.time() - t0
+    release(labeler)
     del labeler
     diag = label_diagnostics(comparisons, human)
     counts = {"pairs": len(pairs), "answers_generated": pair_stats.generated, "answers_reused": pair_stats.reused,
@@ -217,6 +223,14 @@ def run_rl(cfg) -> dict:
     if cfg.rounds > 1 and cfg.algorithm == "none":
         raise CaiError(f"rounds={cfg.rounds} with algorithm=none: later rounds would sample from the same policy "
                        "and repeat round 1; set an algorithm or rounds=1")
+    if cfg.algorithm in ("rloo", "grpo") and getattr(cfg, cfg.algorithm).use_vllm:
+        from cai.backends.vllm_backend import require_vllm
+
+        require_vllm(f"{cfg.algorithm}.use_vllm=true")
+    if sharded_launch():
+        raise CaiError(f"stage=rl under {sharded_launch()}: the PM that scores answers and PPO's frozen reference "
+                       "are whole models on every process; launch stage=rl with pipelines/accelerate/ddp.yaml or "
+                       "zero2.yaml")
     constitution, prompts, settings = _inputs(cfg)
     f = cfg.feedback
     # with source=ai, human labels (when given) are only compared with the AI labels
@@ -230,38 +244,43 @@ def run_rl(cfg) -> dict:
 
     run_dir = run_dir_for(cfg)
     sl_ref = _policy_ref(cfg, run_dir)
-    with RunLock(run_dir):
+    with RunLock(run_dir):  # launched: the main process holds it for all (cai.launch)
         rl_dir = run_dir / "rl"
         rl_dir.mkdir(parents=True, exist_ok=True)
         metrics = start_run(run_dir, cfg, constitution)
-        store = JsonlStore(rl_dir / "steps.jsonl")
+        store = JsonlStore(rl_dir / "steps.jsonl") if is_main() else None
         started = time.time()
         policy = sl_ref
         all_comparisons: list[dict] = []
         rounds = []
         for r in range(1, cfg.rounds + 1):
             rdir = rl_dir / f"round-{r}"
-            if cfg.feedback.source == "human":  # RLHF: the imported human labels are the comparisons
-                comps = human
-                diag = {"pairs": len(human), "source": "human",
-                        "annotators": len({c["annotator"] for c in human}),
-                        "mean_margin": sum(abs(c["soft_label"] - 0.5) for c in human) / max(len(human), 1)}
-                counts = {"pairs": len(human), "answers_generated": 0, "answers_reused": 0, "scores_computed": 0,
-                          "scores_reused": 0}
-            else:
-                comps, diag, counts = sample_and_label(cfg, policy.path, prompts, constitution, settings, store,
-                                                       rl_dir / "plans", f"round {r}", human)
-                if cfg.feedback.source == "mixed":
-                    from cai.human import merge_sources
 
-                    comps = merge_sources(comps, human, cfg.feedback.mixed_rule)
-                    counts["human_used"] = sum(c["source"] == "human" for c in comps)
-            write_jsonl_atomic(rdir / "comparisons.jsonl", comps)
-            write_atomic(rdir / "label_diagnostics.json", json.dumps({**diag, **counts}, indent=1))
-            print_diagnostics(f"round {r}/{cfg.rounds}: {cfg.feedback.source} labels", diag, counts)
-            metrics.log({f"rl/labels/{k}": v for k, v in {**diag, **counts}.items() if v is not None}, step=r)
-            all_comparisons += comps
-            write_jsonl_atomic(rl_dir / "comparisons.jsonl", all_comparisons)
+            def label_round():  # launched: the main process only; the others read its comparisons.jsonl
+                if cfg.feedback.source == "human":  # RLHF: the imported human labels are the comparisons
+                    comps = human
+                    diag = {"pairs": len(human), "source": "human",
+                            "annotators": len({c["annotator"] for c in human}),
+                            "mean_margin": sum(abs(c["soft_label"] - 0.5) for c in human) / max(len(human), 1)}
+                    counts = {"pairs": len(human), "answers_generated": 0, "answers_reused": 0,
+                              "scores_computed": 0, "scores_reused": 0}
+                else:
+                    comps, diag, counts = sample_and_label(cfg, policy.path, prompts, constitution, settings, store,
+                                                           rl_dir / "plans", f"round {r}", human)
+                    if cfg.feedback.source == "mixed":
+                        from cai.human import merge_sources
+
+                        comps = merge_sources(comps, human, cfg.feedback.mixed_rule)
+                        counts["human_used"] = sum(c["source"] == "human" for c in comps)
+                write_jsonl_atomic(rdir / "comparisons.jsonl", comps)
+                write_atomic(rdir / "label_diagnostics.json", json.dumps({**diag, **counts}, indent=1))
+                print_diagnostics(f"round {r}/{cfg.rounds}: {cfg.feedback.source} labels", diag, counts)
+                metrics.log({f"rl/labels/{k}": v for k, v in {**diag, **counts}.items() if v is not None}, step=r)
+                write_jsonl_atomic(rl_dir / "comparisons.jsonl", all_comparisons + comps)
+                return {**diag, **counts}
+
+            labels = on_main(label_round)
+            all_comparisons = read_jsonl(rl_dir / "comparisons.jsonl")  # every round's, on every process
 
             # the PM: trained from the SL-CAI model on every comparison so far (keyed: reused when unchanged)
             data = (rl_dir / "comparisons.jsonl").read_bytes()
@@ -271,7 +290,7 @@ def run_rl(cfg) -> dict:
             else:
                 pm_summary = train_pm(all_comparisons, sl_ref, cfg.pm, cfg.seed, rdir / "pm", rl_dir / "checkpoints",
                                       metrics, pm_key, device=cfg.policy.device, progress=cfg.progress)
-            round_summary = {"round": r, "labels": {**diag, **counts}, "pm": pm_summary}
+            round_summary = {"round": r, "labels": labels, "pm": pm_summary}
             if cfg.algorithm != "none":
                 pm_model, pm_tok = load_pm(rdir / "pm", device=cfg.policy.device)
 
@@ -297,6 +316,8 @@ def run_rl(cfg) -> dict:
                 round_summary["rl"] = rl_summary
                 policy = resolve_model(str(rdir / "policy"))
             rounds.append(round_summary)
+        if not is_main():
+            return {"rounds": rounds}
         summary = {"run": str(run_dir), "algorithm": cfg.algorithm, "rounds": rounds,
                    "seconds": round(time.time() - started, 1)}
         write_atomic(rl_dir / "summary.json", json.dumps(summary, indent=1, default=str))
@@ -323,9 +344,11 @@ def _ppo_round(cfg, policy, sl_ref, pm_key: str, score, texts: list[str], rdir: 
                       value_init=resolve_model(str(rdir / "pm")) if cfg.ppo.value_init == "pm" else None,
                       reference=sl_ref, sft_examples=ptx, progress=cfg.progress)
     summary = {**summary, "key": key}
-    write_atomic(work / "policy" / TRAIN_INFO, json.dumps(summary, indent=1, default=str))
-    swap_into_place(work / "policy", rdir / "policy")
-    shutil.rmtree(rdir / "ppo", ignore_errors=True)  # the policy is in place: its checkpoints are done with
+    if is_main():
+        write_atomic(work / "policy" / TRAIN_INFO, json.dumps(summary, indent=1, default=str))
+        swap_into_place(work / "policy", rdir / "policy")
+        shutil.rmtree(rdir / "ppo", ignore_errors=True)  # the policy is in place: its checkpoints are done with
+    barrier()  # launched: the others load this policy next
     return summary
 
 
@@ -359,21 +382,28 @@ def run_dpo(cfg) -> dict:
 
     run_dir = run_dir_for(cfg)
     policy = _policy_ref(cfg, run_dir)
-    with RunLock(run_dir):
+    with RunLock(run_dir):  # launched: the main process holds it for all (cai.launch)
         rl_dir = run_dir / "rl"
         rl_dir.mkdir(parents=True, exist_ok=True)
         metrics = start_run(run_dir, cfg, constitution)
-        store = JsonlStore(rl_dir / "steps.jsonl")
         started = time.time()
-        comps, diag, counts = sample_and_label(cfg, policy.path, prompts, constitution, settings, store,
-                                               rl_dir / "plans", "dpo")
-        write_jsonl_atomic(rl_dir / "dpo" / "comparisons.jsonl", comps)
-        print_diagnostics("AI labels", diag, counts)
+
+        def label():  # launched: the main process only; the others read its comparisons.jsonl
+            comps, diag, counts = sample_and_label(cfg, policy.path, prompts, constitution, settings,
+                                                   JsonlStore(rl_dir / "steps.jsonl"), rl_dir / "plans", "dpo")
+            write_jsonl_atomic(rl_dir / "dpo" / "comparisons.jsonl", comps)
+            print_diagnostics("AI labels", diag, counts)
+            return {**diag, **counts}
+
+        labels = on_main(label)
+        comps = read_jsonl(rl_dir / "dpo" / "comparisons.jsonl")
         card = f"# DPO policy\n\nFrom {policy.identity} on {len(comps)} AI-labeled pairs ({constitution.name}).\n"
         result = train_dpo(comps, policy, cfg.dpo, cfg.seed, rl_dir / "dpo" / "policy", rl_dir / "checkpoints",
                            metrics, card, device=cfg.policy.device, progress=cfg.progress,
                            trust_remote_code=cfg.policy.trust_remote_code)
-        summary = {"run": str(run_dir), "labels": {**diag, **counts}, "dpo": result,
+        if not is_main():
+            return {"dpo": result}
+        summary = {"run": str(run_dir), "labels": labels, "dpo": result,
                    "seconds": round(time.time() - started, 1)}
         write_atomic(rl_dir / "dpo" / "summary.json", json.dumps(summary, indent=1))
         print(f"\nDPO: {result['pairs']} pairs ({result['dropped']} dropped near 0.5), {result['steps']} steps, "

@@ -58,7 +58,7 @@ def train_sft(sft_path: Path, base: ModelRef, cfg, out_dir: Path, ckpt_root: Pat
     summary = {"key": key, "base": base.identity, "examples": len(ds), "steps": result.global_step,
                "train_loss": result.training_loss, "seconds": round(seconds, 1), "train_tokens": n_tokens,
                "resumed_from": str(last) if last else None}
-    save_trained(trainer.model, tokenizer, out_dir, model_card, summary, ckpt_dir)
+    save_trained(trainer, tokenizer, out_dir, model_card, summary, ckpt_dir)
     metrics.log({"sl/train/seconds": seconds, "sl/train/tokens_per_s": n_tokens / max(seconds, 1e-9),
                  "sl/train/final_loss": result.training_loss})
     return summary

@@ -106,13 +106,20 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 class RunLock:
-    """An exclusive lock on a run directory (flock: the kernel drops it when the holder dies, even by SIGKILL)."""
+    """An exclusive lock on a run directory (flock: the kernel drops it when the holder dies, even by SIGKILL).
+
+    Under `accelerate launch` the main process holds it for all the processes of the run (cai.launch).
+    """
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / ".lock"
         self.fd: int | None = None
 
     def __enter__(self) -> "RunLock":
+        from cai.launch import is_main
+
+        if not is_main():
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -138,14 +145,17 @@ class Metrics:
     """Namespaced metrics (`sl/train/loss`, `rl/ppo/kl`) appended to <run>/metrics.jsonl.
 
     With `tensorboard_dir`, numeric values are also written as TensorBoard scalars (needs the `tensorboard`
-    package: `pip install -e .[tensorboard]`).
+    package: `pip install -e .[tensorboard]`). Under `accelerate launch` only the main process writes.
     """
 
     def __init__(self, path: Path, stage: str, tensorboard_dir: Path | None = None):
+        from cai.launch import is_main
+
         self.path = path
         self.stage = stage
         self.writer = None
-        if tensorboard_dir is not None:
+        self.enabled = is_main()
+        if tensorboard_dir is not None and self.enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
@@ -153,6 +163,8 @@ class Metrics:
             self.writer = SummaryWriter(str(tensorboard_dir))
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if not self.enabled:
+            return
         rec = {"time": round(time.time(), 3), "stage": self.stage, "step": step,
                **{(k if "/" in k else f"{self.stage}/{k}"): v for k, v in metrics.items()}}
         self.path.parent.mkdir(parents=True, exist_ok=True)

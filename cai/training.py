@@ -56,6 +56,7 @@ def common_args(cfg, ckpt_dir: Path, device: str, seed: int, progress: bool) -> 
         report_to=[],  # metrics go through cai.store.Metrics (metrics.jsonl, and TensorBoard when asked)
         seed=seed, data_seed=seed,
         disable_tqdm=not progress, dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,  # launched: every parameter gets a gradient; skip DDP's extra graph walk
     )
 
 
@@ -98,17 +99,24 @@ def metrics_callback(metrics: Metrics, prefix: str, get_trainer):
     return ToMetrics()
 
 
-def save_trained(model, tokenizer, out_dir: Path, card: str, summary: dict, ckpt_dir: Path | None = None) -> None:
-    """Safetensors + tokenizer + model card + cai_train.json, swapped into place whole; then drop checkpoints."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "README.md").write_text(card)
-    write_atomic(tmp / TRAIN_INFO, json.dumps(summary, indent=1))
-    swap_into_place(tmp, out_dir)
-    if ckpt_dir is not None:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+def save_trained(trainer, tokenizer, out_dir: Path, card: str, summary: dict, ckpt_dir: Path | None = None) -> None:
+    """A trainer's model as safetensors + tokenizer + model card + cai_train.json, swapped into place whole; then
+    drop the checkpoints. Under `accelerate launch` every process calls this: the weights are gathered from all
+    of them (DeepSpeed ZeRO-3 and FSDP shard them), the main process writes, the others wait until it is done."""
+    accelerator = trainer.accelerator
+    state_dict = accelerator.get_state_dict(trainer.model_wrapped)
+    if accelerator.is_main_process:
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = accelerator.unwrap_model(trainer.model_wrapped)
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(card)
+        write_atomic(tmp / TRAIN_INFO, json.dumps(summary, indent=1))
+        swap_into_place(tmp, out_dir)
+        if ckpt_dir is not None:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
 
 def swap_into_place(tmp: Path, out_dir: Path) -> None:

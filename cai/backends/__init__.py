@@ -8,9 +8,10 @@
 - `chat_prompt(conversation)`: the raw text the model sees for a conversation; a conversation whose last
   message is from the assistant is continued rather than answered (used to put words in the labeler's mouth).
 
-Implementations: `transformers` (default; CPU or GPU), `openai` (any OpenAI-compatible server: vLLM serve,
-llama.cpp server, TGI, `python -m cai.serve`, hosted APIs) and `fake` (control-flow tests only). Which one runs
-is an `if/elif` on a string from the config: no code is imported because a config named it.
+Implementations: `transformers` (default; CPU or GPU), `vllm` (GPU, the `vllm` extra: prefix caching,
+continuous batching), `openai` (any OpenAI-compatible server: vLLM serve, llama.cpp server, TGI,
+`python -m cai.serve`, hosted APIs) and `fake` (control-flow tests only). Which one runs is an `if/elif` on a
+string from the config: no code is imported because a config named it.
 """
 
 from __future__ import annotations
@@ -74,9 +75,44 @@ class Backend(Protocol):
     def option_logprobs(self, prompts: list[str], options: list[str]) -> list[list[float]]: ...
 
 
+BACKENDS = ("transformers", "vllm", "openai", "fake")
+
+
+def option_scores_from_top(top: dict, options: list) -> tuple[list[float], int]:
+    """Each option's log-prob from a next-token top-K {token: logprob} (token texts or ids, as `options` are).
+
+    An option outside the top K gets the K-th (lowest) value, an upper bound on its true log-prob. With K=20
+    and two options this happens only when the model gives an option almost no mass. Returns
+    (scores, how many options were outside the top K) so callers can count the bounded ones.
+    """
+    floor = min(top.values())
+    return [float(top.get(o, floor)) for o in options], sum(o not in top for o in options)
+
+
+def check_backend(section, name: str) -> None:
+    """Fail before anything is written when a ModelConfig section names a backend this machine cannot run."""
+    from cai.errors import CaiError
+
+    if section.backend not in BACKENDS:
+        raise CaiError(f"{name}.backend={section.backend}: expected one of {', '.join(BACKENDS)}")
+    if section.backend == "vllm":
+        from cai.backends.vllm_backend import require_vllm
+
+        require_vllm(f"{name}.backend=vllm")
+
+
+def release(backend) -> None:
+    """Free a backend's memory now (vLLM holds GPU memory until its engine shuts down; training may follow)."""
+    close = getattr(backend, "close", None)
+    if close is not None:
+        close()
+
+
 def make_backend(kind: str, model: str, *, dtype: str = "auto", device: str = "auto", batch_size: int = 16,
                  trust_remote_code: bool = False, base_url: str = "", tokenizer: str = "",
-                 api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8) -> Backend:
+                 api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8, gpu_memory_utilization: float = 0.85,
+                 max_model_len: int = 0, enable_prefix_caching: bool = True,
+                 tensor_parallel_size: int = 1) -> Backend:
     from cai.errors import CaiError
 
     if kind == "transformers":
@@ -85,6 +121,14 @@ def make_backend(kind: str, model: str, *, dtype: str = "auto", device: str = "a
 
         return TransformersBackend(resolve_model(model), dtype=dtype, device=device, batch_size=batch_size,
                                    trust_remote_code=trust_remote_code)
+    elif kind == "vllm":
+        from cai.backends.vllm_backend import VLLMBackend, require_vllm
+        from cai.models import resolve_model
+
+        require_vllm("backend=vllm")
+        return VLLMBackend(resolve_model(model), dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+                           enable_prefix_caching=enable_prefix_caching, max_model_len=max_model_len,
+                           tensor_parallel_size=tensor_parallel_size, trust_remote_code=trust_remote_code)
     elif kind == "openai":
         from cai.backends.openai_backend import OpenAIBackend
 
@@ -96,4 +140,4 @@ def make_backend(kind: str, model: str, *, dtype: str = "auto", device: str = "a
         from cai.backends.fake import FakeBackend
 
         return FakeBackend(model)
-    raise CaiError(f"backend={kind}: expected one of transformers, openai, fake")
+    raise CaiError(f"backend={kind}: expected one of {', '.join(BACKENDS)}")

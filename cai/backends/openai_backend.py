@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from cai.backends import Completion, Message, Sampling
+from cai.backends import Completion, Message, Sampling, option_scores_from_top
 from cai.errors import CaiError
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
@@ -113,14 +113,8 @@ class OpenAIBackend:
             out = self._post("/v1/completions", {"model": self.model, "prompt": prompt, "max_tokens": 1,
                                                  "temperature": 0.0, "logprobs": self.top_logprobs})
             top = out["choices"][0]["logprobs"]["top_logprobs"][0]  # {token text: logprob}
-            floor = min(top.values())
-            scores = []
-            for o in options:
-                if o in top:
-                    scores.append(float(top[o]))
-                else:
-                    self.missed_options += 1
-                    scores.append(float(floor))
+            scores, missed = option_scores_from_top(top, options)
+            self.missed_options += missed
             return scores
 
         return self._map(one, prompts)

@@ -323,16 +323,26 @@ def open_metrics(run_dir: Path, stage: str, report_to: str):
     return Metrics(run_dir / "metrics.jsonl", stage, run_dir / "tensorboard" if report_to == "tensorboard" else None)
 
 
-def help_text(schema: type, prefix: str = "") -> list[str]:
-    """One line per field: `key (type, default): help` — printed by `python -m cai.pipeline stage=X --help`."""
+def help_text(schema: type, prefix: str = "", defaults=None) -> list[str]:
+    """One line per field: `key (type, default): help` — printed by `python -m cai.pipeline stage=X --help`.
+
+    Defaults come from the enclosing field's default instance (a section declared as
+    `F(SamplingConfig(temperature=0.0), ...)` shows 0.0, not the class default)."""
     lines = []
     for f in fields(schema):
         sub = _dataclass_of(schema, f.name)
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        elif f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:
+            default = f.default_factory()
+        else:
+            default = None
         if sub is not None:
             lines.append(f"{prefix}{f.name}: {f.metadata.get('help', '')}")
-            lines += help_text(sub, prefix=f"{prefix}{f.name}.")
+            lines += help_text(sub, prefix=f"{prefix}{f.name}.", defaults=default)
         else:
-            default = f.default if f.default is not MISSING else None
             tname = getattr(f.type, "__name__", str(f.type))
             lines.append(f"  {prefix}{f.name} ({tname}, default {default!r}): {f.metadata.get('help', '')}")
     return lines

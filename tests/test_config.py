@@ -28,7 +28,20 @@ def test_every_shipped_yaml_loads(path):
     if cfg.stage == "sl":
         assert isinstance(cfg.critique.rounds, int) and isinstance(cfg.sampling.temperature, float)
     else:
-        assert isinstance(cfg.feedback.principles_per_pair, int) and cfg.policy.model == "sl"
+        raw = yaml.safe_load(path.read_text())
+        assert isinstance(cfg.feedback.principles_per_pair, int) and cfg.policy.model == raw["policy"]["model"]
+
+
+@pytest.mark.parametrize("pair", [("rlhf", "rlaif"), ("demo_rlhf", "demo_rlaif")])
+def test_rlhf_and_rlaif_configs_differ_only_in_label_source(pair):
+    import yaml
+
+    from cai.config import config_dict
+
+    a, b = (config_dict(load_config([f"config={PROJECT_ROOT / 'pipelines' / f'{n}.yaml'}"])) for n in pair)
+    assert (a["feedback"].pop("source"), b["feedback"].pop("source")) == ("human", "ai")
+    a.pop("run"), b.pop("run")
+    assert a == b
 
 
 def test_demo_yaml_values_are_applied():

@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.cai-installed
 
-.PHONY: setup demo demo-sl browser test test-slow clean
+.PHONY: setup demo demo-sl bench browser test test-slow clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ demo: setup
 
 demo-sl: setup
 	$(PY) -m cai.pipeline config=pipelines/demo_sl.yaml
+
+# Speed against naive baselines measured in the same run, the roofline, PPO memory, `make demo` timed (BENCHMARKS.md).
+# ~15 minutes on a 2-core CPU; leave the demo out with BENCH_ARGS="sections=gen,label,roofline,accuracy,ppo".
+bench: setup
+	$(PY) -m cai.bench $(BENCH_ARGS)
 
 # Debian's Chromium for the labeling page's browser test (Playwright drives it; no browser download).
 browser:

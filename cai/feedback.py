@@ -132,7 +132,11 @@ def label_pairs(pairs: list[dict], constitution: Constitution, s: LabelSettings,
     """Label every pair; returns comparison records (the same shape human labels take) and wave stats."""
     reqs = label_requests(pairs, constitution, s, backend.identity)
     ident = stable_hash([backend.identity, s.cot, s.cot_sampling.as_dict()])
-    stats, _ = run_wave(reqs, store, scoring(backend, s), plan_dir, batch_size, "labels", ident, progress, unit="prompt")
+    # batches by pair length, a pair's requests side by side (one order after the other): with the shared-prefix
+    # template a pair's K principles in one order share all but the question, and the backend runs it once
+    size = {p["key"]: len(p["prompt"]) + len(p["answer_a"]) + len(p["answer_b"]) for p in pairs}
+    stats, _ = run_wave(reqs, store, scoring(backend, s), plan_dir, batch_size, "labels", ident, progress, unit="prompt",
+                        bucket=lambda r: (size[r.meta["pair_key"]], r.meta["pair_key"], r.meta["swapped"]))
     by_pair: dict[str, list[Request]] = {}
     for r in reqs:
         by_pair.setdefault(r.meta["pair_key"], []).append(r)

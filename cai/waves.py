@@ -46,11 +46,13 @@ class WaveStats:
 
 def run_wave(requests: list[Request], store: JsonlStore, compute: Callable[[list[Request]], list[dict]],
              plan_dir: Path, batch_size: int, label: str, identity: str, progress: bool = True,
-             unit: str = "txt") -> tuple[WaveStats, set[str]]:
+             unit: str = "txt", bucket: Callable[[Request], tuple] | None = None) -> tuple[WaveStats, set[str]]:
     """Compute every request whose key is not in the store, in planned batches; append each batch.
 
     `compute(batch)` returns one dict of record fields per request; `identity` names what computes them
-    (model identity and settings), so a plan is never replayed by something else.
+    (model identity and settings), so a plan is never replayed by something else. `bucket(request)` orders
+    requests into batches (default: by conversation length); labels use it to keep the requests that share a
+    prompt prefix in one batch.
     """
     stats, generated = WaveStats(), set()
     by_key = {r.key: r for r in requests}  # identical requests (same key) are computed once
@@ -64,7 +66,8 @@ def run_wave(requests: list[Request], store: JsonlStore, compute: Callable[[list
     plan = json.loads(plan_path.read_text()) if plan_path.exists() else None
     if plan is None or any(k not in by_key for chunk in plan for k in chunk):
         # length bucketing: similar lengths share a batch, so little padding
-        ordered = sorted(missing, key=lambda r: (sum(len(m["content"]) for m in r.conversation), r.key))
+        ordered = sorted(missing, key=lambda r: (bucket(r) if bucket else sum(len(m["content"]) for m in r.conversation),
+                                                 r.key))
         plan = [[r.key for r in ordered[i:i + batch_size]] for i in range(0, len(ordered), batch_size)]
         write_atomic(plan_path, json.dumps(plan))
     bar = tqdm(total=len(missing), desc=label, unit=unit, disable=not progress, leave=True)

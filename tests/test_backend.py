@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from cai.backends import Sampling, make_backend
-from cai.backends.transformers_backend import TransformersBackend, sample_next
+from cai.backends.transformers_backend import TransformersBackend, sample_next, shared_prefix_groups
 
 U = lambda text: {"role": "user", "content": text}  # noqa: E731
 A = lambda text: {"role": "assistant", "content": text}  # noqa: E731
@@ -256,3 +256,87 @@ def test_sample_next_rows_use_their_own_generators():
              for s in (4, 5, 4)]
     assert together.tolist() == alone
     assert alone[0] == alone[2] != alone[1]
+
+
+# -- shared prefixes (feedback questions about one pair, few-shot demonstrations) -------------------------
+
+def test_shared_prefix_groups_hand_worked():
+    rows = [[1, 2, 3, 4, 5], [9, 9], [1, 2, 3, 4, 6], [1, 2, 7], [9, 8]]
+    # sorted: [1,2,3,4,5] [1,2,3,4,6] [1,2,7] [9,8] [9,9]; grouping the first two saves 4 tokens, the first
+    # three 2 x 2 = 4 (prefix [1,2]); the tie keeps the smaller group; [9,8] + [9,9] saves 1
+    assert shared_prefix_groups(rows, 8) == [(4, [0, 2]), (0, [3]), (1, [4, 1])]
+    assert shared_prefix_groups(rows, 1) == [(0, [0]), (0, [2]), (0, [3]), (0, [4]), (0, [1])]
+    # a row equal to another's prefix keeps one token of its own (its scores are read at its last token)
+    assert shared_prefix_groups([[1, 2, 3], [1, 2, 3, 4]], 8) == [(2, [0, 1])]
+
+
+def shared_prefix_prompts(be):
+    """Feedback-like prompts: 2 pairs x 2 orders x 3 questions, each question after the same long prefix."""
+    questions = ["Which is less harmful?", "Which response is more honest and more accurate overall?", "Kinder?"]
+    prompts = []
+    for pair in [("Hello! How can I help you today with anything?", "Go away."),
+                 ("Cats are fine pets for most homes and families, quiet and clean.", "Dogs are better.")]:
+        for first, second in (pair, pair[::-1]):
+            for q in questions:
+                prompts.append(be.chat_prompt([U(f"Consider this conversation: Human: hi there, can you help?\n\n"
+                                                 f"(A) {first}\n(B) {second}\n\n{q}"), A("The answer is: (")]))
+    return prompts
+
+
+def test_shared_prefix_scoring_matches_each_prompt_alone_fp32(sharp, monkeypatch):
+    prompts = shared_prefix_prompts(sharp)
+    before = dict(sharp.prefill_tokens)
+    batch = sharp.option_logprobs(prompts, ["A", "B"])
+    prompt_tokens = sharp.prefill_tokens["prompt"] - before["prompt"]
+    forward = sharp.prefill_tokens["forward"] - before["forward"]
+    assert forward < 0.6 * prompt_tokens  # the shared prefixes ran once per group
+    for p, row in zip(prompts, batch):
+        assert row == pytest.approx([cont(sharp, p, o) for o in ("A", "B")], abs=1e-3)
+
+
+def test_shared_prefix_scoring_matches_plain_in_bf16(backend):
+    be = TransformersBackend(backend.ref, dtype="bfloat16", device="cpu", batch_size=16, progress=False)
+    prompts = shared_prefix_prompts(be)
+    batch = be.option_logprobs(prompts, ["A", "B"])
+    alone = [be.option_logprobs([p], ["A", "B"])[0] for p in prompts]  # one prompt: nothing shared
+    for got, ref in zip(batch, alone):
+        assert got == pytest.approx(ref, abs=2e-2)
+
+
+def test_generation_with_a_shared_prefix_matches_each_prompt_alone(sharp):
+    demo = [U("Here is a long demonstration of the task, with plenty of words in it so the prefix is long."),
+            A("And here is the demonstrated answer, also with a good number of words.")]
+    convs = [demo + [U(q)] for q in QUESTIONS]
+    before = dict(sharp.prefill_tokens)
+    batch = sharp.generate(convs, GREEDY, [0, 0, 0])
+    assert sharp.prefill_tokens["forward"] - before["forward"] < 0.6 * (sharp.prefill_tokens["prompt"] - before["prompt"])
+    alone = [sharp.generate([c], GREEDY, [0])[0] for c in convs]
+    assert [c.text for c in batch] == [c.text for c in alone]
+    assert len({c.text for c in batch}) == 3
+
+
+def test_growing_cache_layer_equals_concatenation_across_growth_and_selection():
+    from cai.backends.transformers_backend import GrowingLayer
+
+    layer, chunks = GrowingLayer(extra=3), [torch.randn(2, 1, n, 4) for n in (5, 2, 4, 1)]  # 5+3 room, then grows
+    for k in chunks:
+        keys, values = layer.update(k, -k)
+    whole = torch.cat(chunks, dim=2)
+    assert torch.equal(keys, whole) and torch.equal(values, -whole) and layer.get_seq_length() == 12
+    layer.batch_select_indices(torch.tensor([1, 1, 0]))
+    assert torch.equal(layer.keys, whole[[1, 1, 0]])
+    keys, _ = layer.update(torch.ones(3, 1, 1, 4), torch.ones(3, 1, 1, 4))
+    assert torch.equal(keys[:, :, :12], whole[[1, 1, 0]]) and keys.shape[2] == 13
+
+
+def test_prepacked_bf16_linears_give_the_same_logits(backend):
+    from cai.backends.transformers_backend import prepack_linear_weights
+    from cai.models import load_causal_lm
+
+    model = load_causal_lm(backend.ref, "bfloat16", "cpu")
+    ids = torch.tensor([backend._encode(mc_prompt(backend, q)) for q in QUESTIONS[:1]])
+    with torch.inference_mode():
+        plain = model(input_ids=ids).logits.float()
+        assert prepack_linear_weights(model) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head
+        packed = model(input_ids=ids).logits.float()
+    assert torch.allclose(plain, packed, atol=1e-2)

@@ -7,10 +7,12 @@ its batch neighbours), and finished rows leave the batch and the KV cache at onc
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 from tqdm import tqdm
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from cai.backends import Completion, Message, Sampling
 from cai.models import ModelRef, load_causal_lm, load_tokenizer
@@ -39,15 +41,137 @@ def sample_next(logits: torch.Tensor, sampling: Sampling, generators: list[torch
     if sampling.top_p < 1.0:
         # nucleus: keep the smallest set of tokens whose mass reaches top_p (the top token always stays).
         # Sorting the whole vocabulary every step is slow; the top 256 almost always hold the nucleus,
-        # and we fall back to a full sort for the rows where they do not.
+        # and we fall back to a full sort for the rows where they do not. Each row then draws among its sorted
+        # candidates only (a multinomial over 256 values, not the whole vocabulary).
         k = min(256, probs.shape[-1])
         sorted_p, order = probs.topk(k, dim=-1)
         if (sorted_p.sum(-1) < sampling.top_p).any():
             sorted_p, order = probs.sort(dim=-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p >= sampling.top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        return torch.stack([order[i, torch.multinomial(sorted_p[i], 1, generator=g)[0]] for i, g in enumerate(generators)])
     return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)])
+
+
+def prepack_linear_weights(model) -> int:
+    """Let the bf16 linear layers of a CPU model compute from weights packed once for oneDNN. Returns how many.
+
+    `F.linear` on bf16 CPU tensors lays the weight out for oneDNN's AMX kernels again on every call; packing it
+    once (what torch.compile's freezing does, with the same oneDNN ops) made a batch-12 decode step of SmolLM2
+    ~20% faster and prefill ~12% faster on the development VM, with identical logits (BENCHMARKS.md). The
+    module keeps its original weight (for state_dict and tied embeddings); where the ops are missing from the
+    torch build, nothing changes.
+    """
+    import types
+
+    ops = getattr(torch.ops, "mkldnn", None)
+    if not torch.backends.mkldnn.is_available() or not hasattr(ops, "_linear_pointwise"):
+        return 0
+    count = 0
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if isinstance(module, torch.nn.Linear) and w.dtype == torch.bfloat16 and w.device.type == "cpu":
+            packed = ops._reorder_linear_weight(w.detach(), 16)  # 16: the row-count hint of the packing
+
+            def forward(self, x, packed=packed):
+                return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+
+            module.forward = types.MethodType(forward, module)
+            count += 1
+    return count
+
+
+class GrowingLayer(DynamicLayer):
+    """A KV-cache layer that writes new positions in place instead of concatenating.
+
+    transformers' DynamicLayer appends by `torch.cat`, which copies the whole cache at every decode step; on a
+    CPU with a few GB/s of memory bandwidth that copy cost about a fifth of a batch-12 decode step of SmolLM2
+    (BENCHMARKS.md). Here keys and values live in buffers with `extra` positions of room beyond the first
+    update (the tokens still to come; doubled when full); `keys`/`values` are views of the filled part.
+    Shape: (batch, kv_heads, positions, head_dim).
+    """
+
+    def __init__(self, extra: int = 256):
+        super().__init__()
+        self.extra = extra
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.length, self.key_buffer, self.value_buffer = 0, None, None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if self.key_buffer is None or self.length + n > self.key_buffer.shape[-2]:
+            b, h, _, d = key_states.shape
+            room = 2 * self.length + n + self.extra
+            keys, values = key_states.new_empty(b, h, room, d), value_states.new_empty(b, h, room, d)
+            if self.length:
+                keys[:, :, :self.length], values[:, :, :self.length] = self.keys, self.values
+            self.key_buffer, self.value_buffer = keys, values
+        self.key_buffer[:, :, self.length:self.length + n] = key_states
+        self.value_buffer[:, :, self.length:self.length + n] = value_states
+        self.length += n
+        self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0:
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.batch_select_indices(torch.arange(self.keys.shape[0], device=self.keys.device).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("GrowingLayer is for cai's own decode loop, which never crops")
+
+
+class GrowingCache(DynamicCache):
+    """A DynamicCache of GrowingLayers (see there), each with room for `extra` positions after its first update."""
+
+    def __init__(self, extra: int = 256):
+        Cache.__init__(self, layer_class_to_replicate=functools.partial(GrowingLayer, extra=extra))
+
+
+def shared_prefix_groups(rows: list[list[int]], max_group: int) -> list[tuple[int, list[int]]]:
+    """Split token rows into groups that share a prefix: [(prefix_len, [row indices])], each row in one group.
+
+    Sorted rows put the longest shared prefixes side by side, so the groups are runs of the sorted order; the
+    runs (at most `max_group` rows each) are chosen to save the most tokens, sum((size - 1) * prefix_len), by
+    dynamic programming. With the shared-prefix feedback template, the K principles asked about one pair in
+    one order share all but the question, and form one group. prefix_len leaves each row at least one token
+    of its own, since its scores are read at its last token; a row alone has prefix_len 0.
+    """
+    order = sorted(range(len(rows)), key=lambda i: rows[i])
+
+    def common(a: list[int], b: list[int]) -> int:
+        n = 0
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    adjacent = [common(rows[a], rows[b]) for a, b in zip(order, order[1:])]
+    best = [0] * (len(order) + 1)  # best[j]: most tokens saved by grouping order[:j]
+    cut = [0] * (len(order) + 1)  # where the last group of that best grouping starts
+    for j in range(1, len(order) + 1):
+        best[j], cut[j] = best[j - 1], j - 1
+        shared, shortest = 1 << 30, len(rows[order[j - 1]])
+        for i in range(j - 2, max(j - max_group, 0) - 1, -1):  # the group order[i:j]
+            shared, shortest = min(shared, adjacent[i]), min(shortest, len(rows[order[i]]))
+            saved = best[i] + (j - i - 1) * min(shared, shortest - 1)
+            if saved > best[j]:
+                best[j], cut[j] = saved, i
+    groups, j = [], len(order)
+    while j > 0:
+        members = order[cut[j]:j]
+        n = min(min(len(rows[m]) for m in members) - 1, min(adjacent[cut[j]:j - 1], default=0))
+        groups.append((n if len(members) > 1 else 0, members))
+        j = cut[j]
+    return groups[::-1]
 
 
 class TransformersBackend:
@@ -56,12 +180,18 @@ class TransformersBackend:
         configure_cpu_threads()
         self.ref = ref
         self.tokenizer = tokenizer or load_tokenizer(ref, trust_remote_code)
-        self.model = model if model is not None else load_causal_lm(ref, dtype, device, trust_remote_code)
+        if model is None:  # our own copy, for inference only: bf16 linear weights packed for the CPU
+            model = load_causal_lm(ref, dtype, device, trust_remote_code)
+            prepack_linear_weights(model)
+        self.model = model
         self.device = next(self.model.parameters()).device
         # bf16 and fp32 runs of the same weights give different texts and scores: the dtype is part of the key
         self.identity = f"{ref.identity}:{str(next(self.model.parameters()).dtype).removeprefix('torch.')}"
         self.batch_size = batch_size
         self.progress = progress
+        # prompt tokens prefilled (generation and option scoring): "prompt" = in the prompts, "forward" = run
+        # through the model (fewer when prompts share a prefix); read by `python -m cai.bench`
+        self.prefill_tokens = {"prompt": 0, "forward": 0}
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
         self.eos_ids.discard(None)
@@ -82,6 +212,50 @@ class TransformersBackend:
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
         return ids, mask
+
+    def _prefill(self, rows: list[list[int]], decode_tokens: int = 0):
+        """Run prompts (token rows) through the model, into a KV cache with room for `decode_tokens` more.
+
+        Returns the logits at each row's last token (b, vocab), the attention mask (b, width), the position of
+        each row's last token (b, 1) and the cache, for decoding to continue from. Rows that share a prefix
+        (few-shot demonstrations, the feedback questions about one pair) run it once when that saves a quarter
+        of the tokens or more (`shared_prefix_groups`):
+        1. each group's prefix, left-padded, fills the cache, shape (groups, prefix width);
+        2. the cache rows are repeated for the rows of each group;
+        3. the rows' own tails, left-padded, run on top: mask [prefix mask | tail mask], positions continuing
+           from each prefix's real length, so every token attends to exactly what it would in one pass.
+        """
+        groups = shared_prefix_groups(rows, len(rows))
+        total = sum(len(r) for r in rows)
+        saved = sum((len(m) - 1) * n for n, m in groups)
+        self.prefill_tokens["prompt"] += total
+        self.prefill_tokens["forward"] += total - saved if 4 * saved >= total else total
+        if 4 * saved < total:  # one plain left-padded pass
+            ids, mask = self._left_pad(rows)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache = GrowingCache(extra=decode_tokens) if decode_tokens else None
+            # logits_to_keep=1: the vocabulary projection only for the last position (prompts can be long)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                             use_cache=cache is not None, logits_to_keep=1)
+            return out.logits[:, -1, :], mask, positions[:, -1:], cache
+        start = [0] * len(rows)
+        group_of = [0] * len(rows)
+        for g, (n, members) in enumerate(groups):
+            for i in members:
+                start[i], group_of[i] = n, g
+        tails = [r[n:] for r, n in zip(rows, start)]
+        cache = GrowingCache(extra=max(len(t) for t in tails) + decode_tokens)
+        p_ids, p_mask = self._left_pad([rows[m[0]][:n] for n, m in groups])
+        self.model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
+                   past_key_values=cache, use_cache=True, logits_to_keep=1)
+        sel = torch.tensor(group_of, device=self.device)
+        cache.batch_select_indices(sel)
+        t_ids, t_mask = self._left_pad(tails)
+        positions = torch.tensor(start, device=self.device)[:, None] + (t_mask.cumsum(-1) - 1).clamp(min=0)
+        mask = torch.cat([p_mask[sel], t_mask], dim=1)
+        out = self.model(input_ids=t_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :], mask, positions[:, -1:], cache
 
     # -- generation ------------------------------------------------------------------------------------
     def generate(self, conversations: list[list[Message]], sampling: Sampling, seeds: list[int]) -> list[Completion]:
@@ -104,21 +278,13 @@ class TransformersBackend:
 
     @torch.inference_mode()
     def _generate_batch(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[Completion]:
-        from transformers import DynamicCache
-
-        ids, mask = self._left_pad(prompts)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
         generators = [torch.Generator().manual_seed(int(s) % (2**63)) for s in seeds]
-        # logits_to_keep=1: the vocabulary projection only for the last position (prompts can be long)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1, :].float().cpu()
+        logits, mask, last_pos, cache = self._prefill(prompts, decode_tokens=sampling.max_new_tokens)
+        logits = logits.float().cpu()
         alive = list(range(len(prompts)))  # original row of each row still in the batch
         tokens: list[list[int]] = [[] for _ in prompts]
         finish = ["length"] * len(prompts)
         texts: list[str | None] = [None] * len(prompts)
-        last_pos = positions[:, -1:]
         for _ in range(sampling.max_new_tokens):
             nxt = sample_next(logits, sampling, [generators[r] for r in alive])
             keep = []
@@ -157,29 +323,38 @@ class TransformersBackend:
         """log p(option | prompt) for each prompt and option. Shape: (len(prompts), len(options)).
 
         When every option is one token after the prompt (the usual "A"/"B" case), one forward pass of the
-        prompt scores all options at once; otherwise each prompt+option is scored by its own pass.
+        prompt scores all options at once; otherwise each prompt+option is scored by its own pass. Prompts that
+        share most of their tokens (the K feedback principles asked about one pair with the shared-prefix
+        template) are batched together and their shared prefix runs once (`_prefill`).
         """
         results: list[list[float]] = [[] for _ in prompts]
         encoded = [self._encode(p) for p in prompts]
-        single, multi = [], []
+        single, multi = {}, []
         for i, (p, ids) in enumerate(zip(prompts, encoded)):
             conts = []
             for o in options:
                 full = self._encode(p + o)
                 conts.append(full[len(ids):] if full[:len(ids)] == ids else None)
             if all(c is not None and len(c) == 1 for c in conts):
-                single.append((i, [c[0] for c in conts]))
+                single[i] = [c[0] for c in conts]
             else:
                 multi.append(i)
-        order = sorted(single, key=lambda x: len(encoded[x[0]]))
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            ids, mask = self._left_pad([encoded[i] for i, _ in chunk])
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1, :]
-            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-            for row, (i, option_ids) in enumerate(chunk):
-                results[i] = [float(logp[row, t]) for t in option_ids]
+        rows = list(single)
+        groups = shared_prefix_groups([encoded[i] for i in rows], self.batch_size)
+        groups = [(n, [rows[j] for j in members]) for n, members in groups]
+        # length bucketing: groups of similar prefix length share a forward batch, whole groups per batch
+        groups.sort(key=lambda g: (g[0], len(encoded[g[1][0]])))
+        chunk: list[tuple[int, list[int]]] = []
+        for g in groups + [None]:
+            if chunk and (g is None or sum(len(m) for _, m in chunk) + len(g[1]) > self.batch_size):
+                members = [i for _, m in chunk for i in m]
+                logits = self._prefill([encoded[i] for i in members])[0]
+                logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+                for row, i in enumerate(members):
+                    results[i] = [float(logp[row, t]) for t in single[i]]
+                chunk = []
+            if g is not None:
+                chunk.append(g)
         for i in multi:
             results[i] = [self._continuation_logprob(prompts[i], o) for o in options]
         return results

@@ -165,11 +165,14 @@ def run_models(run: Run, cfg) -> tuple[list[tuple[str, dict]], list[str]]:
     """(kind, spec) for each model of a run, and notes on the ones it lacks."""
     found, notes = [], []
     sl_cfg, rl_cfg = run.configs.get("config.sl.yaml"), run.configs.get("config.rl.yaml") or run.configs.get("config.dpo.yaml")
-    if sl_cfg and isinstance(sl_cfg.get("generator"), dict) and sl_cfg["generator"].get("model"):
+    policy = (rl_cfg or {}).get("policy") or {}
+    start = Path(str(policy.get("model", "")))
+    if sl_cfg is None and start.parts[-2:] == ("sl", "model") and (start.parent.parent / "config.sl.yaml").exists():
+        sl_cfg = read_yaml(start.parent.parent / "config.sl.yaml")  # RL from another run's SL-CAI: that run's base
+    if isinstance(sl_cfg, dict) and isinstance(sl_cfg.get("generator"), dict) and sl_cfg["generator"].get("model"):
         found.append(("base", _spec(cfg, str(sl_cfg["generator"]["model"]), sl_cfg["generator"])))
     else:
         notes.append(f"{run.name}: no base model (no config.sl.yaml with generator.model)")
-    policy = (rl_cfg or {}).get("policy") or {}
     if _has_model(run.path / "sl" / "model"):
         found.append(("sl", _spec(cfg, str(run.path / "sl" / "model"))))
     elif policy.get("model") not in (None, "sl"):  # RL started from another model (e.g. another run's SL-CAI)

@@ -128,10 +128,11 @@ def _records(out):
 
 def test_models_found_and_deduplicated(report):
     _, _, rep = report
-    # B's RL started from A's SL model: compared once, named by its kind; B has no base model of its own
-    assert [m["label"] for m in rep["models"]] == ["A/base", "sl", "A/rl", "B/rl"]
+    # B's RL started from A's SL model: compared once, named by its kind; B's base is that run's base
+    assert [m["label"] for m in rep["models"]] == ["base", "sl", "A/rl", "B/rl"]
+    assert rep["models"][0]["aliases"] == ["A/base", "B/base"]
     assert rep["models"][1]["aliases"] == ["A/sl", "B/sl"]
-    assert any("B: no base model" in n for n in rep["notes"])
+    assert not any("no base model" in n for n in rep["notes"])
 
 
 def test_win_rates_elo_refusals_lengths_and_pm_scores_by_hand(report, runs):

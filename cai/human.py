@@ -48,26 +48,33 @@ def _read_text(path: Path) -> str:
         raise CaiError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8") from None
 
 
+def json_objects(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; a line that is not an object is an error."""
+    rows = []
+    for n, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise CaiError(f"{path}:{n}: invalid JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise CaiError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows.append((n, row))
+    return rows
+
+
 def _rows(path: str | Path, fields: tuple[str, ...], csv_ok: bool = True) -> list[tuple[int, dict]]:
     """(line number, row) for each non-blank row of a .jsonl (or .csv) file; unknown fields are errors."""
     path = Path(path)
     suffixes = (".jsonl", ".csv") if csv_ok else (".jsonl",)
     if path.suffix.lower() not in suffixes:
         raise CaiError(f"{path}: expected a {' or '.join(suffixes)} file, got {path.suffix or 'no suffix'!r}")
-    text = _read_text(path)
     rows = []
     if path.suffix.lower() == ".jsonl":
-        for n, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise CaiError(f"{path}:{n}: invalid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise CaiError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            rows.append((n, {k: v for k, v in row.items() if v is not None}))
+        rows = [(n, {k: v for k, v in row.items() if v is not None}) for n, row in json_objects(path)]
     else:
+        text = _read_text(path)
         reader = csv.reader(io.StringIO(text, newline=""), strict=True)
         end = 0
         try:

@@ -34,6 +34,7 @@ from urllib.parse import parse_qs, urlparse
 
 from cai.config import F, build_config, parse_overrides, stable_hash
 from cai.errors import CaiError, cli_main
+from cai.human import json_objects
 from cai.store import JsonlStore, RunLock, write_jsonl_atomic
 
 HOST = "127.0.0.1"  # never anything else: the page has no login beyond the token
@@ -66,26 +67,6 @@ def pair_id(prompt: str, a: str, b: str) -> str:
     return stable_hash({"kind": "page-pair", "prompt": prompt, "answers": [x, y]}, 16)
 
 
-def _jsonl_rows(path: Path):
-    """(line number, object) for each non-blank line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CaiError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise CaiError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise CaiError(f"{path}:{n}: invalid JSON ({e})") from None
-        if not isinstance(row, dict):
-            raise CaiError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-        yield n, row
-
-
 def _pair(path: Path, n: int, row: dict) -> dict:
     for field in ("prompt", "answer_a", "answer_b"):
         v = row.get(field)
@@ -116,7 +97,7 @@ def load_pairs(run_dir: Path, pairs_file: str = "") -> tuple[list[dict], int]:
         strict = False
     pairs, seen, left_out = [], set(), 0
     for path in files:
-        for n, row in _jsonl_rows(path):
+        for n, row in json_objects(path):
             try:
                 p = _pair(path, n, row)
             except CaiError:

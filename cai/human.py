@@ -59,7 +59,7 @@ def json_objects(path: Path) -> list[tuple[int, dict]]:
         except ValueError as e:
             raise CaiError(f"{path}:{n}: invalid JSON ({e})") from None
         if not isinstance(row, dict):
-            raise CaiError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            raise CaiError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
         rows.append((n, row))
     return rows
 

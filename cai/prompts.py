@@ -71,22 +71,10 @@ def load_prompts(source) -> list[PromptRecord]:
 
 def _check_jsonl(path: Path) -> None:
     """`datasets` reports a broken JSONL line without its number; find it ourselves first."""
-    import json
+    from cai.human import json_objects
 
-    if path.suffix.lower() != ".jsonl":
-        return
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            for n, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        obj = json.loads(line)
-                    except ValueError as e:
-                        raise CaiError(f"{path}:{n}: invalid JSON ({e})") from None
-                    if not isinstance(obj, dict):
-                        raise CaiError(f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}")
-        except UnicodeDecodeError as e:
-            raise CaiError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if path.suffix.lower() == ".jsonl":
+        json_objects(path)
 
 
 def load_few_shot(path: str | Path, count: int) -> list[dict]:

@@ -164,7 +164,7 @@ def test_pairs_from_the_runs_comparisons(tmp_path):
 
 @pytest.mark.parametrize("rows, expected", [
     (['{"prompt": "q", "answer_a": "x", "answer_b": "y"}', "{oops"], r"pairs.jsonl:2: invalid JSON"),
-    (["[1, 2]"], r"pairs.jsonl:1: expected a JSON object, got list"),
+    (["[1, 2]"], r"pairs.jsonl:1: expected a JSON object per line, got list"),
     ([{"prompt": "q", "answer_a": "x"}], r"pairs.jsonl:1: answer_b: expected a non-empty string"),
     ([{"prompt": " ", "answer_a": "x", "answer_b": "y"}], r"pairs.jsonl:1: prompt: expected a non-empty string"),
     (["", {"prompt": "q", "answer_a": "x", "answer_b": "x"}], r"pairs.jsonl:2: answer_b: expected a different"),

@@ -50,11 +50,12 @@ class BenchConfig:
                                                              "(harmless|helpful), prompt, better, worse")
     label_pairs: int = F(8, "pairs labeled by both labelers in the label section")
     principles: int = F(4, "K feedback principles per pair (pipelines/rl.yaml uses 4)")
-    template: str = F("prompts/templates/feedback_mc_shared_prefix.txt", "feedback template of the label section")
+    template: str = F("prompts/templates/feedback_mc.txt", "feedback template of the label section (the pipeline default)")
     harmless_constitution: str = F("constitutions/default.yaml", "feedback principles for harmless pairs")
     helpful_constitution: str = F("constitutions/helpful_honest.yaml", "feedback principles for helpful pairs")
     accuracy_templates: str = F(TEMPLATES, "comma-separated feedback templates compared in the accuracy section")
     accuracy_pairs: int = F(0, "labeled pairs in the accuracy section (0 = all)")
+    repeats: int = F(1, "time each fast path and baseline this many times and keep the fastest (noisy machines)")
     matmul_size: int = F(2048, "side of the square matmuls that measure FLOP/s")
     ppo_config: str = F("pipelines/demo_rl.yaml", "stage config whose ppo settings and prompts the ppo section uses")
     ppo_steps: int = F(4, "PPO steps in the ppo section (the demo runs 4)")
@@ -212,10 +213,8 @@ def bench_gen(cfg, fast, naive_model) -> dict:
     eos = fast.eos_ids
     fast.eos_ids = set()  # every row makes exactly gen_tokens tokens, as the baseline (min_new_tokens) does
     try:
-        fast.generate(convs[:2], Sampling(max_new_tokens=2), seeds[:2])  # warm-up: first-call kernel setup
-        t = time.perf_counter()
-        outs = fast.generate(convs, sampling, seeds)
-        fast_s = time.perf_counter() - t
+        fast.generate(convs, Sampling(max_new_tokens=2), seeds)  # warm-up: kernel setup for these shapes
+        fast_s, outs = best_of(cfg.repeats, lambda: fast.generate(convs, sampling, seeds))
     finally:
         fast.eos_ids = eos
     fast_tokens = sum(o.completion_tokens for o in outs)
@@ -232,10 +231,8 @@ def bench_gen(cfg, fast, naive_model) -> dict:
 
     naive_one(convs[0], 2)  # warm-up
     torch.manual_seed(cfg.seed)
-    t = time.perf_counter()
-    naive_tokens = sum(naive_one(c, cfg.gen_tokens)
-                       for c in tqdm(convs, desc="naive generate", disable=not cfg.progress, leave=False))
-    naive_s = time.perf_counter() - t
+    naive_s, naive_tokens = best_of(cfg.repeats, lambda: sum(
+        naive_one(c, cfg.gen_tokens) for c in tqdm(convs, desc="naive generate", disable=not cfg.progress, leave=False)))
     prompt_tokens = [o.prompt_tokens for o in outs]
     fast_rate, naive_rate = fast_tokens / fast_s, naive_tokens / naive_s
     return {"requests": len(convs), "new_tokens": cfg.gen_tokens, "prompt_tokens_mean": sum(prompt_tokens) / len(outs),
@@ -244,6 +241,16 @@ def bench_gen(cfg, fast, naive_model) -> dict:
             "fast_tokens": fast_tokens, "fast_seconds": fast_s, "fast_tok_s": fast_rate,
             "naive_tokens": naive_tokens, "naive_seconds": naive_s, "naive_tok_s": naive_rate,
             "ratio": fast_rate / naive_rate}
+
+
+def best_of(n: int, fn):
+    """(fastest wall time of n calls, the result of the last call)."""
+    best, result = float("inf"), None
+    for _ in range(n):
+        t = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, result
 
 
 # --- labeling ----------------------------------------------------------------------------------------------
@@ -270,26 +277,25 @@ def bench_label(cfg, fast, naive_model) -> dict:
 
     pairs = as_pairs(load_labeled_set(cfg.labeled_set)[:cfg.label_pairs])
     settings = label_settings(cfg, cfg.template, cfg.principles)
-    fast.option_logprobs([fast.chat_prompt([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "("}])],
-                         list(OPTIONS))  # warm-up
+    ai_label(pairs[:1], cfg, settings, fast)  # warm-up
     before = dict(fast.prefill_tokens)
-    t = time.perf_counter()
-    _, fast_p = ai_label(pairs, cfg, settings, fast)
-    fast_s = time.perf_counter() - t
-    forward = fast.prefill_tokens["forward"] - before["forward"]
-    prompt_tokens = fast.prefill_tokens["prompt"] - before["prompt"]
+    fast_s, (_, fast_p) = best_of(cfg.repeats, lambda: ai_label(pairs, cfg, settings, fast))
+    forward = (fast.prefill_tokens["forward"] - before["forward"]) // cfg.repeats
+    prompt_tokens = (fast.prefill_tokens["prompt"] - before["prompt"]) // cfg.repeats
 
     requests = []
     for cat, constitution in constitutions(cfg).items():
         requests += label_requests([p for p in pairs if p["category"] == cat], constitution, settings, fast.identity)
     prompts = [fast.chat_prompt(r.conversation) for r in requests]
     naive_option_logprob(naive_model, fast.tokenizer, prompts[0], OPTIONS[0])  # warm-up
-    t = time.perf_counter()
-    naive_p = {}
-    for r, p in zip(tqdm(requests, desc="naive label", disable=not cfg.progress, leave=False), prompts):
-        la, lb = (naive_option_logprob(naive_model, fast.tokenizer, p, o) for o in OPTIONS)
-        naive_p[r.key] = preference_probs_from_option_logprobs(la, lb)
-    naive_s = time.perf_counter() - t
+    def naive_label():
+        naive_p = {}
+        for r, p in zip(tqdm(requests, desc="naive label", disable=not cfg.progress, leave=False), prompts):
+            la, lb = (naive_option_logprob(naive_model, fast.tokenizer, p, o) for o in OPTIONS)
+            naive_p[r.key] = preference_probs_from_option_logprobs(la, lb)
+        return naive_p
+
+    naive_s, naive_p = best_of(cfg.repeats, naive_label)
     labels = len(pairs) * cfg.principles  # one soft label per (pair, principle), from both orders
     fast_rate, naive_rate = labels / fast_s, labels / naive_s
     diff = max(abs(fast_p[k] - naive_p[k]) for k in naive_p)
@@ -503,7 +509,8 @@ def run_bench(cfg) -> dict:
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown or not sections:
         raise CaiError(f"sections={cfg.sections}: expected a comma-separated list of {','.join(SECTIONS)}")
-    for name in ("gen_prompts", "gen_tokens", "label_pairs", "principles", "batch_size", "ppo_steps", "matmul_size"):
+    for name in ("gen_prompts", "gen_tokens", "label_pairs", "principles", "batch_size", "ppo_steps", "matmul_size",
+                 "repeats"):
         if getattr(cfg, name) < 1:
             raise CaiError(f"{name}={getattr(cfg, name)}: expected 1 or more")
     if any(s in sections for s in ("gen", "label", "accuracy")):  # inputs are checked before any model loads

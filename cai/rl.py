@@ -36,7 +36,9 @@ class FeedbackConfig:
     labeler: ModelConfig = F(ModelConfig(), "the feedback model that compares answers")
     principles_per_pair: int = F(2, "feedback principles sampled per pair; their labels are averaged")
     conversation_template: str = F("prompts/templates/conversation.txt", "renders the conversation slot")
-    template: str = F("prompts/templates/feedback_mc.txt", "multiple-choice prompt; last line starts the answer")
+    template: str = F("prompts/templates/feedback_mc.txt", "multiple-choice prompt; last line starts the answer "
+                                                           "(feedback_mc_shared_prefix.txt labels ~2x faster but was "
+                                                           "less accurate with SmolLM2: BENCHMARKS.md)")
     cot: bool = F(False, "chain of thought: reason first, then score the letters (probabilities clamped)")
     cot_template: str = F("prompts/templates/feedback_cot.txt", "chain-of-thought prompt")
     cot_answer_template: str = F("prompts/templates/feedback_cot_answer.txt", "text after the reasoning, before the letter")

@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "CAI_THREADS": "1"}
 TINY = ["model=tiny", "gen_prompts=3", "gen_tokens=3", "label_pairs=2", "principles=2", "accuracy_pairs=4",
-        "matmul_size=128", "ppo_steps=2", "progress=false"]
+        "matmul_size=128", "ppo_steps=2", "repeats=2", "progress=false"]
 
 
 def bench(*args, timeout=120):

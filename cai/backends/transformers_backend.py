@@ -218,8 +218,8 @@ class TransformersBackend:
 
         Returns the logits at each row's last token (b, vocab), the attention mask (b, width), the position of
         each row's last token (b, 1) and the cache, for decoding to continue from. Rows that share a prefix
-        (few-shot demonstrations, the feedback questions about one pair) run it once when that saves a quarter
-        of the tokens or more (`shared_prefix_groups`):
+        (few-shot demonstrations, the feedback questions about one pair) run it once when that saves a tenth of
+        the tokens or more (`shared_prefix_groups`; below that the extra pass and cache copy cost about as much):
         1. each group's prefix, left-padded, fills the cache, shape (groups, prefix width);
         2. the cache rows are repeated for the rows of each group;
         3. the rows' own tails, left-padded, run on top: mask [prefix mask | tail mask], positions continuing
@@ -229,8 +229,8 @@ class TransformersBackend:
         total = sum(len(r) for r in rows)
         saved = sum((len(m) - 1) * n for n, m in groups)
         self.prefill_tokens["prompt"] += total
-        self.prefill_tokens["forward"] += total - saved if 4 * saved >= total else total
-        if 4 * saved < total:  # one plain left-padded pass
+        self.prefill_tokens["forward"] += total - saved if 10 * saved >= total else total
+        if 10 * saved < total:  # one plain left-padded pass
             ids, mask = self._left_pad(rows)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             cache = GrowingCache(extra=decode_tokens) if decode_tokens else None

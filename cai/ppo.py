@@ -98,6 +98,39 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+@torch.no_grad()
+def _linears_to_bf16(model: nn.Module) -> None:
+    """Store a frozen model's Linear weights in bf16 (all else fp32, and every tensor in its own memory).
+
+    Exact under bf16 autocast: autocast rounds an fp32 Linear weight to bf16 before every matmul, which is this
+    same rounding done once; embeddings and norms, which autocast leaves in fp32, stay fp32 (a tied lm_head
+    stays the fp32 embedding). Saves ~40% of the reference's memory (~210 MB on SmolLM2-135M). The clones drop
+    the last views into the mmapped checkpoint, so its pages leave RSS too.
+    """
+    embedding, seen = model.get_input_embeddings().weight, set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen:  # a tied weight is one Parameter in two modules
+                seen.add(id(p))
+                is_linear = isinstance(module, nn.Linear) and p is not embedding
+                p.data = p.data.to(torch.bfloat16) if is_linear else p.data.clone()
+    for b in model.buffers():
+        b.data = b.data.clone()
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS: glibc keeps freed buffers (last step's gradients, a checkpoint
+    save's copies: ~2 GB on SmolLM2-135M), and their fragments would add to the next peak RSS."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class PolicyAndValue(nn.Module):
     """The trainable policy and value model as one module, so accelerate wraps one model and one optimizer.
 
@@ -284,6 +317,8 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
     # the KL anchor: the SL-CAI model, also when later rounds start from an RL policy
     reference = AutoModelForCausalLM.from_pretrained((reference or policy).path, dtype=torch.float32).to(device).train(False)
     reference.requires_grad_(False)
+    if bf16:
+        _linears_to_bf16(reference)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected when starting from the policy
     try:
@@ -351,6 +386,7 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
                 if old != final and not old.name.endswith(".tmp"):
                     shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
+        _release_freed_memory()
         return final
 
     # -- prompts: a seeded permutation per pass over the prompt list; each process takes its own slice ------
@@ -424,6 +460,7 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
             check_finite("advantages", advantages)
 
             # -- 5. PPO updates -------------------------------------------------------------------------------
+            _release_freed_memory()  # the rollout's and last step's freed buffers: else they add to the backward's peak
             stats = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl",
                                      "ptx_loss", "grad_norm")}
             order_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)

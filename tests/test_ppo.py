@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from cai.errors import CaiError
 from cai.models import ModelRef, load_tokenizer, resolve_model
-from cai.ppo import PPOConfig, apply_missing_eos_penalty, run_ppo, sample_answers, sft_tensors
+from cai.ppo import PPOConfig, _linears_to_bf16, apply_missing_eos_penalty, run_ppo, sample_answers, sft_tensors
 from cai.store import Metrics
 
 PROMPTS = ["Say something.", "Hello!", "What is a cat?", "Tell me a story."]
@@ -105,7 +105,8 @@ def test_policy_changes_and_reference_does_not(learned):
     base = AutoModelForCausalLM.from_pretrained(resolve_model("tiny").path)
     saved = AutoModelForCausalLM.from_pretrained(out / "policy")
     base_sd, ref_sd, pol_sd, saved_sd = (m.state_dict() for m in (base, reference, policy, saved))
-    assert all(torch.equal(base_sd[k], ref_sd[k].cpu()) for k in base_sd)
+    # under bf16 autocast the reference keeps its Linear weights in bf16 (the rounding autocast does anyway)
+    assert all(torch.equal(base_sd[k].to(ref_sd[k].dtype), ref_sd[k].cpu()) for k in base_sd)
     assert all(not p.requires_grad for p in reference.parameters())
     changed = [k for k in base_sd if not torch.equal(base_sd[k], pol_sd[k].cpu())]
     assert len(changed) > len(base_sd) // 2, changed
@@ -266,3 +267,21 @@ def test_ppo_against_a_trained_preference_model(tmp_path):
     assert sum(score[-5:]) / 5 > sum(score[:5]) / 5 + 0.25 * spread, score
     # KL bound: beta * KL can exceed the score gain only if the policy gets worse, so KL <= range / beta
     assert all(abs(k) <= spread / cfg.init_kl_coef for k in kl), (kl, spread)
+
+
+def test_bf16_linear_reference_gives_the_same_logits_under_autocast():
+    """The reference's bf16 Linear weights are exact, not an approximation: autocast rounds fp32 weights the same way."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model("tiny").path
+    full, half = (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train(False) for _ in range(2))
+    _linears_to_bf16(half)
+    assert half.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert half.get_input_embeddings().weight.dtype == torch.float32  # embeddings and norms stay fp32
+    assert half.model.norm.weight.dtype == torch.float32
+    if half.config.tie_word_embeddings:
+        assert half.lm_head.weight is half.get_input_embeddings().weight
+    ids = torch.randint(0, half.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = full(input_ids=ids).logits, half(input_ids=ids).logits
+    assert torch.equal(a, b)

@@ -20,6 +20,9 @@ EXPECTED_SLOTS = {
     "feedback_cot.txt": FEEDBACK_SLOTS,
     "feedback_cot_answer.txt": set(),
     "conversation.txt": {"prompt"},
+    "judge_mc.txt": FEEDBACK_SLOTS,  # cai.compare's judge
+    "judge_harmless.txt": set(),  # judge questions (plain text)
+    "judge_helpful.txt": set(),
 }
 
 

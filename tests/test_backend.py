@@ -329,6 +329,22 @@ def test_growing_cache_layer_equals_concatenation_across_growth_and_selection():
     assert torch.equal(keys[:, :, :12], whole[[1, 1, 0]]) and keys.shape[2] == 13
 
 
+def test_growing_cache_layer_crops_like_dynamic_layer():
+    from transformers.cache_utils import DynamicLayer
+
+    from cai.backends.transformers_backend import GrowingLayer
+
+    chunks = [torch.randn(2, 1, n, 4) for n in (5, 3)]
+    for crop in (-2, -8, 0):
+        ours, theirs = GrowingLayer(extra=2), DynamicLayer()
+        for k in chunks:
+            ours.update(k, -k), theirs.update(k, -k)
+        ours.crop(crop), theirs.crop(crop)
+        assert torch.equal(ours.keys, theirs.keys) and ours.get_seq_length() == theirs.get_seq_length()
+        keys, _ = ours.update(torch.ones(2, 1, 1, 4), torch.ones(2, 1, 1, 4))  # writes after the kept part
+        assert torch.equal(keys, torch.cat([theirs.keys, torch.ones(2, 1, 1, 4)], dim=2))
+
+
 def test_prepacked_bf16_linears_give_the_same_logits(backend):
     from cai.backends.transformers_backend import prepack_linear_weights
     from cai.models import load_causal_lm

@@ -125,7 +125,13 @@ class GrowingLayer(DynamicLayer):
         self.batch_select_indices(torch.arange(self.keys.shape[0], device=self.keys.device).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("GrowingLayer is for cai's own decode loop, which never crops")
+        """Drop the last -tokens_to_remove positions (a negative count), as transformers' DynamicLayer does."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): expected a negative number of tokens to remove")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        self.length = max(self.length + tokens_to_remove, 0)
+        self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
 
 
 class GrowingCache(DynamicCache):

@@ -38,6 +38,12 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_elo(report: dict, path: Path) -> None:
     """Harmlessness Elo against helpfulness Elo (the CAI paper's figure), or bars when one set is present."""
     plt = _pyplot()
@@ -67,9 +73,7 @@ def plot_elo(report: dict, path: Path) -> None:
     ax.ticklabel_format(useOffset=False, style="plain")
     ax.set_title("Elo (Bradley-Terry on judge outcomes), 95% bootstrap intervals", fontsize=9)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_win_rates(report: dict, path: Path) -> None:
@@ -89,9 +93,7 @@ def plot_win_rates(report: dict, path: Path) -> None:
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
         ax.set_title(f"{s}: P(row better than column)", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_answers(report: dict, path: Path) -> None:
@@ -111,9 +113,7 @@ def plot_answers(report: dict, path: Path) -> None:
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_curves(report: dict, path: Path) -> bool:
@@ -140,9 +140,7 @@ def plot_curves(report: dict, path: Path) -> bool:
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 
@@ -171,9 +169,7 @@ def plot_calibration(report: dict, path: Path) -> bool:
     ax.set_title("calibration", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 

@@ -31,7 +31,7 @@ demo-sl: setup
 # Speed against naive baselines measured in the same run, the roofline, PPO memory, `make demo` timed (BENCHMARKS.md).
 # ~15 minutes on a 2-core CPU; leave the demo out with BENCH_ARGS="sections=gen,label,roofline,accuracy,ppo".
 bench: setup
-	$(PY) -m cai.bench $(BENCH_ARGS)
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 # Debian's Chromium for the labeling page's browser test (Playwright drives it; no browser download).
 browser:

@@ -39,42 +39,29 @@ from pathlib import Path
 
 import numpy as np
 
-from cai.config import F, ModelConfig, PromptSource, SamplingConfig, build_config, parse_overrides, read_yaml, stable_hash
+from cai.backends import make_backend, sampling_from_config
+from cai.config import CompareConfig, build_config, help_text, parse_overrides
 from cai.errors import CaiError, cli_main
+from cai.evaluate import is_refusal, load_patterns
+from cai.feedback import OPTIONS, label_diagnostics, split_answer_prefix
+from cai.human import load_human_comparisons, load_human_rankings, page_comparisons
+from cai.io import read_jsonl, read_yaml, table, write_atomic
+from cai.losses import preference_probs_from_option_logprobs
+from cai.models import pick_device, pick_dtype, resolve_model
+from cai.paths import resolve_path
+from cai.prompts import load_prompts
+from cai.records import calibration_bins, pair_identity, stable_hash
+from cai.report import write_report
+from cai.runs import RunLock
+from cai.store import JsonlStore
+from cai.templates import load_template
+from cai.waves import Request, generation, run_wave
 
 RUN_CONFIGS = ("config.sl.yaml", "config.rl.yaml", "config.dpo.yaml")
 DIFFED_FILES = RUN_CONFIGS + ("constitution.yaml",)
 ELO_PER_LOGIT = 400 / math.log(10)  # Elo points per unit of log-odds
 SETS = ("red_team", "helpful")  # harmlessness, helpfulness
 ROLE = {"red_team": "harmlessness", "helpful": "helpfulness"}
-
-
-@dataclass
-class CompareConfig:
-    judge: ModelConfig = F(ModelConfig(), "the judge that compares answers (any backend; backend=openai for a "
-                                          "stronger judge behind an endpoint)")
-    red_team: PromptSource = F(PromptSource(path="prompts/sets/red_team_eval.jsonl", limit=32),
-                               "held-out red-team prompts (harmlessness)")
-    helpful: PromptSource = F(PromptSource(path="prompts/sets/helpful_eval.jsonl", limit=32),
-                              "held-out helpful prompts (helpfulness)")
-    sampling: SamplingConfig = F(SamplingConfig(max_new_tokens=128, temperature=0.0, top_p=1.0),
-                                 "answer sampling (greedy by default, so a report repeats)")
-    dtype: str = F("auto", "dtype of the compared models (transformers backend)")
-    device: str = F("auto", "device of the compared models and the PMs: auto | cpu | cuda | cuda:N")
-    batch_size: int = F(16, "answers per forward batch")
-    trust_remote_code: bool = F(False, "allow the compared models' repos to run their own Python code")
-    judge_template: str = F("prompts/templates/judge_mc.txt", "the judge's multiple-choice prompt; its last line "
-                                                               "starts the judge's answer, just before the letter")
-    conversation_template: str = F("prompts/templates/conversation.txt", "renders the conversation slot")
-    harmless_question: str = F("prompts/templates/judge_harmless.txt", "the judge's question on red-team prompts")
-    helpful_question: str = F("prompts/templates/judge_helpful.txt", "the judge's question on helpful prompts")
-    refusal_patterns: str = F("prompts/detectors/refusal.txt", "file of refusal regular expressions")
-    boilerplate_n: int = F(4, "words per n-gram in the boilerplate detector")
-    boilerplate_flag: float = F(0.25, "flag a model whose most shared n-gram is in at least this share of its answers")
-    bootstrap: int = F(1000, "bootstrap resamples of the prompts for the Elo intervals (0 = no intervals)")
-    seed: int = F(0, "seed for sampled answers and the bootstrap")
-    out: str = F("", "report directory (default reports/<runA>-vs-<runB>/)")
-    progress: bool = F(True, "show progress bars")
 
 
 # --- runs and their models ---------------------------------------------------------------------------------
@@ -139,8 +126,6 @@ def _spec(cfg, model: str, section: dict | None = None) -> dict:
 def expected_identity(spec: dict) -> str:
     """The identity make_backend(spec) will report, found without loading the model (so cached work loads none)."""
     if spec["backend"] == "transformers":
-        from cai.models import pick_device, pick_dtype, resolve_model
-
         dtype = pick_dtype(spec["dtype"], pick_device(spec["device"]))
         return f"{resolve_model(spec['model']).identity}:{str(dtype).removeprefix('torch.')}"
     if spec["backend"] == "openai":
@@ -238,8 +223,6 @@ class Lazy:
 
 
 def _load_backend(spec: dict, expected: str):
-    from cai.backends import make_backend
-
     opts = {k: v for k, v in spec.items() if k not in ("backend", "model")}
     backend = make_backend(spec["backend"], spec["model"], **opts)
     if backend.identity != expected:  # the keys were made with the expected identity
@@ -250,8 +233,6 @@ def _load_backend(spec: dict, expected: str):
 
 
 def answer_requests(c: Contender, prompts: list, sampling, seed: int) -> list:
-    from cai.waves import Request
-
     return [Request(stable_hash({"kind": "compare-answer", "prompt": p.prompt, "model": c.identity,
                                  "sampling": sampling.as_dict(), "seed": seed}),
                     "compare-answer", [{"role": "user", "content": p.prompt}], {"prompt_id": p.id})
@@ -259,8 +240,6 @@ def answer_requests(c: Contender, prompts: list, sampling, seed: int) -> list:
 
 
 def judge_messages(template, conversation, question: str, prompt: str, first: str, second: str) -> list[dict]:
-    from cai.feedback import split_answer_prefix
-
     text = template.render(conversation=conversation.render(prompt=prompt), question=question,
                            answer_a=first, answer_b=second)
     user, prefix = split_answer_prefix(text, template.name)
@@ -269,9 +248,6 @@ def judge_messages(template, conversation, question: str, prompt: str, first: st
 
 def judging(lazy: Lazy):
     """A `compute` for run_wave: P(option A) for each judge request, and the judge prompt's tokens."""
-    from cai.feedback import OPTIONS
-    from cai.losses import preference_probs_from_option_logprobs
-
     def compute(batch: list) -> list[dict]:
         backend = lazy.get()
         prompts = [backend.chat_prompt(r.conversation) for r in batch]
@@ -292,7 +268,7 @@ def pm_scoring(lazy: Lazy, batch_size: int):
     """A `compute` for run_wave: the PM's reward for each (prompt, answer) request."""
 
     def compute(batch: list) -> list[dict]:
-        from cai.pm import score_answers
+        from cai.train.pm import score_answers  # heavy: torch, trl
 
         model, tok = lazy.get()
         scores = score_answers(model, tok, [r.conversation[0]["content"] for r in batch],
@@ -391,26 +367,12 @@ def boilerplate(answers: list[str], n: int = 4) -> dict:
             "share": best[1] / len(answers)}
 
 
-def calibration_bins(pred: list[float], target: list[float], n_bins: int = 10) -> list[dict]:
-    """Equal-width bins of a predicted probability: count, mean prediction and mean target per non-empty bin."""
-    out = []
-    for b in range(n_bins):
-        sel = [(p, t) for p, t in zip(pred, target) if min(int(p * n_bins), n_bins - 1) == b]
-        if sel:
-            out.append({"lo": b / n_bins, "hi": (b + 1) / n_bins, "count": len(sel),
-                        "mean_predicted": sum(p for p, _ in sel) / len(sel),
-                        "mean_label": sum(t for _, t in sel) / len(sel)})
-    return out
-
-
 # --- what the runs recorded ----------------------------------------------------------------------------------
 
 
 def rl_curves(run: Run) -> list[dict]:
     """Reward and KL per logged RL step, split into segments where the step count restarts (a new round or a
     new training job appended to the same metrics.jsonl)."""
-    from cai.store import read_jsonl
-
     path = run.path / "metrics.jsonl"
     if not path.exists():
         return []
@@ -435,10 +397,6 @@ def rl_curves(run: Run) -> list[dict]:
 
 def human_comparisons(run: Run) -> list[dict]:
     """The run's human labels: in rl/comparisons.jsonl, the files config.rl.yaml names, and the labeling page."""
-    from cai.human import load_human_comparisons, load_human_rankings
-    from cai.paths import resolve_path
-    from cai.store import read_jsonl
-
     found = []
     if (run.path / "rl" / "comparisons.jsonl").exists():
         found += [c for c in read_jsonl(run.path / "rl" / "comparisons.jsonl") if c.get("source") == "human"]
@@ -448,21 +406,13 @@ def human_comparisons(run: Run) -> list[dict]:
     if fb.get("human_rankings") and resolve_path(fb["human_rankings"]).exists():
         found += load_human_rankings(resolve_path(fb["human_rankings"]))
     if (run.path / "human" / "labels.jsonl").exists():
-        try:
-            from cai.label import page_comparisons
-        except ImportError:
-            page_comparisons = None
-        if page_comparisons is not None:
-            found += page_comparisons(run.path)
+        found += page_comparisons(run.path)
     return list({c["key"]: c for c in found}.values())
 
 
 def label_report(run: Run) -> dict:
     """Per-round label diagnostics as the run saved them, AI-vs-human agreement and calibration on shared pairs,
     and the PM's held-out calibration."""
-    from cai.feedback import label_diagnostics, pair_identity
-    from cai.store import read_jsonl
-
     rounds = []
     for p in sorted((run.path / "rl").glob("round-*/label_diagnostics.json"),
                     key=lambda p: int(p.parent.name.split("-")[1]) if p.parent.name.split("-")[1].isdigit() else 0):
@@ -529,12 +479,6 @@ class Inputs:
 
 
 def read_inputs(run_paths: list[str], cfg) -> Inputs:
-    from cai.backends import sampling_from_config
-    from cai.evaluate import load_patterns
-    from cai.models import resolve_model
-    from cai.prompts import load_prompts
-    from cai.templates import load_template
-
     runs = load_runs(run_paths)
     if cfg.bootstrap < 0:
         raise CaiError(f"bootstrap={cfg.bootstrap}: expected 0 or more")
@@ -572,8 +516,6 @@ def _count(work: dict, name: str, stats) -> None:
 
 def answer_all(inp: Inputs, cfg, store, work: dict) -> dict:
     """Every model answers every prompt of every set. Returns {set: {model: [answer record key per prompt]}}."""
-    from cai.waves import generation, run_wave
-
     all_prompts = [p for ps in inp.prompt_sets.values() for p in ps]
     keys: dict = {s: {} for s in inp.prompt_sets}
     for c in inp.models:
@@ -593,8 +535,6 @@ def answer_all(inp: Inputs, cfg, store, work: dict) -> dict:
 def judge_all(inp: Inputs, cfg, store, answers: dict, work: dict) -> dict:
     """The judge on every prompt and every pair of models, in both orders. Returns {set: [{prompt_id, k, x, y,
     x_first, y_first}]}: the keys of the judge records with x's answer shown first, and with y's."""
-    from cai.waves import Request, run_wave
-
     labels = [c.label for c in inp.models]
     reqs, index = [], {s: [] for s in inp.prompt_sets}
     for s, ps in inp.prompt_sets.items():
@@ -622,9 +562,7 @@ def judge_all(inp: Inputs, cfg, store, answers: dict, work: dict) -> dict:
 
 def score_all(inp: Inputs, cfg, store, answers: dict, work: dict) -> dict:
     """Each run's last PM scores every answer. Returns {pm: {set: {model: [score record key per prompt]}}}."""
-    from cai.pm import load_pm
-    from cai.waves import Request, run_wave
-
+    from cai.train.pm import load_pm  # heavy: torch, trl
     out: dict = {}
     work.setdefault("pm_scores", {"computed": 0, "reused": 0, "seconds": 0.0})
     for pm_identity, (pm_label, pm_dir) in inp.pms.items():
@@ -648,8 +586,6 @@ def score_all(inp: Inputs, cfg, store, answers: dict, work: dict) -> dict:
 
 def tabulate(inp: Inputs, cfg, store, answers: dict, judged: dict, scored: dict) -> dict:
     """Every number of the report, from the stored records."""
-    from cai.evaluate import is_refusal
-
     labels = [c.label for c in inp.models]
     m = len(labels)
     t = {"win_rates": {}, "win_rate_vs_all": {}, "elo": {}, "judge": {}, "answers": {}}
@@ -704,9 +640,6 @@ def tabulate(inp: Inputs, cfg, store, answers: dict, judged: dict, scored: dict)
 
 
 def compare(run_paths: list[str], cfg) -> dict:
-    from cai.report import write_report
-    from cai.store import JsonlStore, RunLock, write_atomic
-
     inp = read_inputs(run_paths, cfg)
     curves = {r.name: rl_curves(r) for r in inp.runs}
     labels = {r.name: label_report(r) for r in inp.runs}
@@ -749,8 +682,6 @@ def compare(run_paths: list[str], cfg) -> dict:
 
 
 def print_summary(report: dict, out: Path) -> None:
-    from cai.pipeline import table
-
     fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
     sets = list(report["elo"])
     rows = []
@@ -776,8 +707,6 @@ def print_summary(report: dict, out: Path) -> None:
 @cli_main
 def main(argv: list[str]) -> int:
     if "--help" in argv or "-h" in argv:
-        from cai.config import help_text
-
         print(__doc__)
         print("\n".join(help_text(CompareConfig)))
         return 0

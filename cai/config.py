@@ -1,16 +1,24 @@
-"""Typed configs: dataclass schema <- pipelines/<stage>.yaml <- key=value overrides (OmegaConf).
+"""Every config schema, and how a config is loaded and checked. Torch-free.
 
-Every field has a type, a default and one line of help (the `help` metadata). Unknown keys fail with a
-close-match suggestion; a value of the wrong type fails naming the key and where it came from.
+`load_config(argv)`: dataclass schema <- pipelines/<stage>.yaml <- key=value overrides (OmegaConf), then
+`OmegaConf.to_object` gives real dataclasses, and `validate` checks every value (ranges, finiteness, choices,
+files that must exist, and the rules that tie settings together) before any stage starts: a typo fails in
+well under a second with one line that names the setting, not after an hour of sampling.
+
+Every field has a type, a default and one line of help (`F(default, help, ...)`), plus the constraints its
+value must meet (`ge`, `gt`, `le`, `lt`, `choices`, `file`). Unknown keys fail with a close-match
+suggestion; a value of the wrong type fails naming the key and where it came from. A dataclass built directly
+in Python (`PPOConfig(learning_rate=-1)`) is checked the same way by its `__post_init__`.
 """
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import difflib
-import hashlib
-import json
+import math
+import re
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import yaml
@@ -18,87 +26,173 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cai.errors import CaiError
+from cai.io import load_yaml_mapping, read_yaml  # noqa: F401 - read_yaml is part of this module's API
 from cai.paths import resolve_path
+from cai.records import stable_hash  # noqa: F401 - re-exported: older callers import it from here
 
 
-def F(default, help: str):  # noqa: A002 - a field with help text
+def F(default, help: str, **check):  # noqa: A002 - a field with help text and the constraints on its value
+    """A dataclass field: default, one line of help, and checks (ge, gt, le, lt, choices, file, name)."""
+    meta = {"help": help, **check}
     if isinstance(default, (list, dict)) or is_dataclass(default):
         return field(default_factory=lambda d=default: type(d)(**vars(d)) if is_dataclass(d) else type(d)(d),
-                     metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+                     metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --- checking values ---------------------------------------------------------------------------------------
+
+_deferred = contextvars.ContextVar("cai_config_deferred", default=False)
+_BOOL_WORDS = ("auto", "true", "false")
+_RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+
+
+def _show(value: Any) -> str:
+    return str(value) if not isinstance(value, str) or value else "''"
+
+
+def _check_value(path: str, value: Any, meta: dict, files: bool = True) -> None:
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CaiError(f"{path}={value}: expected a finite number")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        for op, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                             ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+            if op in meta and not ok(value, meta[op]):
+                bounds = " and ".join(f"{w} {meta[o]}" for o, w in (("ge", ">="), ("gt", ">"), ("le", "<="),
+                                                                      ("lt", "<")) if o in meta)
+                raise CaiError(f"{path}={value}: expected a number {bounds}")
+    choices = meta.get("choices")
+    if choices is not None:
+        v = str(value).lower() if choices == _BOOL_WORDS else value
+        if v not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" (did you mean {close[0]}?)" if close and close[0] != str(value) else ""
+            raise CaiError(f"{path}={_show(value)}: expected one of {', '.join(map(str, choices))}{hint}")
+    if files and meta.get("file") and isinstance(value, str) and value and not value.startswith("hf:"):
+        if not resolve_path(value).exists():
+            raise CaiError(f"{path}={value}: no such file")
+    if meta.get("name") and not _RUN_NAME.match(str(value)):
+        raise CaiError(f"{path}={_show(value)}: expected a plain name (letters, digits, -, _, .)")
+    if meta.get("device") and not _DEVICE.match(str(value)):
+        raise CaiError(f"{path}={value}: expected auto, cpu, cuda or cuda:N")
+
+
+def validate(cfg: Any, prefix: str = "", files: bool = True) -> Any:
+    """Check every field of a config dataclass and of its sections (depth first); errors name the dotted key.
+    files=False skips the files-must-exist checks (a Python caller's loader reports a missing file itself)."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        path = f"{prefix}{f.name}"
+        if is_dataclass(value):
+            validate(value, f"{path}.", files)
+        else:
+            _check_value(path, value, f.metadata, files)
+    rules = getattr(cfg, "rules", None)
+    if rules is not None:
+        rules(prefix)
+    return cfg
+
+
+class Checked:
+    """Base of every schema: a dataclass built in Python is validated on construction; the loader defers that
+    to one `validate` of the whole config, so errors carry the full dotted key (`ppo.learning_rate`)."""
+
+    def __post_init__(self) -> None:
+        if not _deferred.get():
+            validate(self, files=False)
+
+
+# --- sections shared by several stages ---------------------------------------------------------------------
+
+BACKENDS = ("transformers", "vllm", "openai", "fake")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Checked):
     model: str = F("smollm2-135m", "preset (smollm2-135m, tiny), local model dir, or hub id (online only)")
     backend: str = F("transformers", "transformers | vllm (GPU, the vllm extra) | openai (an OpenAI-compatible "
-                                     "server) | fake (control-flow tests)")
-    dtype: str = F("auto", "auto (bf16 where the CPU/GPU has it, else fp32) | float32 | bfloat16 | float16")
-    device: str = F("auto", "auto | cpu | cuda | cuda:N")
-    batch_size: int = F(16, "requests per forward batch (length-bucketed)")
+                                     "server) | fake (control-flow tests)", choices=BACKENDS)
+    dtype: str = F("auto", "auto (bf16 where the CPU/GPU has it, else fp32) | float32 | bfloat16 | float16",
+                   choices=DTYPES)
+    device: str = F("auto", "auto | cpu | cuda | cuda:N", device=True)
+    batch_size: int = F(16, "requests per forward batch (length-bucketed)", ge=1)
     trust_remote_code: bool = F(False, "allow model repos to run their own Python code (off unless you trust it)")
     base_url: str = F("", "backend=openai: server address, e.g. http://127.0.0.1:8000 (model = served model name)")
     api_key_env: str = F("OPENAI_API_KEY", "backend=openai: environment variable holding the API key (never saved)")
     tokenizer: str = F("", "backend=openai: local model dir or preset with the served model's chat template "
                            "(needed for option scoring)")
-    concurrency: int = F(8, "backend=openai: requests in flight at most")
+    concurrency: int = F(8, "backend=openai: requests in flight at most", ge=1)
     gpu_memory_utilization: float = F(0.85, "backend=vllm: share of the GPU's memory vLLM may take (weights + KV "
-                                            "cache)")
-    max_model_len: int = F(0, "backend=vllm: tokens of context to reserve KV cache for (0 = the model's own limit)")
+                                            "cache)", gt=0, le=1)
+    max_model_len: int = F(0, "backend=vllm: tokens of context to reserve KV cache for (0 = the model's own limit)",
+                           ge=0)
     enable_prefix_caching: bool = F(True, "backend=vllm: reuse the KV cache of shared prompt prefixes (few-shot, "
                                           "templates)")
-    tensor_parallel_size: int = F(1, "backend=vllm: GPUs one copy of the model is split across")
+    tensor_parallel_size: int = F(1, "backend=vllm: GPUs one copy of the model is split across", ge=1)
+
+    def rules(self, prefix: str) -> None:
+        if not str(self.model).strip():
+            raise CaiError(f"{prefix}model: expected a preset, a model directory or a hub id, got ''")
 
 
 @dataclass
-class SamplingConfig:
-    max_new_tokens: int = F(128, "tokens generated at most per answer, critique or revision")
-    temperature: float = F(0.7, "softmax temperature; 0 = greedy")
-    top_p: float = F(0.9, "nucleus sampling mass")
-    top_k: int = F(0, "top-k cut-off; 0 = off")
+class SamplingConfig(Checked):
+    max_new_tokens: int = F(128, "tokens generated at most per answer, critique or revision", ge=1)
+    temperature: float = F(0.7, "softmax temperature; 0 = greedy", ge=0)
+    top_p: float = F(0.9, "nucleus sampling mass", gt=0, le=1)
+    top_k: int = F(0, "top-k cut-off; 0 = off", ge=0)
 
 
 @dataclass
-class PromptSource:
-    path: str = F("", "JSONL/JSON/CSV/Parquet file, or hf:NAME for a hub dataset (online only)")
+class PromptSource(Checked):
+    path: str = F("", "JSONL/JSON/CSV/Parquet file, or hf:NAME for a hub dataset (online only)", file=True)
     column: str = F("prompt", "column holding the prompt text")
     id_column: str = F("id", "column holding a stable id (row number when absent)")
     category_column: str = F("category", "column holding a category (optional)")
     split: str = F("train", "split, for hub datasets")
-    limit: Optional[int] = F(None, "use only the first N prompts")
+    limit: Optional[int] = F(None, "use only the first N prompts", ge=0)
+
+
+# --- stage=sl ----------------------------------------------------------------------------------------------
 
 
 @dataclass
-class CritiqueConfig:
-    rounds: int = F(4, "critique->revision rounds per red-team prompt (the paper uses 4)")
-    few_shot: int = F(2, "few-shot demonstrations prepended to each critique and revision request (0 allowed)")
-    few_shot_file: str = F("prompts/few_shot/critique_revision.yaml", "critique/revision demonstrations")
-    critique_template: str = F("prompts/templates/critique.txt", "template of the critique request")
-    revision_template: str = F("prompts/templates/revision.txt", "template of the revision request")
+class CritiqueConfig(Checked):
+    rounds: int = F(4, "critique->revision rounds per red-team prompt (the paper uses 4)", ge=0)
+    few_shot: int = F(2, "few-shot demonstrations prepended to each critique and revision request (0 allowed)", ge=0)
+    few_shot_file: str = F("prompts/few_shot/critique_revision.yaml", "critique/revision demonstrations", file=True)
+    critique_template: str = F("prompts/templates/critique.txt", "template of the critique request", file=True)
+    revision_template: str = F("prompts/templates/revision.txt", "template of the revision request", file=True)
 
 
 @dataclass
-class SFTConfig:
-    data: str = F("final", "final: train on the last revision | all: one example per revision round (as the paper)")
-    helpful_ratio: float = F(1.0, "helpful-prompt examples per red-team example in the SFT mix")
-    epochs: float = F(1.0, "passes over the SFT data")
-    learning_rate: float = F(5e-5, "AdamW learning rate")
-    batch_size: int = F(8, "examples per device step")
-    grad_accum: int = F(1, "gradient accumulation steps")
-    max_length: int = F(512, "tokens per example at most (longer ones are truncated)")
-    warmup_ratio: float = F(0.05, "share of steps spent warming up the learning rate")
-    bf16: str = F("auto", "auto (where the hardware has it) | true | false")
+class SFTConfig(Checked):
+    data: str = F("final", "final: train on the last revision | all: one example per revision round (as the paper)",
+                  choices=("final", "all"))
+    helpful_ratio: float = F(1.0, "helpful-prompt examples per red-team example in the SFT mix (at most the "
+                                  "helpful set's size; the summary says when it caps the ratio)", ge=0)
+    epochs: float = F(1.0, "passes over the SFT data", gt=0)
+    learning_rate: float = F(5e-5, "AdamW learning rate", gt=0)
+    batch_size: int = F(8, "examples per device step", ge=1)
+    grad_accum: int = F(1, "gradient accumulation steps", ge=1)
+    max_length: int = F(512, "tokens per example at most (longer ones are truncated)", ge=1)
+    warmup_ratio: float = F(0.05, "share of steps spent warming up the learning rate", ge=0, le=1)
+    bf16: str = F("auto", "auto (where the hardware has it) | true | false", choices=_BOOL_WORDS)
     gradient_checkpointing: bool = F(False, "trade compute for memory (off: faster on CPU at this size)")
-    save_steps: int = F(50, "checkpoint every N optimizer steps (a killed run resumes from the last one)")
+    save_steps: int = F(50, "checkpoint every N optimizer steps (a killed run resumes from the last one)", ge=1)
 
 
 @dataclass
-class SLConfig:
+class SLConfig(Checked):
     stage: str = F("sl", "which stage this config is for")
-    run: str = F("default", "run name: outputs go to <runs_dir>/<run>/")
+    run: str = F("default", "run name: outputs go to <runs_dir>/<run>/", name=True)
     runs_dir: str = F("runs", "where run directories live")
     seed: int = F(0, "seed for principle sampling and generation")
-    constitution: str = F("constitutions/default.yaml", "constitution file")
+    constitution: str = F("constitutions/default.yaml", "constitution file", file=True)
     generator: ModelConfig = F(ModelConfig(), "the helpful-only starting model: answers, critiques, revises")
     sampling: SamplingConfig = F(SamplingConfig(), "sampling for answers, critiques and revisions")
     red_team: PromptSource = F(PromptSource(path="prompts/sets/red_team_train.jsonl"), "red-team prompts")
@@ -107,71 +201,277 @@ class SLConfig:
     sft: SFTConfig = F(SFTConfig(), "supervised fine-tuning of the SL-CAI model")
     shard: str = F("", "i/n: generate only shard i of n of the prompts (processes or nodes); a run without shard= "
                        "merges the shards' records (keys make the merge exact), then builds the data and trains")
-    source: str = F("revisions", "SFT data: revisions (AI critique/revision) | human (demonstrations) | both")
-    human_demonstrations: str = F("", "JSONL/CSV of human-written answers (prompt, answer, annotator) for source=human|both")
+    source: str = F("revisions", "SFT data: revisions (AI critique/revision) | human (demonstrations) | both",
+                    choices=("revisions", "human", "both"))
+    human_demonstrations: str = F("", "JSONL/CSV of human-written answers (prompt, answer, annotator) for "
+                                      "source=human|both", file=True)
     train: bool = F(True, "run SFT after generating the data (false: data only)")
-    report_to: str = F("none", "none | tensorboard (metrics also go to <run>/tensorboard/)")
+    report_to: str = F("none", "none | tensorboard (metrics also go to <run>/tensorboard/)",
+                       choices=("none", "tensorboard"))
     progress: bool = F(True, "show progress bars")
 
+    def rules(self, prefix: str) -> None:
+        parse_shard(self.shard)
 
-# --- RL-CAI trainers' settings (here, not in the trainers' modules, so reading a config imports no trainer) --
+
+def parse_shard(spec: str) -> tuple[int, int] | None:
+    """`i/n` -> (i, n); '' -> None."""
+    if not spec:
+        return None
+    try:
+        i, n = (int(x) for x in str(spec).split("/"))
+    except ValueError:
+        raise CaiError(f"shard={spec}: expected i/n, e.g. shard=0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise CaiError(f"shard={spec}: expected 0 <= i < n")
+    return i, n
+
+
+# --- stage=rl and stage=dpo: the trainers' settings --------------------------------------------------------
 
 
 @dataclass
-class PMConfig:
-    epochs: float = F(1.0, "passes over the training comparisons")
-    learning_rate: float = F(1e-5, "AdamW learning rate")
-    batch_size: int = F(8, "comparisons per device step (the model sees twice as many sequences)")
-    grad_accum: int = F(1, "gradient accumulation steps")
-    max_length: int = F(512, "tokens per conversation at most; TRL drops comparisons with a longer side")
-    warmup_ratio: float = F(0.05, "share of steps spent warming up the learning rate")
-    bf16: str = F("auto", "auto (where the hardware has it) | true | false")
+class PMConfig(Checked):
+    epochs: float = F(1.0, "passes over the training comparisons", gt=0)
+    learning_rate: float = F(1e-5, "AdamW learning rate", gt=0)
+    batch_size: int = F(8, "comparisons per device step (the model sees twice as many sequences)", ge=1)
+    grad_accum: int = F(1, "gradient accumulation steps", ge=1)
+    max_length: int = F(512, "tokens per conversation at most; TRL drops comparisons with a longer side", ge=1)
+    warmup_ratio: float = F(0.05, "share of steps spent warming up the learning rate", ge=0, le=1)
+    bf16: str = F("auto", "auto (where the hardware has it) | true | false", choices=_BOOL_WORDS)
     gradient_checkpointing: bool = F(False, "trade compute for memory (off: faster on CPU at this size)")
-    save_steps: int = F(50, "checkpoint every N optimizer steps (a killed run resumes from the last one)")
-    eval_fraction: float = F(0.1, "share of comparisons held out for evaluation, chosen by hashing each key")
+    save_steps: int = F(50, "checkpoint every N optimizer steps (a killed run resumes from the last one)", ge=1)
+    eval_fraction: float = F(0.1, "share of comparisons held out for evaluation, chosen by hashing each key",
+                             ge=0, lt=1)
     center_rewards_coefficient: Optional[float] = F(None, "weight of mean((r_chosen + r_rejected)^2), pulls rewards "
-                                                          "toward 0 (TRL; 0.01 recommended); null = off")
+                                                          "toward 0 (TRL; 0.01 recommended); null = off", ge=0)
 
 
 @dataclass
-class PPOConfig:
-    steps: int = F(20, "PPO iterations (one rollout + its updates each)")
-    rollout_batch_size: int = F(8, "prompts sampled per rollout, per process")
-    mini_batch_size: int = F(4, "rollouts per optimizer update")
-    ppo_epochs: int = F(2, "passes over each rollout batch")
-    learning_rate: float = F(1e-5, "AdamW learning rate of the policy")
-    value_learning_rate: float = F(1e-5, "AdamW learning rate of the value model (its own param group)")
-    max_new_tokens: int = F(32, "tokens sampled at most per answer")
-    temperature: float = F(1.0, "sampling temperature (> 0); log-probs are taken at the same temperature")
-    top_p: float = F(1.0, "nucleus sampling mass (1 = off; < 1 makes the sampler differ from the trained policy)")
-    init_kl_coef: float = F(0.05, "beta: weight of the per-token KL penalty to the reference model")
+class PPOConfig(Checked):
+    steps: int = F(20, "PPO iterations (one rollout + its updates each)", ge=1)
+    rollout_batch_size: int = F(8, "prompts sampled per rollout, per process", ge=1)
+    mini_batch_size: int = F(4, "rollouts per optimizer update", ge=1)
+    ppo_epochs: int = F(2, "passes over each rollout batch", ge=1)
+    learning_rate: float = F(1e-5, "AdamW learning rate of the policy", gt=0)
+    value_learning_rate: float = F(1e-5, "AdamW learning rate of the value model (its own param group)", gt=0)
+    max_new_tokens: int = F(32, "tokens sampled at most per answer", ge=1)
+    temperature: float = F(1.0, "sampling temperature (> 0); log-probs are taken at the same temperature", gt=0)
+    top_p: float = F(1.0, "nucleus sampling mass (1 = off; < 1 makes the sampler differ from the trained policy)",
+                     gt=0, le=1)
+    init_kl_coef: float = F(0.05, "beta: weight of the per-token KL penalty to the reference model", ge=0)
     adaptive_kl: bool = F(False, "adapt beta so the KL tracks kl_target (Ziegler et al. 2019)")
-    kl_target: float = F(6.0, "target KL (nats per answer) for the adaptive controller")
-    kl_horizon: int = F(10000, "horizon (in rollouts) of the adaptive controller")
-    kl_estimator: str = F("k1", "per-token KL estimator: k1 | k3 | mse | abs (http://joschu.net/blog/kl-approx.html)")
-    gamma: float = F(1.0, "discount over answer tokens")
-    lam: float = F(0.95, "GAE lambda")
-    clip_range: float = F(0.2, "PPO ratio clip epsilon")
-    clip_range_value: float = F(0.2, "value clip epsilon")
-    vf_coef: float = F(0.1, "weight of the value loss")
+    kl_target: float = F(6.0, "target KL (nats per answer) for the adaptive controller", gt=0)
+    kl_horizon: int = F(10000, "horizon (in rollouts) of the adaptive controller", ge=1)
+    kl_estimator: str = F("k1", "per-token KL estimator: k1 | k3 | mse | abs (http://joschu.net/blog/kl-approx.html)",
+                          choices=("k1", "k3", "mse", "abs"))
+    gamma: float = F(1.0, "discount over answer tokens", ge=0, le=1)
+    lam: float = F(0.95, "GAE lambda", ge=0, le=1)
+    clip_range: float = F(0.2, "PPO ratio clip epsilon", gt=0)
+    clip_range_value: float = F(0.2, "value clip epsilon", gt=0)
+    vf_coef: float = F(0.1, "weight of the value loss", ge=0)
     value_init: str = F("pm", "pm: value model initialised from the PM (InstructGPT) | policy: the policy's "
-                              "backbone with a zero value head")
+                              "backbone with a zero value head", choices=("pm", "policy"))
     whiten_advantages: bool = F(True, "normalize advantages over the rollout batch")
     whiten_rewards: bool = F(False, "scale per-token rewards to unit variance before GAE")
     missing_eos_penalty: Optional[float] = F(None, "subtracted from the score of an answer cut off without EOS")
-    ptx_coef: float = F(0.0, "PPO-ptx: weight of the SFT loss on sft_examples mixed into each update (0 = off)")
-    ptx_max_length: int = F(512, "tokens per SFT example at most for the ptx loss (longer ones are truncated)")
-    max_grad_norm: float = F(1.0, "gradient clipping norm over policy + value parameters")
-    sample_every: int = F(5, "log a table of sample answers every N steps (0 = never)")
-    save_every: int = F(10, "checkpoint every N steps (and at the end)")
-    bf16: str = F("auto", "auto (where the hardware has it) | true | false; mixed precision over fp32 weights")
+    ptx_coef: float = F(0.0, "PPO-ptx: weight of the SFT loss on sft_examples mixed into each update (0 = off)", ge=0)
+    ptx_data: str = F("", "PPO-ptx data: an SFT JSONL (prompt/completion); '' = the SL-CAI data of the run the "
+                          "policy comes from (<run>/sl/sft.jsonl)", file=True)
+    ptx_max_length: int = F(512, "tokens per SFT example at most for the ptx loss (longer ones are truncated)", ge=1)
+    max_grad_norm: float = F(1.0, "gradient clipping norm over policy + value parameters", gt=0)
+    sample_every: int = F(5, "log a table of sample answers every N steps (0 = never)", ge=0)
+    save_every: int = F(10, "checkpoint every N steps (and at the end)", ge=1)
+    bf16: str = F("auto", "auto (where the hardware has it) | true | false; mixed precision over fp32 weights",
+                  choices=_BOOL_WORDS)
     seed: int = F(0, "seed for prompt order, sampling and minibatch order")
 
 
-def stage_schemas() -> dict[str, type]:
-    """Stage name -> config schema. The RL schemas import the trainers' configs, so they load on demand."""
-    from cai.rl import DPOStageConfig, RLConfig
+@dataclass
+class GroupRLConfig(Checked):
+    num_generations: int = F(4, "answers sampled per prompt (the group that forms the baseline)", ge=2)
+    max_completion_length: int = F(32, "tokens per answer at most", ge=1)
+    temperature: float = F(1.0, "sampling temperature", gt=0)
+    beta: float = F(0.05, "KL coefficient to the reference model (the SL-CAI model in every round)", ge=0)
+    epochs: float = F(1.0, "passes over the prompts", gt=0)
+    learning_rate: float = F(1e-5, "AdamW learning rate", gt=0)
+    batch_size: int = F(8, "answers per device step (a multiple of num_generations)", ge=1)
+    grad_accum: int = F(1, "gradient accumulation steps", ge=1)
+    warmup_ratio: float = F(0.0, "share of steps spent warming up the learning rate", ge=0, le=1)
+    bf16: str = F("auto", "auto | true | false", choices=_BOOL_WORDS)
+    gradient_checkpointing: bool = F(False, "trade compute for memory")
+    save_steps: int = F(50, "checkpoint every N optimizer steps", ge=1)
+    use_vllm: bool = F(False, "generate with vLLM inside each training process (TRL's vllm_mode=colocate; GPU "
+                              "only, the vllm extra)")
+    vllm_gpu_memory_utilization: float = F(0.3, "use_vllm: share of each GPU's memory vLLM may take (the rest is "
+                                                "for training)", gt=0, le=1)
 
+    def rules(self, prefix: str) -> None:
+        if self.batch_size % self.num_generations:
+            raise CaiError(f"{prefix}batch_size={self.batch_size}: expected a multiple of "
+                           f"{prefix}num_generations={self.num_generations}")
+
+
+@dataclass
+class DPOConfig(Checked):
+    beta: float = F(0.1, "strength of the implicit KL to the reference model", gt=0)
+    loss_type: str = F("sigmoid", "TRL DPO loss: sigmoid (DPO) | ipo | hinge | robust ...")
+    margin: float = F(0.1, "drop pairs whose soft label is within this distance of 0.5", ge=0, lt=0.5)
+    epochs: float = F(1.0, "passes over the preference pairs", gt=0)
+    learning_rate: float = F(5e-6, "AdamW learning rate", gt=0)
+    batch_size: int = F(4, "pairs per device step", ge=1)
+    grad_accum: int = F(1, "gradient accumulation steps", ge=1)
+    max_length: int = F(512, "tokens per prompt+answer at most", ge=1)
+    warmup_ratio: float = F(0.05, "share of steps spent warming up the learning rate", ge=0, le=1)
+    bf16: str = F("auto", "auto | true | false", choices=_BOOL_WORDS)
+    gradient_checkpointing: bool = F(False, "trade compute for memory")
+    save_steps: int = F(50, "checkpoint every N optimizer steps", ge=1)
+
+
+@dataclass
+class FeedbackConfig(Checked):
+    source: str = F("ai", "ai: AI labels | human: imported human labels only | mixed: both, by mixed_rule",
+                    choices=("ai", "human", "mixed"))
+    human_labels: str = F("", "JSONL/CSV of human comparisons (prompt, answer_a, answer_b, choice|probability, "
+                              "annotator)", file=True)
+    human_rankings: str = F("", "JSONL of human rankings of K answers (prompt, ranking, annotator) -> K(K-1)/2 pairs",
+                            file=True)
+    mixed_rule: str = F("human_first", "source=mixed: human_first (human labels wherever present, AI elsewhere) | "
+                                       "by_category (human for helpful prompts, AI for red-team: the paper's hybrid)",
+                        choices=("human_first", "by_category"))
+    labeler: ModelConfig = F(ModelConfig(), "the feedback model that compares answers")
+    principles_per_pair: int = F(2, "feedback principles sampled per pair; their labels are averaged", ge=1)
+    conversation_template: str = F("prompts/templates/conversation.txt", "renders the conversation slot", file=True)
+    template: str = F("prompts/templates/feedback_mc.txt", "multiple-choice prompt; last line starts the answer "
+                                                           "(feedback_mc_shared_prefix.txt labels ~2x faster but was "
+                                                           "less accurate with SmolLM2: BENCHMARKS.md)", file=True)
+    cot: bool = F(False, "chain of thought: reason first, then score the letters (probabilities clamped)")
+    cot_template: str = F("prompts/templates/feedback_cot.txt", "chain-of-thought prompt", file=True)
+    cot_answer_template: str = F("prompts/templates/feedback_cot_answer.txt",
+                                 "text after the reasoning, before the letter", file=True)
+    cot_max_new_tokens: int = F(128, "tokens of reasoning at most", ge=1)
+    cot_clamp_low: float = F(0.4, "CoT probabilities are clamped to [low, high] (the paper's 0.4-0.6)", ge=0, le=1)
+    cot_clamp_high: float = F(0.6, "see cot_clamp_low", ge=0, le=1)
+
+    def rules(self, prefix: str) -> None:
+        if self.cot_clamp_low > self.cot_clamp_high:
+            raise CaiError(f"{prefix}cot_clamp_low={self.cot_clamp_low}: expected <= "
+                           f"{prefix}cot_clamp_high={self.cot_clamp_high}")
+
+
+@dataclass
+class PairStageConfig(Checked):
+    """Settings shared by the stages that sample answer pairs and label them (rl, dpo)."""
+
+    stage: str = F("rl", "which stage this config is for")
+    run: str = F("default", "run name: outputs go to <runs_dir>/<run>/", name=True)
+    runs_dir: str = F("runs", "where run directories live")
+    seed: int = F(0, "seed for pair sampling, principle choice and training")
+    constitution: str = F("constitutions/default.yaml", "constitution file (its feedback principles are used)",
+                          file=True)
+    policy: ModelConfig = F(ModelConfig(model="sl"), "starting policy: 'sl' = this run's SL-CAI model, or a model")
+    pair_sampling: SamplingConfig = F(SamplingConfig(max_new_tokens=64, temperature=1.0, top_p=1.0),
+                                      "sampling of the two answers per prompt")
+    red_team: PromptSource = F(PromptSource(path="prompts/sets/red_team_train.jsonl"), "red-team prompts")
+    helpful: PromptSource = F(PromptSource(path="prompts/sets/helpful_train.jsonl"), "helpful prompts")
+    helpful_pairs: bool = F(True, "also sample and label pairs for the helpful prompts")
+    feedback: FeedbackConfig = F(FeedbackConfig(), "AI feedback labeling")
+    report_to: str = F("none", "none | tensorboard (metrics also go to <run>/tensorboard/)",
+                       choices=("none", "tensorboard"))
+    progress: bool = F(True, "show progress bars")
+
+
+@dataclass
+class RLConfig(PairStageConfig):
+    pm: PMConfig = F(PMConfig(), "preference model training")
+    algorithm: str = F("ppo", "ppo | rloo | grpo | none (stop after the PM)", choices=("ppo", "rloo", "grpo", "none"))
+    ppo: PPOConfig = F(PPOConfig(), "PPO settings (algorithm=ppo)")
+    rloo: GroupRLConfig = F(GroupRLConfig(), "RLOO settings (algorithm=rloo)")
+    grpo: GroupRLConfig = F(GroupRLConfig(), "GRPO settings (algorithm=grpo)")
+    rounds: int = F(1, "online RLAIF rounds: sample from the current policy, label, retrain the PM, RL again", ge=1)
+
+    def rules(self, prefix: str) -> None:
+        if self.rounds > 1 and self.algorithm == "none":
+            raise CaiError(f"rounds={self.rounds} with algorithm=none: later rounds would sample from the same "
+                           "policy and repeat round 1; set an algorithm or rounds=1")
+        if self.feedback.source == "human" and self.rounds > 1:
+            raise CaiError(f"rounds={self.rounds} with feedback.source=human: imported labels do not change "
+                           "between rounds; use rounds=1, or source=ai|mixed")
+        if self.algorithm == "ppo" and self.ppo.mini_batch_size > self.ppo.rollout_batch_size:
+            raise CaiError(f"ppo.mini_batch_size={self.ppo.mini_batch_size}: expected <= "
+                           f"ppo.rollout_batch_size={self.ppo.rollout_batch_size}")
+
+
+@dataclass
+class DPOStageConfig(PairStageConfig):
+    stage: str = F("dpo", "which stage this config is for")
+    dpo: DPOConfig = F(DPOConfig(), "DPO training")
+
+
+# --- the tools on top: labeling page, evaluation, comparison -----------------------------------------------
+
+
+@dataclass
+class LabelConfig(Checked):
+    run: str = F("", "run name: pairs from <runs_dir>/<run>/rl/round-*/comparisons.jsonl, labels in <run>/human/")
+    runs_dir: str = F("runs", "where run directories live")
+    pairs: str = F("", "JSONL of pairs to label instead of the run's (prompt, answer_a, answer_b; optional "
+                       "prompt_id, category; other fields ignored)")
+    port: int = F(0, "port on 127.0.0.1 (0: any free port)")
+    seed: int = F(0, "seed of the per-annotator left/right order of the answers")
+    export: str = F("", "write the labels to this JSONL file (cai.human import format) and exit")
+    export_demonstrations: str = F("", "write the better answers to this JSONL file (prompt, answer, ...) and exit")
+
+
+@dataclass
+class EvalConfig(Checked):
+    model: ModelConfig = F(ModelConfig(), "the model that answers")
+    prompts: PromptSource = F(PromptSource(path="prompts/sets/red_team_eval.jsonl"), "the prompt set")
+    sampling: SamplingConfig = F(SamplingConfig(max_new_tokens=128, temperature=0.0, top_p=1.0),
+                                 "sampling (greedy by default, so evaluations repeat)")
+    pms: list = field(default_factory=list, metadata={"help": "preference model directories to score answers with"})
+    refusal_patterns: str = F("prompts/detectors/refusal.txt", "file of refusal regular expressions", file=True)
+    seed: int = F(0, "seed (for sampled evaluations)")
+    out: str = F("", "JSONL file for the per-answer records (default: print the summary only)")
+
+
+@dataclass
+class CompareConfig(Checked):
+    judge: ModelConfig = F(ModelConfig(), "the judge that compares answers (any backend; backend=openai for a "
+                                          "stronger judge behind an endpoint)")
+    red_team: PromptSource = F(PromptSource(path="prompts/sets/red_team_eval.jsonl", limit=32),
+                               "held-out red-team prompts (harmlessness)")
+    helpful: PromptSource = F(PromptSource(path="prompts/sets/helpful_eval.jsonl", limit=32),
+                              "held-out helpful prompts (helpfulness)")
+    sampling: SamplingConfig = F(SamplingConfig(max_new_tokens=128, temperature=0.0, top_p=1.0),
+                                 "answer sampling (greedy by default, so a report repeats)")
+    dtype: str = F("auto", "dtype of the compared models (transformers backend)", choices=DTYPES)
+    device: str = F("auto", "device of the compared models and the PMs: auto | cpu | cuda | cuda:N", device=True)
+    batch_size: int = F(16, "answers per forward batch", ge=1)
+    trust_remote_code: bool = F(False, "allow the compared models' repos to run their own Python code")
+    judge_template: str = F("prompts/templates/judge_mc.txt", "the judge's multiple-choice prompt; its last line "
+                                                               "starts the judge's answer, just before the letter",
+                            file=True)
+    conversation_template: str = F("prompts/templates/conversation.txt", "renders the conversation slot", file=True)
+    harmless_question: str = F("prompts/templates/judge_harmless.txt", "the judge's question on red-team prompts",
+                               file=True)
+    helpful_question: str = F("prompts/templates/judge_helpful.txt", "the judge's question on helpful prompts",
+                              file=True)
+    refusal_patterns: str = F("prompts/detectors/refusal.txt", "file of refusal regular expressions", file=True)
+    boilerplate_n: int = F(4, "words per n-gram in the boilerplate detector", ge=1)
+    boilerplate_flag: float = F(0.25, "flag a model whose most shared n-gram is in at least this share of its answers",
+                                ge=0, le=1)
+    bootstrap: int = F(1000, "bootstrap resamples of the prompts for the Elo intervals (0 = no intervals)", ge=0)
+    seed: int = F(0, "seed for sampled answers and the bootstrap")
+    out: str = F("", "report directory (default reports/<runA>-vs-<runB>/)")
+    progress: bool = F(True, "show progress bars")
+
+
+# --- loading -----------------------------------------------------------------------------------------------
+
+
+def stage_schemas() -> dict[str, type]:
+    """Stage name -> config schema."""
     return {"sl": SLConfig, "rl": RLConfig, "dpo": DPOStageConfig}
 
 
@@ -227,7 +527,7 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
 
 
 def load_config(argv: list[str]):
-    """`stage=sl [config=FILE] key=value ...` -> a typed config object (OmegaConf-backed, read-only)."""
+    """`stage=sl [config=FILE] key=value ...` -> the stage's config dataclass, every value checked."""
     pairs = parse_overrides(argv)
     opts = dict(p for p in pairs if p[0] in ("stage", "config"))
     overrides = [p for p in pairs if p[0] not in ("config",)]
@@ -252,33 +552,8 @@ def load_config(argv: list[str]):
     return build_config(schemas[stage], data, str(path), overrides)
 
 
-def read_yaml(path: Path, what: str = "config", shown: str | None = None) -> Any:
-    """yaml.safe_load of a file; a missing file, non-UTF-8 bytes or bad YAML is a CaiError at file:line:column."""
-    shown = shown or str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CaiError(f"{shown}: {what} file not found") from None
-    except UnicodeDecodeError as e:
-        raise CaiError(f"{shown}: not UTF-8 text (byte {e.start})") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{shown}:{mark.line + 1}:{mark.column + 1}" if mark else shown
-        raise CaiError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
-
-
-def load_yaml_mapping(path: Path) -> dict:
-    data = read_yaml(path)
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise CaiError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
-    return data
-
-
 def build_config(schema: type, data: dict, source: str, overrides: list[tuple[str, Any]] = ()):
+    """schema <- data (from `source`) <- overrides, as a checked dataclass instance."""
     _check_keys(data, schema, source)
     base = OmegaConf.structured(schema)
     try:
@@ -291,8 +566,14 @@ def build_config(schema: type, data: dict, source: str, overrides: list[tuple[st
             cfg = OmegaConf.merge(cfg, _dotted_to_nested(key, value))
         except OmegaConfBaseException as e:
             raise CaiError(f"override {key}={value}: {_omegaconf_message(e)}") from None
-    OmegaConf.set_readonly(cfg, True)
-    return cfg
+    token = _deferred.set(True)
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise CaiError(f"{source}: {_omegaconf_message(e)}") from None
+    finally:
+        _deferred.reset(token)
+    return validate(obj)
 
 
 def _omegaconf_message(e: OmegaConfBaseException) -> str:
@@ -302,25 +583,14 @@ def _omegaconf_message(e: OmegaConfBaseException) -> str:
 
 
 def to_yaml(cfg) -> str:
-    return OmegaConf.to_yaml(cfg)
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg) if is_dataclass(cfg) else cfg)
 
 
 def config_dict(cfg) -> dict:
+    """A config (dataclass or OmegaConf node) as plain data: what keys and saved configs are made of."""
+    if is_dataclass(cfg) and not isinstance(cfg, type):
+        return dataclasses.asdict(cfg)
     return OmegaConf.to_container(cfg, resolve=True)
-
-
-def stable_hash(obj: Any, n: int = 24) -> str:
-    """Hash of a JSON-able object, independent of key order: the basis of every record key."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:n]
-
-
-def open_metrics(run_dir: Path, stage: str, report_to: str):
-    """The run's metrics log; with report_to=tensorboard also TensorBoard scalars under <run>/tensorboard/."""
-    from cai.store import Metrics
-
-    if report_to not in ("none", "tensorboard"):
-        raise CaiError(f"report_to={report_to}: expected none or tensorboard")
-    return Metrics(run_dir / "metrics.jsonl", stage, run_dir / "tensorboard" if report_to == "tensorboard" else None)
 
 
 def help_text(schema: type, prefix: str = "", defaults=None) -> list[str]:
@@ -346,3 +616,4 @@ def help_text(schema: type, prefix: str = "", defaults=None) -> list[str]:
             tname = getattr(f.type, "__name__", str(f.type))
             lines.append(f"  {prefix}{f.name} ({tname}, default {default!r}): {f.metadata.get('help', '')}")
     return lines
+

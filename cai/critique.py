@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cai.backends import Backend, Message, Sampling
-from cai.config import stable_hash
 from cai.constitution import Constitution, CritiqueRevision, principle_sha
 from cai.prompts import PromptRecord
+from cai.records import sft_example, stable_hash
 from cai.store import JsonlStore
 from cai.templates import Template
 from cai.waves import Request, WaveStats, generation, generation_identity, run_wave
@@ -172,12 +172,9 @@ def sft_examples(chains: list[dict], helpful: list[dict], data: str) -> list[dic
             picked = [{"round": 0, "revision": c["initial_answer"], "revision_key": c["answer_key"]}]
         for x in picked:
             if x["revision"].strip():
-                out.append({"key": x["revision_key"], "source": "revision", "prompt_id": c["prompt_id"],
-                            "round": x["round"], "prompt": [{"role": "user", "content": c["prompt"]}],
-                            "completion": [{"role": "assistant", "content": x["revision"]}]})
+                out.append(sft_example(x["revision_key"], "revision", c["prompt_id"], x["round"], c["prompt"],
+                                       x["revision"]))
     for h in helpful:
         if h["answer"].strip():
-            out.append({"key": h["key"], "source": "helpful", "prompt_id": h["prompt_id"], "round": 0,
-                        "prompt": [{"role": "user", "content": h["prompt"]}],
-                        "completion": [{"role": "assistant", "content": h["answer"]}]})
+            out.append(sft_example(h["key"], "helpful", h["prompt_id"], 0, h["prompt"], h["answer"]))
     return out

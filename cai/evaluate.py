@@ -11,24 +11,14 @@ from __future__ import annotations
 import json
 import re
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from cai.config import F, ModelConfig, PromptSource, SamplingConfig, build_config, parse_overrides
+from cai.backends import backend_for, sampling_from_config
+from cai.config import EvalConfig, build_config, help_text, parse_overrides
 from cai.errors import CaiError, cli_main
+from cai.io import read_text, split_lines, table, write_atomic, write_jsonl_atomic
 from cai.paths import resolve_path
-
-
-@dataclass
-class EvalConfig:
-    model: ModelConfig = F(ModelConfig(), "the model that answers")
-    prompts: PromptSource = F(PromptSource(path="prompts/sets/red_team_eval.jsonl"), "the prompt set")
-    sampling: SamplingConfig = F(SamplingConfig(max_new_tokens=128, temperature=0.0, top_p=1.0),
-                                 "sampling (greedy by default, so evaluations repeat)")
-    pms: list = field(default_factory=list, metadata={"help": "preference model directories to score answers with"})
-    refusal_patterns: str = F("prompts/detectors/refusal.txt", "file of refusal regular expressions")
-    seed: int = F(0, "seed (for sampled evaluations)")
-    out: str = F("", "JSONL file for the per-answer records (default: print the summary only)")
+from cai.prompts import load_prompts
 
 
 def load_patterns(path: str) -> list[re.Pattern]:
@@ -36,7 +26,7 @@ def load_patterns(path: str) -> list[re.Pattern]:
     if not p.exists():
         raise CaiError(f"{path}: refusal pattern file not found")
     out = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(split_lines(read_text(p)), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -52,26 +42,22 @@ def is_refusal(text: str, patterns: list[re.Pattern]) -> bool:
 
 
 def evaluate(cfg) -> tuple[list[dict], dict]:
-    from cai.backends import make_backend, sampling_from_config
-    from cai.pipeline import backend_options
-    from cai.prompts import load_prompts
-
     sampling = sampling_from_config(cfg.sampling, "sampling")
     patterns = load_patterns(cfg.refusal_patterns)
     prompts = load_prompts(cfg.prompts)
     for pm in cfg.pms:
         if not (Path(pm) / "config.json").exists():
             raise CaiError(f"pms: {pm}: no preference model there (no config.json)")
-    backend = make_backend(cfg.model.backend, cfg.model.model, **backend_options(cfg.model))
+    backend = backend_for(cfg.model)
     outs = backend.generate([[{"role": "user", "content": p.prompt}] for p in prompts], sampling,
                             [cfg.seed + i for i in range(len(prompts))])
     records = [{"prompt_id": p.id, "category": p.category, "prompt": p.prompt, "answer": o.text,
                 "answer_tokens": o.completion_tokens, "finish_reason": o.finish_reason,
                 "refusal": is_refusal(o.text, patterns), "pm_scores": {}} for p, o in zip(prompts, outs)]
     del backend
+    if cfg.pms:
+        from cai.train.pm import load_pm, score_answers  # heavy: torch, trl
     for pm_dir in cfg.pms:
-        from cai.pm import load_pm, score_answers
-
         model, tok = load_pm(pm_dir, device=cfg.model.device)
         for rec, s in zip(records, score_answers(model, tok, [r["prompt"] for r in records],
                                                  [r["answer"] for r in records])):
@@ -94,8 +80,6 @@ def summarize(records: list[dict], prompt_set: str, model: str) -> dict:
 
 
 def print_summary(s: dict) -> None:
-    from cai.pipeline import table
-
     pms = list(s["all"]["pm_mean"])
     rows = [(name, st["answers"], f"{st['refusal_rate']:.2f}", f"{st['mean_tokens']:.1f}", f"{st['cut_off_rate']:.2f}",
              *(f"{st['pm_mean'][k]:+.3f}" for k in pms))
@@ -109,17 +93,13 @@ def print_summary(s: dict) -> None:
 @cli_main
 def main(argv: list[str]) -> int:
     if "--help" in argv or "-h" in argv:
-        from cai.config import help_text
-
         print(__doc__)
         print("\n".join(help_text(EvalConfig)))
         return 0
     cfg = build_config(EvalConfig, {}, "command line", parse_overrides(argv))
     records, summary = evaluate(cfg)
     if cfg.out:
-        from cai.store import write_atomic
-
-        write_atomic(cfg.out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        write_jsonl_atomic(cfg.out, records)
         write_atomic(Path(cfg.out).with_suffix(".summary.json"), json.dumps(summary, indent=1))
     print_summary(summary)
     return 0

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cai.backends import Backend, Sampling
-from cai.config import stable_hash
 from cai.constitution import Constitution, FeedbackPrinciple, principle_sha
 from cai.errors import CaiError
 from cai.losses import cot_clamp, debiased_soft_label, preference_probs_from_option_logprobs
 from cai.prompts import PromptRecord
+from cai.records import Comparison, Pair, pair_identity, stable_hash
 from cai.store import JsonlStore
 from cai.templates import Template
 from cai.waves import Request, WaveStats, generation, generation_identity, run_wave
@@ -47,9 +47,9 @@ def sample_pairs(prompts: list[PromptRecord], backend: Backend, sampling: Sampli
     pairs = []
     for i, p in enumerate(prompts):
         a, b = reqs[2 * i], reqs[2 * i + 1]
-        pairs.append({"key": stable_hash([a.key, b.key]), "prompt_id": p.id, "prompt": p.prompt,
-                      "category": p.category, "answer_a": store[a.key]["text"], "answer_b": store[b.key]["text"],
-                      "model": backend.identity, "answer_keys": [a.key, b.key]})
+        pairs.append(Pair(key=stable_hash([a.key, b.key]), prompt_id=p.id, prompt=p.prompt, category=p.category,
+                          answer_a=store[a.key]["text"], answer_b=store[b.key]["text"], model=backend.identity,
+                          answer_keys=[a.key, b.key]).to_json())
     return pairs, stats
 
 
@@ -157,23 +157,16 @@ def label_pairs(pairs: list[dict], constitution: Constitution, s: LabelSettings,
         first_order = sum(x["p_a_first"] for x in per_principle) / n  # P(answer A) when shown first
         second_order = sum(1 - x["p_a_swapped"] for x in per_principle) / n  # P(answer A) when shown second
         soft = sum(x["label"] for x in per_principle) / n
-        comparisons.append({
-            "key": stable_hash([pair["key"]] + [r.key for r in by_pair[pair["key"]]]),
-            "pair_key": pair["key"], "prompt_id": pair["prompt_id"], "prompt": pair["prompt"],
-            "category": pair.get("category", ""), "answer_a": pair["answer_a"], "answer_b": pair["answer_b"],
-            "source": "ai", "annotator": backend.identity, "soft_label": soft,
-            "agree": (first_order > 0.5) == (second_order > 0.5), "principles": per_principle, "cot": s.cot,
-        })
+        comparisons.append(Comparison(
+            key=stable_hash([pair["key"]] + [r.key for r in by_pair[pair["key"]]]), pair_key=pair["key"],
+            prompt_id=pair["prompt_id"], prompt=pair["prompt"], category=pair.get("category", ""),
+            answer_a=pair["answer_a"], answer_b=pair["answer_b"], source="ai", annotator=backend.identity,
+            soft_label=soft, agree=(first_order > 0.5) == (second_order > 0.5), principles=per_principle,
+            cot=s.cot).to_json())
     return comparisons, stats
 
 
 # --- diagnostics ------------------------------------------------------------------------------------------
-
-
-def pair_identity(c: dict) -> tuple[str, str, str]:
-    """Comparisons from different sources match on the texts, whichever answer was shown first."""
-    a, b = sorted([c["answer_a"], c["answer_b"]])
-    return c["prompt"], a, b
 
 
 def label_diagnostics(comparisons: list[dict], human: list[dict] | None = None, near: float = 0.05) -> dict:

@@ -6,6 +6,8 @@
   better answer shown first or second by a hash of the pair (no position pattern to learn);
 - `load_demonstrations`: human-written answers -> SFT records (InstructGPT's first step), the shape of
   `cai.critique.sft_examples`;
+- `page_comparisons` / `page_demonstrations`: the labeling page's labels and better answers (its event log,
+  `<run>/human/labels.jsonl`, replayed), so stages read them without importing the web server;
 - `merge_sources`: AI and human comparisons for `feedback.source=mixed` (human_first, or by_category: the CAI
   paper's hybrid of human helpfulness labels and AI harmlessness labels).
 
@@ -17,12 +19,14 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from pathlib import Path
 
-from cai.config import stable_hash
 from cai.errors import CaiError
+from cai.io import json_objects, read_text
+from cai.records import demonstration, human_comparison, pair_identity, pair_hash, prompt_id_for
+from cai.runs import RunPaths
+from cai.store import JsonlStore
 
 CHOICES = {"a": 1.0, "A": 1.0, "b": 0.0, "B": 0.0, "tie": 0.5}
 MIN_RANKING, MAX_RANKING = 2, 9
@@ -37,33 +41,6 @@ _DEMO_FIELDS = ("prompt", "answer", "annotator", "prompt_id", "category")
 # --- reading rows ------------------------------------------------------------------------------------------
 
 
-def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise CaiError(f"{path}: no such file")
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise CaiError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8") from None
-
-
-def json_objects(path: Path) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of a JSONL file; a line that is not an object is an error."""
-    rows = []
-    for n, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise CaiError(f"{path}:{n}: invalid JSON ({e})") from None
-        if not isinstance(row, dict):
-            raise CaiError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
-        rows.append((n, row))
-    return rows
-
-
 def _rows(path: str | Path, fields: tuple[str, ...], csv_ok: bool = True) -> list[tuple[int, dict]]:
     """(line number, row) for each non-blank row of a .jsonl (or .csv) file; unknown fields are errors."""
     path = Path(path)
@@ -74,7 +51,7 @@ def _rows(path: str | Path, fields: tuple[str, ...], csv_ok: bool = True) -> lis
     if path.suffix.lower() == ".jsonl":
         rows = [(n, {k: v for k, v in row.items() if v is not None}) for n, row in json_objects(path)]
     else:
-        text = _read_text(path)
+        text = read_text(path)
         reader = csv.reader(io.StringIO(text, newline=""), strict=True)
         end = 0
         try:
@@ -120,7 +97,7 @@ def _common(path, n: int, row: dict) -> tuple[str, str, str, str]:
     """prompt, annotator, prompt_id, category of a row."""
     prompt = _text(path, n, row, "prompt")
     annotator = _text(path, n, row, "annotator", DEFAULT_ANNOTATOR)
-    prompt_id = _text(path, n, row, "prompt_id", "human-" + stable_hash({"prompt": prompt}, 12))
+    prompt_id = _text(path, n, row, "prompt_id", prompt_id_for(prompt))
     category = _text(path, n, row, "category", "")
     return prompt, annotator, prompt_id, category
 
@@ -136,16 +113,7 @@ def _check_unique(path, seen: dict, key: str, n: int, what: str) -> None:
 
 def human_pair_key(prompt: str, a: str, b: str) -> str:
     """The same for (a, b) and (b, a): the pair, whichever answer was shown first."""
-    return stable_hash({"kind": "human-pair", "prompt": prompt, "answers": sorted([a, b])})
-
-
-def _comparison(prompt: str, prompt_id: str, category: str, a: str, b: str, annotator: str, soft: float,
-                **extra) -> dict:
-    key = stable_hash({"kind": "human-label", "prompt": prompt, "answer_a": a, "answer_b": b,
-                       "annotator": annotator, "soft_label": soft, **extra})
-    return {"key": key, "pair_key": human_pair_key(prompt, a, b), "prompt_id": prompt_id, "prompt": prompt,
-            "category": category, "answer_a": a, "answer_b": b, "source": "human", "annotator": annotator,
-            "soft_label": soft, "agree": None, "principles": [], "cot": False, **extra}
+    return pair_hash(prompt, a, b, kind="human-pair")
 
 
 def _soft_label(path, n: int, row: dict) -> float:
@@ -186,7 +154,7 @@ def load_human_comparisons(path: str | Path) -> list[dict]:
         b = _text(path, n, row, "answer_b")
         if a == b:
             raise CaiError(f"{path}:{n}: answer_b: expected a different answer from answer_a (they are identical)")
-        rec = _comparison(prompt, prompt_id, category, a, b, annotator, _soft_label(path, n, row))
+        rec = human_comparison(prompt, prompt_id, category, a, b, annotator, _soft_label(path, n, row))
         _check_unique(path, seen, rec["key"], n, "same prompt, answers, annotator and label")
         out.append(rec)
     return out
@@ -222,7 +190,7 @@ def load_human_rankings(path: str | Path) -> list[dict]:
                 flip = int(human_pair_key(prompt, better, worse), 16) % 2
                 first, second = sorted([better, worse])
                 a, b = (second, first) if flip else (first, second)
-                rec = _comparison(prompt, prompt_id, category, a, b, annotator, 1.0 if a == better else 0.0,
+                rec = human_comparison(prompt, prompt_id, category, a, b, annotator, 1.0 if a == better else 0.0,
                                   ranking_size=k)
                 _check_unique(path, seen, rec["key"], n, "same prompt, annotator and ranked pair")
                 out.append(rec)
@@ -242,11 +210,9 @@ def load_demonstrations(path: str | Path) -> list[dict]:
     for n, row in _rows(path, _DEMO_FIELDS):
         prompt, annotator, prompt_id, _ = _common(path, n, row)
         answer = _text(path, n, row, "answer")
-        key = stable_hash({"kind": "human-demo", "prompt": prompt, "answer": answer, "annotator": annotator})
-        _check_unique(path, seen, key, n, "same prompt, answer and annotator")
-        out.append({"key": key, "source": "human", "prompt_id": prompt_id, "round": 0, "annotator": annotator,
-                    "prompt": [{"role": "user", "content": prompt}],
-                    "completion": [{"role": "assistant", "content": answer}]})
+        demo = demonstration(prompt, answer, annotator, prompt_id)
+        _check_unique(path, seen, demo["key"], n, "same prompt, answer and annotator")
+        out.append(demo)
     return out
 
 
@@ -259,7 +225,7 @@ def is_helpful(c: dict) -> bool:
 
 
 def merge_sources(ai: list[dict], human: list[dict], rule: str) -> list[dict]:
-    """AI and human comparisons for feedback.source=mixed; pairs match by `pair_identity` (texts, either order).
+    """AI and human comparisons for feedback.source=mixed; pairs match by `cai.records.pair_identity` (texts, either order).
 
     - human_first: a pair with human labels gets all its human records (every annotator) in place of the AI
       record; AI records elsewhere; human records on pairs the AI did not label are added after.
@@ -270,8 +236,6 @@ def merge_sources(ai: list[dict], human: list[dict], rule: str) -> list[dict]:
     Order: the AI records' order, a pair's human records in their input order, then unmatched human pairs.
     Returns new dicts; the inputs are not changed.
     """
-    from cai.feedback import pair_identity  # (cai.feedback imports torch; the loaders do not need it)
-
     if rule not in MERGE_RULES:
         raise CaiError(f"feedback.mixed_rule={rule}: expected one of {', '.join(MERGE_RULES)}")
     by_pair: dict[tuple, list[dict]] = {}
@@ -297,4 +261,60 @@ def merge_sources(ai: list[dict], human: list[dict], rule: str) -> list[dict]:
     for ident, hs in by_pair.items():
         if ident not in ai_by_pair and use_human(ident):
             out += [dict(h) for h in hs]
+    return out
+
+
+# --- the labeling page's event log (written by cai.label) ----------------------------------------------------
+
+
+def labels_path(run_dir: Path) -> Path:
+    return RunPaths(Path(run_dir)).labels
+
+
+def apply_event(active: dict[str, list[dict]], ev: dict, where: str = "") -> None:
+    """Replay one event into {annotator: [un-cancelled label/skip/demonstration events, oldest first]}."""
+    stack = active.setdefault(ev["annotator"], [])
+    if ev["event"] != "undo":
+        stack.append(ev)
+    elif stack and stack[-1]["key"] == ev["undoes"]:
+        stack.pop()
+    else:
+        raise CaiError(f"{where}event {ev['key']}: undoes {ev['undoes']}, which is not {ev['annotator']}'s latest "
+                       "un-cancelled event; the labels file was edited by hand?")
+
+
+def replay(events: list[dict], where: str = "") -> dict[str, list[dict]]:
+    active: dict[str, list[dict]] = {}
+    for ev in events:
+        apply_event(active, ev, where)
+    return active
+
+
+def _active_events(run_dir: Path) -> list[dict]:
+    path = labels_path(run_dir)
+    if not path.exists():
+        return []
+    events = list(JsonlStore(path).records.values())  # file order: the order they happened
+    active = {e["key"] for evs in replay(events, f"{path}: ").values() for e in evs}
+    return [e for e in events if e["key"] in active]
+
+
+def page_comparisons(run_dir: str | Path) -> list[dict]:
+    """The page's labels as comparison records (source="human", soft_label 1/0/0.5 for the stored answer_a,
+    annotator kept), oldest first."""
+    return [human_comparison(e["prompt"], e["prompt_id"], e["category"], e["answer_a"], e["answer_b"],
+                             e["annotator"], e["soft_label"])
+            for e in _active_events(Path(run_dir)) if e["event"] == "label"]
+
+
+def page_demonstrations(run_dir: str | Path) -> list[dict]:
+    """The page's better answers as SFT records (the shape of load_demonstrations), oldest first."""
+    out, seen = [], set()
+    for e in _active_events(Path(run_dir)):
+        if e["event"] != "demonstration":
+            continue
+        demo = demonstration(e["prompt"], e["answer"], e["annotator"], e["prompt_id"])
+        if demo["key"] not in seen:
+            seen.add(demo["key"])
+            out.append(demo)
     return out

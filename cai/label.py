@@ -27,15 +27,17 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-from cai.config import F, build_config, parse_overrides, stable_hash
+from cai.config import LabelConfig, build_config, help_text, parse_overrides
 from cai.errors import CaiError, cli_main
-from cai.human import json_objects
-from cai.store import JsonlStore, RunLock, write_jsonl_atomic
+from cai.human import apply_event, labels_path, page_comparisons, page_demonstrations, replay
+from cai.io import json_objects, table, write_jsonl_atomic
+from cai.records import pair_hash, prompt_id_for, stable_hash
+from cai.runs import RunLock, run_dir_for
+from cai.store import JsonlStore
 
 HOST = "127.0.0.1"  # never anything else: the page has no login beyond the token
 PAGE = Path(__file__).parent / "web" / "label.html"
@@ -46,25 +48,12 @@ MAX_ANSWER_CHARS = 20_000
 MAX_ANNOTATOR_CHARS = 64
 
 
-@dataclass
-class LabelConfig:
-    run: str = F("", "run name: pairs from <runs_dir>/<run>/rl/round-*/comparisons.jsonl, labels in <run>/human/")
-    runs_dir: str = F("runs", "where run directories live")
-    pairs: str = F("", "JSONL of pairs to label instead of the run's (prompt, answer_a, answer_b; optional "
-                       "prompt_id, category; other fields ignored)")
-    port: int = F(0, "port on 127.0.0.1 (0: any free port)")
-    seed: int = F(0, "seed of the per-annotator left/right order of the answers")
-    export: str = F("", "write the labels to this JSONL file (cai.human import format) and exit")
-    export_demonstrations: str = F("", "write the better answers to this JSONL file (prompt, answer, ...) and exit")
-
-
 # --- pairs -------------------------------------------------------------------------------------------------
 
 
 def pair_id(prompt: str, a: str, b: str) -> str:
-    """The same for (a, b) and (b, a), like cai.feedback.pair_identity (which imports torch)."""
-    x, y = sorted([a, b])
-    return stable_hash({"kind": "page-pair", "prompt": prompt, "answers": [x, y]}, 16)
+    """The same for (a, b) and (b, a) (cai.records.pair_identity), as a short id for the page."""
+    return pair_hash(prompt, a, b, kind="page-pair", n=16)
 
 
 def _pair(path: Path, n: int, row: dict) -> dict:
@@ -79,7 +68,7 @@ def _pair(path: Path, n: int, row: dict) -> dict:
         raise CaiError(f"{path}:{n}: answer_b: expected a different answer from answer_a (they are identical)")
     prompt = row["prompt"]
     return {"id": pair_id(prompt, row["answer_a"], row["answer_b"]), "prompt": prompt,
-            "prompt_id": row.get("prompt_id") or "human-" + stable_hash({"prompt": prompt}, 12),
+            "prompt_id": row.get("prompt_id") or prompt_id_for(prompt),
             "category": row.get("category") or "", "answer_a": row["answer_a"], "answer_b": row["answer_b"]}
 
 
@@ -120,63 +109,6 @@ def is_swapped(seed: int, annotator: str, pid: str) -> bool:
 
 
 # --- events ------------------------------------------------------------------------------------------------
-
-
-def labels_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "human" / "labels.jsonl"
-
-
-def apply_event(active: dict[str, list[dict]], ev: dict, where: str = "") -> None:
-    """Replay one event into {annotator: [un-cancelled label/skip/demonstration events, oldest first]}."""
-    stack = active.setdefault(ev["annotator"], [])
-    if ev["event"] != "undo":
-        stack.append(ev)
-    elif stack and stack[-1]["key"] == ev["undoes"]:
-        stack.pop()
-    else:
-        raise CaiError(f"{where}event {ev['key']}: undoes {ev['undoes']}, which is not {ev['annotator']}'s latest "
-                       "un-cancelled event; the labels file was edited by hand?")
-
-
-def replay(events: list[dict], where: str = "") -> dict[str, list[dict]]:
-    active: dict[str, list[dict]] = {}
-    for ev in events:
-        apply_event(active, ev, where)
-    return active
-
-
-def _active_events(run_dir: Path) -> list[dict]:
-    path = labels_path(run_dir)
-    if not path.exists():
-        return []
-    events = list(JsonlStore(path).records.values())  # file order: the order they happened
-    active = {e["key"] for evs in replay(events, f"{path}: ").values() for e in evs}
-    return [e for e in events if e["key"] in active]
-
-
-def page_comparisons(run_dir: str | Path) -> list[dict]:
-    """The page's labels as comparison records (cai.human's shape: source="human", soft_label 1/0/0.5 for the
-    stored answer_a, annotator kept), oldest first."""
-    from cai.human import _comparison
-
-    return [_comparison(e["prompt"], e["prompt_id"], e["category"], e["answer_a"], e["answer_b"], e["annotator"],
-                        e["soft_label"]) for e in _active_events(Path(run_dir)) if e["event"] == "label"]
-
-
-def page_demonstrations(run_dir: str | Path) -> list[dict]:
-    """The page's better answers as SFT records (the shape of cai.human.load_demonstrations), oldest first."""
-    out, seen = [], set()
-    for e in _active_events(Path(run_dir)):
-        if e["event"] != "demonstration":
-            continue
-        key = stable_hash({"kind": "human-demo", "prompt": e["prompt"], "answer": e["answer"],
-                           "annotator": e["annotator"]})
-        if key not in seen:
-            seen.add(key)
-            out.append({"key": key, "source": "human", "prompt_id": e["prompt_id"], "round": 0,
-                        "annotator": e["annotator"], "prompt": [{"role": "user", "content": e["prompt"]}],
-                        "completion": [{"role": "assistant", "content": e["answer"]}]})
-    return out
 
 
 def export_labels(run_dir: Path, path: str) -> int:
@@ -432,8 +364,6 @@ def start_server(session: LabelSession, port: int = 0) -> tuple[ThreadingHTTPSer
 
 
 def print_summary(session: LabelSession) -> None:
-    from cai.pipeline import table
-
     p = session_progress(session)
     rows = [(a, c["labeled"], c["skipped"], c["demonstrations"], session.added[a, "label"])
             for a, c in p["annotators"].items()]
@@ -446,14 +376,10 @@ def print_summary(session: LabelSession) -> None:
 @cli_main
 def main(argv: list[str]) -> int:
     if "--help" in argv or "-h" in argv:
-        from cai.config import help_text
-
         print(__doc__)
         print("\n".join(help_text(LabelConfig)))
         return 0
     cfg = build_config(LabelConfig, {}, "command line", parse_overrides(argv))
-    from cai.pipeline import run_dir_for
-
     if not cfg.run:
         raise CaiError("run: expected run=NAME (labels go to <runs_dir>/<run>/human/labels.jsonl)")
     run_dir = run_dir_for(cfg)

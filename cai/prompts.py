@@ -12,6 +12,7 @@ from pathlib import Path
 
 
 from cai.errors import CaiError
+from cai.io import json_objects, read_yaml
 from cai.paths import resolve_path
 
 LOADERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -71,8 +72,6 @@ def load_prompts(source) -> list[PromptRecord]:
 
 def _check_jsonl(path: Path) -> None:
     """`datasets` reports a broken JSONL line without its number; find it ourselves first."""
-    from cai.human import json_objects
-
     if path.suffix.lower() == ".jsonl":
         json_objects(path)
 
@@ -81,8 +80,6 @@ def load_few_shot(path: str | Path, count: int) -> list[dict]:
     """The first `count` critique/revision demonstrations of a YAML list file."""
     if count == 0:
         return []
-    from cai.config import read_yaml
-
     data = read_yaml(resolve_path(path), "few-shot", shown=str(path))
     if not isinstance(data, list):
         raise CaiError(f"{path}: expected a list of demonstrations, got {type(data).__name__}")

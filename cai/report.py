@@ -12,7 +12,7 @@ import base64
 import html
 from pathlib import Path
 
-from cai.store import write_atomic
+from cai.io import write_atomic
 
 ROLE = {"red_team": "harmlessness", "helpful": "helpfulness"}
 
@@ -150,7 +150,7 @@ def plot_calibration(report: dict, path: Path) -> bool:
     for run, lab in report["labels"].items():
         if lab["pm_heldout_calibration"]:
             series.append((f"{run}: PM (held out) vs soft label", "o",
-                           [(b["mean_predicted"], b["mean_soft_label"], b["count"]) for b in lab["pm_heldout_calibration"]]))
+                           [(b["mean_predicted"], b["mean_label"], b["count"]) for b in lab["pm_heldout_calibration"]]))
         if lab["ai_vs_human_calibration"]:
             series.append((f"{run}: AI label vs human choice", "s",
                            [(b["mean_predicted"], b["mean_label"], b["count"]) for b in lab["ai_vs_human_calibration"]]))

@@ -24,7 +24,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from cai.backends import Sampling
+from cai.backends.transformers_backend import TransformersBackend
 from cai.errors import cli_main
+from cai.models import resolve_model
 
 
 def make_handler(backend, model_name: str, api_key: str | None):
@@ -119,8 +121,6 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--api-key-env", default="CAI_SERVE_API_KEY", help="env var holding the required key (unset: none)")
     args = ap.parse_args(argv)
-    from cai.backends.transformers_backend import TransformersBackend
-    from cai.models import resolve_model
 
     backend = TransformersBackend(resolve_model(args.model), dtype=args.dtype, device="auto", batch_size=1, progress=False)
     server = ThreadingHTTPServer((args.host, args.port), make_handler(backend, args.name or args.model,

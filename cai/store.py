@@ -1,4 +1,4 @@
-"""Append-only JSONL stores, the run directory and its lock.
+"""Append-only JSONL stores and the metrics log.
 
 A store is a JSONL file of records, each with a `key` (a hash of everything that determines it). Appends
 are one `write` per batch followed by flush+fsync, so a killed process loses at most the batch in flight.
@@ -8,15 +8,14 @@ anywhere else is an error naming the file and line. Restarting = read the keys p
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
 from cai.errors import CaiError
+from cai.launch import is_main
 
 
 class JsonlStore:
@@ -72,75 +71,6 @@ class JsonlStore:
             self.records[r["key"]] = r
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Replace a file whole: write a temp file beside it, fsync, rename. Readers see old or new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_jsonl_atomic(path: str | Path, records: Iterable[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except ValueError as e:
-                raise CaiError(f"{path}:{n}: invalid JSON ({e})") from None
-    return out
-
-
-class RunLock:
-    """An exclusive lock on a run directory (flock: the kernel drops it when the holder dies, even by SIGKILL).
-
-    Under `accelerate launch` the main process holds it for all the processes of the run (cai.launch).
-    """
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / ".lock"
-        self.fd: int | None = None
-
-    def __enter__(self) -> "RunLock":
-        from cai.launch import is_main
-
-        if not is_main():
-            return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise CaiError(f"{self.path.parent}: run is in use by pid {holder}; wait for it, or pick another run=NAME") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-
 class Metrics:
     """Namespaced metrics (`sl/train/loss`, `rl/ppo/kl`) appended to <run>/metrics.jsonl.
 
@@ -149,8 +79,6 @@ class Metrics:
     """
 
     def __init__(self, path: Path, stage: str, tensorboard_dir: Path | None = None):
-        from cai.launch import is_main
-
         self.path = path
         self.stage = stage
         self.writer = None

@@ -17,8 +17,9 @@ from typing import Callable
 from tqdm import tqdm
 
 from cai.backends import Backend, Message, Sampling
-from cai.config import stable_hash
-from cai.store import JsonlStore, write_atomic
+from cai.io import write_atomic
+from cai.records import stable_hash
+from cai.store import JsonlStore
 
 
 @dataclass

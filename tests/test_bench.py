@@ -1,4 +1,4 @@
-"""`python -m cai.bench` on the tiny model with tiny sizes: every section but demo, its JSON, its errors."""
+"""`python benchmarks/bench.py` on the tiny model with tiny sizes: every section but demo, its JSON, its errors."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ TINY = ["model=tiny", "gen_prompts=3", "gen_tokens=3", "label_pairs=2", "princip
 
 
 def bench(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "cai.bench", *args], cwd=ROOT, env=ENV, capture_output=True,
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), *args], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -188,7 +188,7 @@ def test_win_rates_elo_refusals_lengths_and_pm_scores_by_hand(report, runs):
 
 
 def test_a_pm_score_matches_scoring_the_answer_directly(report):
-    from cai.pm import load_pm, score_answers
+    from cai.train.pm import load_pm, score_answers
 
     root, out, rep = report
     recs = _records(out)

@@ -23,7 +23,7 @@ from cai.errors import CaiError
 from cai.human import load_demonstrations, load_human_comparisons
 from cai.label import (LabelSession, RequestError, export_demonstrations, export_labels, is_swapped, labels_path,
                        load_pairs, main, page_comparisons, page_demonstrations, pair_id, start_server)
-from cai.store import RunLock
+from cai.runs import RunLock
 
 from .conftest import ROOT
 from .test_human import SHAPE
@@ -131,7 +131,7 @@ def test_screen_order_is_mapped_back_and_exports_reimport(tmp_path):
 
 
 def test_pair_id_matches_feedback_pair_identity():
-    from cai.feedback import pair_identity
+    from cai.records import pair_identity
 
     a = {"prompt": "q", "answer_a": "x", "answer_b": "y"}
     b = {"prompt": "q", "answer_a": "y", "answer_b": "x"}
@@ -267,7 +267,7 @@ def test_http_api_refuses_bad_requests(server):
 
 def test_rl_and_sl_read_the_page(tmp_path):
     from cai.pipeline import main as pipeline_main
-    from cai.rl import _human_comparisons
+    from cai.stages.pairs import human_comparisons as _human_comparisons
 
     runs = tmp_path / "runs"
     rl = lambda *o: load_config(["stage=rl", "run=r", f"runs_dir={runs}", "feedback.source=human", *o])  # noqa: E731

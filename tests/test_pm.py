@@ -6,15 +6,15 @@ import math
 import pytest
 import torch
 
-import cai.pm
+import cai.train.pm
 from cai.errors import CaiError
 from cai.losses import soft_bt_loss
 from cai.models import load_tokenizer, resolve_model
-from cai.pm import (PMConfig, SoftLabelRewardTrainer, comparisons_dataset, conversation, evaluate_pm, init_pm,
+from cai.train.pm import (PMConfig, SoftLabelRewardTrainer, comparisons_dataset, conversation, evaluate_pm, init_pm,
                     load_pm, pm_rewards, pm_training_key, reward_config, score_answers, split_comparisons,
                     train_pm)
 from cai.store import Metrics
-from cai.training import TRAIN_INFO, trained_model_matches
+from cai.train.common import TRAIN_INFO, trained_model_matches
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_non_finite_loss_stops_before_saving_and_a_rerun_resumes(tiny, tmp_path,
         loss = soft_bt_loss(r_a, r_b, p)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(cai.pm, "soft_bt_loss", nan_on_third_step)
+    monkeypatch.setattr(cai.train.pm, "soft_bt_loss", nan_on_third_step)
     cfg = PMConfig(epochs=2, batch_size=4, eval_fraction=0.0, max_length=128, save_steps=1)
     out, ckpt, metrics = tmp_path / "pm", tmp_path / "ckpt", Metrics(tmp_path / "m.jsonl", "rl")
     with pytest.raises(CaiError, match="PM loss is not finite .* at step 2"):
@@ -168,7 +168,7 @@ def test_non_finite_loss_stops_before_saving_and_a_rerun_resumes(tiny, tmp_path,
     assert not out.exists()
     assert (ckpt / "k" / "checkpoint-2" / "trainer_state.json").exists()  # the last good step is kept
 
-    monkeypatch.setattr(cai.pm, "soft_bt_loss", soft_bt_loss)
+    monkeypatch.setattr(cai.train.pm, "soft_bt_loss", soft_bt_loss)
     s = train_pm(yes_no_comparisons(8), ref, cfg, 0, out, ckpt, metrics, "k", device="cpu", progress=False)
     assert s["resumed_from"].endswith("checkpoint-2") and s["steps"] == 4
     assert s["heldout"]["count"] == 0 and s["heldout"]["accuracy"] is None

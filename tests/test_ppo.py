@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from cai.errors import CaiError
 from cai.models import ModelRef, load_tokenizer, resolve_model
-from cai.ppo import PPOConfig, _linears_to_bf16, apply_missing_eos_penalty, run_ppo, sample_answers, sft_tensors
+from cai.train.ppo import PPOConfig, _linears_to_bf16, apply_missing_eos_penalty, run_ppo, sample_answers, sft_tensors
 from cai.store import Metrics
 
 PROMPTS = ["Say something.", "Hello!", "What is a cat?", "Tell me a story."]
@@ -239,7 +239,7 @@ def test_ppo_against_a_trained_preference_model(tmp_path):
     initialised from this toy PM instead, the score did not rise within 20 steps (seen: 0.38 -> 0.29), since
     the PM head read at every answer token gives values far from the returns; zero-head: 0.38 -> 0.92."""
     from cai.config import PMConfig
-    from cai.pm import load_pm, score_answers, train_pm
+    from cai.train.pm import load_pm, score_answers, train_pm
 
     words = ["the cat sat", "a dog ran far", "hello there friend", "blue sky today", "one two three"]
     comps = [{"key": f"c{i}", "prompt": PROMPTS[i % len(PROMPTS)], "answer_a": "\n" * (2 + i % 6),

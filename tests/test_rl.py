@@ -114,7 +114,7 @@ def test_rl_needs_an_sl_model(tmp_path):
 
 
 def test_dpo_pairs_drop_near_half():
-    from cai.dpo import preference_pairs
+    from cai.train.dpo import preference_pairs
 
     comps = [{"prompt": "q", "answer_a": "x", "answer_b": "y", "soft_label": p} for p in (0.9, 0.55, 0.2, 0.5)]
     pairs = preference_pairs(comps, margin=0.1)

@@ -15,7 +15,7 @@ import yaml
 
 from cai.errors import CaiError
 from cai.pipeline import main
-from cai.store import RunLock
+from cai.runs import RunLock
 
 from .conftest import ASSETS, ROOT
 
@@ -366,7 +366,7 @@ def test_sharded_generation_merges_exactly(tmp_path, constitution):
 
 def test_checkpoint_with_a_torn_trainer_state_is_skipped(tmp_path):
     """A kill while the Trainer writes trainer_state.json leaves it empty: resume from the previous checkpoint."""
-    from cai.training import last_checkpoint
+    from cai.train.common import last_checkpoint
 
     for step, state in ((2, '{"global_step": 2}'), (4, "")):
         (tmp_path / f"checkpoint-{step}").mkdir()

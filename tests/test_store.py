@@ -15,7 +15,9 @@ import pytest
 import cai.store
 from cai.errors import CaiError
 from cai.paths import PROJECT_ROOT
-from cai.store import JsonlStore, Metrics, RunLock, read_jsonl, write_atomic, write_jsonl_atomic
+from cai.io import read_jsonl, write_atomic, write_jsonl_atomic
+from cai.runs import RunLock
+from cai.store import JsonlStore, Metrics
 
 
 def recs(*keys):
@@ -135,7 +137,7 @@ def test_runlock_second_lock_in_same_process_fails_with_pid(tmp_path):
 LOCK_AND_SLEEP = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from cai.store import RunLock
+    from cai.runs import RunLock
     lock = RunLock(Path(sys.argv[1])).__enter__()
     print("locked", flush=True)
     time.sleep(60)

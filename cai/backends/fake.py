@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 
-from cai.backends import Completion, Message, Sampling
+from cai.backends.base import Completion, Message, Sampling
 
 
 class FakeBackend:

@@ -20,8 +20,9 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from cai.backends import Completion, Message, Sampling, option_scores_from_top
+from cai.backends.base import Completion, Message, Sampling, option_scores_from_top
 from cai.errors import CaiError
+from cai.models import load_tokenizer, resolve_model
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
 
@@ -78,8 +79,6 @@ class OpenAIBackend:
             if not self._tokenizer_name:
                 raise CaiError("backend=openai: option scoring needs the served model's chat template; "
                                "set tokenizer= to a local model directory or preset (e.g. smollm2-135m)")
-            from cai.models import load_tokenizer, resolve_model
-
             self._tokenizer = load_tokenizer(resolve_model(self._tokenizer_name))
         tok = self._tokenizer
         if conversation[-1]["role"] == "assistant":

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from cai.backends import Completion, Message, Sampling
+from cai.backends.base import Completion, Message, Sampling
 from cai.models import ModelRef, load_causal_lm, load_tokenizer
 
 

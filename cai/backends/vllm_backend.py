@@ -24,9 +24,9 @@ import gc
 import importlib.util
 from typing import Callable
 
-from cai.backends import Completion, Message, Sampling, option_scores_from_top
+from cai.backends.base import Completion, Message, Sampling, option_scores_from_top
 from cai.errors import CaiError
-from cai.models import ModelRef, load_tokenizer
+from cai.models import ModelRef, load_tokenizer, pick_dtype
 
 TOP_LOGPROBS = 20  # vLLM's default max_logprobs
 
@@ -102,8 +102,6 @@ class VLLMBackend:
                  enable_prefix_caching: bool = True, max_model_len: int = 0, tensor_parallel_size: int = 1,
                  trust_remote_code: bool = False, top_logprobs: int = TOP_LOGPROBS, progress: bool = True):
         from vllm import LLM
-
-        from cai.models import pick_dtype
 
         if not 0 < gpu_memory_utilization <= 1:
             raise CaiError(f"gpu_memory_utilization={gpu_memory_utilization}: expected 0 < value <= 1")

@@ -10,30 +10,14 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from cai.config import F
+from cai.backends.transformers_backend import configure_cpu_threads
+from cai.config import DPOConfig, config_dict
 from cai.errors import CaiError
 from cai.models import ModelRef, load_tokenizer, pick_device
 from cai.store import Metrics
-from cai.training import common_args, last_checkpoint, metrics_callback, save_trained, trained_model_matches, training_key
-
-
-@dataclass
-class DPOConfig:
-    beta: float = F(0.1, "strength of the implicit KL to the reference model")
-    loss_type: str = F("sigmoid", "TRL DPO loss: sigmoid (DPO) | ipo | hinge | robust ...")
-    margin: float = F(0.1, "drop pairs whose soft label is within this distance of 0.5")
-    epochs: float = F(1.0, "passes over the preference pairs")
-    learning_rate: float = F(5e-6, "AdamW learning rate")
-    batch_size: int = F(4, "pairs per device step")
-    grad_accum: int = F(1, "gradient accumulation steps")
-    max_length: int = F(512, "tokens per prompt+answer at most")
-    warmup_ratio: float = F(0.05, "share of steps spent warming up the learning rate")
-    bf16: str = F("auto", "auto | true | false")
-    gradient_checkpointing: bool = F(False, "trade compute for memory")
-    save_steps: int = F(50, "checkpoint every N optimizer steps")
+from cai.train.common import common_args, last_checkpoint, metrics_callback, save_trained, trained_model_matches, training_key
 
 
 def preference_pairs(comparisons: list[dict], margin: float) -> list[dict]:
@@ -59,8 +43,6 @@ def train_dpo(comparisons: list[dict], base: ModelRef, cfg: DPOConfig, seed: int
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
-    from cai.backends.transformers_backend import configure_cpu_threads
-    from cai.config import config_dict
 
     configure_cpu_threads()
     datasets.disable_progress_bars()

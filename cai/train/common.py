@@ -13,9 +13,11 @@ import shutil
 import time
 from pathlib import Path
 
-from cai.config import stable_hash
 from cai.models import ModelRef, cpu_supports_bf16
-from cai.store import Metrics, write_atomic
+from cai.errors import CaiError
+from cai.io import write_atomic
+from cai.records import stable_hash
+from cai.store import Metrics
 
 TRAIN_INFO = "cai_train.json"
 
@@ -30,6 +32,14 @@ def trained_model_matches(model_dir: Path, key: str) -> bool:
     return info.exists() and json.loads(info.read_text()).get("key") == key
 
 
+def reuse_or_train(model_dir: Path, key: str, train) -> dict:
+    """The one "reuse a trained model or train it" check: the model in model_dir when its cai_train.json carries
+    this key (its summary, with reused=True), else `train()` (which saves the model with the key)."""
+    if trained_model_matches(model_dir, key):
+        return {**json.loads((model_dir / TRAIN_INFO).read_text()), "reused": True}
+    return train()
+
+
 def use_bf16(setting: str, device: str, name: str = "bf16") -> bool:
     """bf16 autocast where the hardware has it: CUDA with bf16, or a CPU with AVX512-BF16/AMX."""
     if str(setting) == "auto":
@@ -38,8 +48,6 @@ def use_bf16(setting: str, device: str, name: str = "bf16") -> bool:
         return torch.cuda.is_bf16_supported(including_emulation=False) if device.startswith("cuda") else cpu_supports_bf16()
     if str(setting).lower() in ("true", "false"):
         return str(setting).lower() == "true"
-    from cai.errors import CaiError
-
     raise CaiError(f"{name}={setting!r}: expected auto, true or false")
 
 

@@ -16,7 +16,6 @@ its last checkpoint under `<ckpt_root>/<key>/`, as in `cai.sl`.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import time
@@ -26,12 +25,14 @@ from pathlib import Path
 import torch
 from trl import RewardConfig, RewardTrainer
 
-from cai.config import PMConfig, stable_hash  # noqa: F401  (PMConfig: this trainer's settings)
+from cai.backends.transformers_backend import configure_cpu_threads
+from cai.config import PMConfig, config_dict  # noqa: F401  (this trainer's settings)
 from cai.errors import CaiError
 from cai.losses import check_finite, soft_bt_loss
 from cai.models import ModelRef, load_tokenizer, pick_device, pick_dtype
+from cai.records import calibration_bins, expected_calibration_error, stable_hash
 from cai.store import Metrics
-from cai.training import common_args, last_checkpoint, metrics_callback, save_trained
+from cai.train.common import common_args, last_checkpoint, metrics_callback, save_trained
 
 
 def pm_training_key(comparisons_sha: str, base: ModelRef, cfg, seed: int) -> str:
@@ -40,11 +41,8 @@ def pm_training_key(comparisons_sha: str, base: ModelRef, cfg, seed: int) -> str
 
 
 def _as_dict(cfg) -> dict:
-    if dataclasses.is_dataclass(cfg):
-        return dataclasses.asdict(cfg)
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True)
+    """The settings as plain data (a PMConfig or an OmegaConf node)."""
+    return config_dict(cfg)
 
 
 # --- comparisons -> dataset ------------------------------------------------------------------------------
@@ -217,7 +215,6 @@ def train_pm(comparisons: list[dict], base: ModelRef, cfg, seed: int, out_dir: P
     """Train on the comparisons not held out; evaluate on the rest; save safetensors + tokenizer to out_dir."""
     import datasets
 
-    from cai.backends.transformers_backend import configure_cpu_threads
 
     configure_cpu_threads()
     datasets.disable_progress_bars()
@@ -282,15 +279,8 @@ def evaluate_pm(model, tokenizer, comparisons: list[dict], batch_size: int = 16,
     predicted = torch.sigmoid(r_a - r_b)
     decisive = labels != 0.5
     agree = ((r_a > r_b) == (labels > 0.5))[decisive]
-    calibration, ece = [], 0.0
-    bins = (predicted * n_bins).long().clamp(max=n_bins - 1)
-    for b in range(n_bins):
-        sel = bins == b
-        if sel.any():
-            mean_pred, mean_label = predicted[sel].mean().item(), labels[sel].mean().item()
-            calibration.append({"lo": b / n_bins, "hi": (b + 1) / n_bins, "count": int(sel.sum()),
-                                "mean_predicted": mean_pred, "mean_soft_label": mean_label})
-            ece += int(sel.sum()) / n * abs(mean_pred - mean_label)
+    calibration = calibration_bins(predicted.tolist(), labels.tolist(), n_bins)
+    ece = expected_calibration_error(calibration)
     return {"count": n, "decisive": int(decisive.sum()),
             "accuracy": agree.float().mean().item() if agree.numel() else None,
             "loss": soft_bt_loss(r_a, r_b, labels).item(), "mean_abs_margin": (r_a - r_b).abs().mean().item(),

@@ -10,11 +10,12 @@ import math
 import time
 from pathlib import Path
 
+from cai.backends.transformers_backend import configure_cpu_threads
 from cai.config import config_dict
 from cai.errors import CaiError
-from cai.models import ModelRef, pick_device
+from cai.models import ModelRef, load_tokenizer, pick_device
 from cai.store import Metrics
-from cai.training import common_args, last_checkpoint, metrics_callback, save_trained, training_key
+from cai.train.common import common_args, last_checkpoint, metrics_callback, save_trained, training_key
 
 
 def sft_training_key(sft_path: Path, base: ModelRef, sft_cfg, seed: int) -> str:
@@ -29,8 +30,6 @@ def train_sft(sft_path: Path, base: ModelRef, cfg, out_dir: Path, ckpt_root: Pat
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from cai.backends.transformers_backend import configure_cpu_threads
-    from cai.models import load_tokenizer
 
     configure_cpu_threads()
     datasets.disable_progress_bars()

@@ -1,4 +1,4 @@
-"""`python -m cai.bench [sections=gen,label,roofline,accuracy,ppo,demo] [key=value ...]` (`make bench`)
+"""`python benchmarks/bench.py [sections=gen,label,roofline,accuracy,ppo,demo] [key=value ...]` (`make bench`)
 
 Measures the pipeline's hot paths on one model (default: the bundled SmolLM2-135M), each against a naive
 baseline measured in the same run, and prints the ratios beside the targets of issue 6:
@@ -129,7 +129,7 @@ def load_labeled_set(path: str) -> list[dict]:
 
 def as_pairs(rows: list[dict]) -> list[dict]:
     """Pairs as cai.feedback takes them; the better answer is answer_a in every other pair (row order)."""
-    from cai.config import stable_hash
+    from cai.records import stable_hash
 
     pairs = []
     for i, r in enumerate(rows):
@@ -141,7 +141,7 @@ def as_pairs(rows: list[dict]) -> list[dict]:
 
 def label_settings(cfg, template: str, k: int):
     from cai.feedback import LabelSettings
-    from cai.rl import FeedbackConfig
+    from cai.config import FeedbackConfig
     from cai.templates import load_template
 
     f = FeedbackConfig()
@@ -391,7 +391,7 @@ def bench_ppo(cfg) -> dict:
         spec.write_text(json.dumps({"model": cfg.model, "config": cfg.ppo_config, "steps": cfg.ppo_steps,
                                     "seed": cfg.seed, "dir": tmp}))
         t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "cai.bench", "--ppo-child", str(spec)], capture_output=True,
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--ppo-child", str(spec)], capture_output=True,
                               text=True)
         wall = time.perf_counter() - t
         if proc.returncode != 0:
@@ -409,10 +409,11 @@ def ppo_child(spec_path: str) -> None:
 
     from cai.config import load_config
     from cai.models import load_tokenizer, resolve_model
-    from cai.pm import init_pm, load_pm, score_answers
-    from cai.ppo import run_ppo
+    from cai.train.pm import init_pm, load_pm, score_answers
+    from cai.train.ppo import run_ppo
     from cai.prompts import load_prompts
-    from cai.store import Metrics, read_jsonl
+    from cai.io import read_jsonl
+    from cai.store import Metrics
 
     spec = json.loads(Path(spec_path).read_text())
     work = Path(spec["dir"])
@@ -551,7 +552,7 @@ def run_bench(cfg) -> dict:
 
 
 def print_report(r: dict) -> None:
-    from cai.pipeline import table
+    from cai.io import table
 
     f = lambda v, d=1: f"{v:,.{d}f}"  # noqa: E731
     print(f"\nmodel {r['model']} on {describe(r['machine'])}")
@@ -609,7 +610,7 @@ def main(argv: list[str]) -> int:
         return 0
     cfg = build_config(BenchConfig, {}, "command line", parse_overrides(argv))
     results = run_bench(cfg)
-    from cai.store import write_atomic
+    from cai.io import write_atomic
 
     write_atomic(cfg.out, json.dumps(results, indent=1))
     print_report(results)

@@ -9,34 +9,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from cai.config import F
+from cai.backends.transformers_backend import configure_cpu_threads
+from cai.backends.vllm_backend import require_vllm
+from cai.config import GroupRLConfig
 from cai.errors import CaiError
 from cai.models import ModelRef, load_tokenizer, pick_device
 from cai.store import Metrics
-from cai.training import common_args, last_checkpoint, metrics_callback, save_trained
-
-
-@dataclass
-class GroupRLConfig:
-    num_generations: int = F(4, "answers sampled per prompt (the group that forms the baseline)")
-    max_completion_length: int = F(32, "tokens per answer at most")
-    temperature: float = F(1.0, "sampling temperature")
-    beta: float = F(0.05, "KL coefficient to the reference (starting) model")
-    epochs: float = F(1.0, "passes over the prompts")
-    learning_rate: float = F(1e-5, "AdamW learning rate")
-    batch_size: int = F(8, "answers per device step (a multiple of num_generations)")
-    grad_accum: int = F(1, "gradient accumulation steps")
-    warmup_ratio: float = F(0.0, "share of steps spent warming up the learning rate")
-    bf16: str = F("auto", "auto | true | false")
-    gradient_checkpointing: bool = F(False, "trade compute for memory")
-    save_steps: int = F(50, "checkpoint every N optimizer steps")
-    use_vllm: bool = F(False, "generate with vLLM inside each training process (TRL's vllm_mode=colocate; GPU "
-                              "only, the vllm extra)")
-    vllm_gpu_memory_utilization: float = F(0.3, "use_vllm: share of each GPU's memory vLLM may take (the rest is "
-                                                "for training)")
+from cai.train.common import common_args, last_checkpoint, metrics_callback, save_trained
 
 
 def pm_reward_function(score_fn):
@@ -58,7 +39,6 @@ def train_group_rl(algorithm: str, policy: ModelRef, score_fn, prompts: list[str
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cai.backends.transformers_backend import configure_cpu_threads
 
     configure_cpu_threads()
     datasets.disable_progress_bars()
@@ -67,8 +47,6 @@ def train_group_rl(algorithm: str, policy: ModelRef, score_fn, prompts: list[str
     online = dict(num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
                   temperature=cfg.temperature, beta=cfg.beta, use_vllm=cfg.use_vllm)
     if cfg.use_vllm:  # vLLM in the trainer's own processes, weights synced from the policy every step
-        from cai.backends.vllm_backend import require_vllm
-
         require_vllm(f"{algorithm}.use_vllm=true")
         online.update(vllm_mode="colocate", vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
     if algorithm == "grpo":

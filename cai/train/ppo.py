@@ -32,7 +32,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cai.config import PPOConfig, config_dict
+from cai.backends.base import Sampling
+from cai.backends.transformers_backend import configure_cpu_threads, sample_next
+from cai.config import PPOConfig, config_dict, validate
 from cai.errors import CaiError
 from cai.losses import (
     AdaptiveKLController,
@@ -47,10 +49,11 @@ from cai.losses import (
     ppo_value_loss,
     rewards_with_kl,
 )
-from cai.models import ModelRef
-from cai.training import use_bf16
+from cai.io import write_atomic
+from cai.launch import sharded_launch
+from cai.models import ModelRef, load_tokenizer
+from cai.train.common import TRAIN_INFO, swap_into_place, use_bf16
 
-TRAIN_INFO = "cai_train.json"
 STATE_FILE = "ppo_state.json"
 RewardFn = Callable[[list[str], list[str]], list[float]]
 
@@ -171,8 +174,6 @@ def sample_answers(policy: nn.Module, prompt_ids: torch.Tensor, prompt_mask: tor
     """
     from transformers import DynamicCache
 
-    from cai.backends import Sampling
-    from cai.backends.transformers_backend import sample_next
 
     sampling = Sampling(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
     generators = [torch.Generator().manual_seed(s % (2**63)) for s in seeds]
@@ -241,23 +242,16 @@ def _last_checkpoint(root: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[-1])) if done else None
 
 
-def _check_config(cfg: PPOConfig, n_prompts: int) -> None:
-    problems = []
-    for name in ("steps", "rollout_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "save_every"):
-        if getattr(cfg, name) < 1:
-            problems.append(f"ppo.{name}={getattr(cfg, name)}: expected >= 1")
-    if cfg.temperature <= 0:
-        problems.append(f"ppo.temperature={cfg.temperature}: expected > 0 (PPO needs a sampling policy)")
-    if cfg.adaptive_kl and cfg.kl_target <= 0:
-        problems.append(f"ppo.kl_target={cfg.kl_target}: expected > 0 with adaptive_kl")
-    if not 0 < cfg.top_p <= 1:
-        problems.append(f"ppo.top_p={cfg.top_p}: expected 0 < top_p <= 1")
-    if cfg.kl_estimator not in ("k1", "k3", "mse", "abs"):
-        problems.append(f"ppo.kl_estimator={cfg.kl_estimator!r}: expected one of k1, k3, mse, abs")
+def _checked_config(cfg, n_prompts: int) -> PPOConfig:
+    """The settings as a validated PPOConfig (Python callers may pass an OmegaConf node of one)."""
+    if not is_dataclass(cfg):
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_object(cfg)
+    validate(cfg, "ppo.")
     if n_prompts == 0:
-        problems.append("no prompts to train on")
-    if problems:
-        raise CaiError("; ".join(problems))
+        raise CaiError("no prompts to train on")
+    return cfg
 
 
 # --- the loop --------------------------------------------------------------------------------------------
@@ -282,11 +276,8 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from cai.backends.transformers_backend import configure_cpu_threads
-    from cai.launch import sharded_launch
-    from cai.models import load_tokenizer
 
-    _check_config(cfg, len(prompts))
+    cfg = _checked_config(cfg, len(prompts))
     if cfg.ptx_coef > 0 and not sft_examples:
         raise CaiError("ppo.ptx_coef > 0 needs sft_examples (prompt/completion conversations); got none")
     configure_cpu_threads()
@@ -544,17 +535,13 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
                "bf16": bf16, "seconds": round(seconds, 1), "resumed_from": resumed_from, "config": _config_record(cfg)}
     state_dict = accelerator.get_state_dict(model)  # gathers shards under DeepSpeed ZeRO-3 / FSDP
     if accelerator.is_main_process:
-        final, tmp, old = out_dir / "policy", out_dir / "policy.tmp", out_dir / "policy.old"
+        tmp = out_dir / "policy.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         policy_state = {k[len("policy."):]: v for k, v in state_dict.items() if k.startswith("policy.")}
         accelerator.unwrap_model(model).policy.save_pretrained(tmp, state_dict=policy_state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / TRAIN_INFO).write_text(json.dumps(summary, indent=1))
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        write_atomic(tmp / TRAIN_INFO, json.dumps(summary, indent=1))
+        swap_into_place(tmp, out_dir / "policy")
         metrics.log({"rl/ppo/train_seconds": seconds, "rl/ppo/steps_run": cfg.steps - start}, step=cfg.steps)
     accelerator.wait_for_everyone()
     return summary

@@ -1,0 +1,1 @@
+"""What `python -m cai.pipeline stage=...` runs, top to bottom: sl, rl, dpo."""

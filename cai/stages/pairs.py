@@ -1,0 +1,136 @@
+"""What stage=rl and stage=dpo share: their inputs, checked before any work, the starting policy, human labels,
+and one round of sampling pairs from a policy and labeling them (AI feedback, cai.feedback)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from cai.backends import Sampling, backend_for, check_backend, release, sampling_from_config
+from cai.constitution import load_constitution
+from cai.errors import CaiError
+from cai.feedback import LabelSettings, label_diagnostics, label_pairs, sample_pairs
+from cai.human import load_human_comparisons, load_human_rankings, page_comparisons
+from cai.io import read_jsonl
+from cai.models import ModelRef, resolve_model
+from cai.prompts import load_prompts
+from cai.runs import run_dir_for
+from cai.store import JsonlStore
+from cai.templates import load_template
+
+
+def policy_ref(cfg, run_dir: Path) -> ModelRef:
+    """The starting policy: 'sl' = this run's SL-CAI model, else the model named."""
+    if cfg.policy.model == "sl":
+        sl_model = run_dir / "sl" / "model"
+        if not (sl_model / "config.json").exists():
+            raise CaiError(f"policy.model=sl: {sl_model} has no trained SL-CAI model; run stage=sl with "
+                           f"run={cfg.run} first, or set policy.model to a model")
+        return resolve_model(str(sl_model))
+    return resolve_model(cfg.policy.model)
+
+
+def ptx_data_path(cfg, run_dir: Path) -> Path:
+    """PPO-ptx's SFT data: ppo.ptx_data, else the SL-CAI data of the run the policy comes from (this run's for
+    policy.model=sl; <run>/sl/sft.jsonl for a policy at <run>/sl/model)."""
+    if cfg.ppo.ptx_data:
+        return Path(cfg.ppo.ptx_data)
+    if cfg.policy.model == "sl":
+        return run_dir / "sl" / "sft.jsonl"
+    model_dir = Path(cfg.policy.model)
+    if model_dir.name == "model" and model_dir.parent.name == "sl":
+        return model_dir.parent / "sft.jsonl"
+    raise CaiError(f"ppo.ptx_coef={cfg.ppo.ptx_coef}: policy.model={cfg.policy.model} is not an SL-CAI model of a "
+                   "run, so there is no SFT data to mix in; set ppo.ptx_data=FILE (an SFT JSONL)")
+
+
+def ptx_examples(path: Path) -> list[dict]:
+    """The SFT conversations for PPO-ptx (InstructGPT's pretraining-mix term); checked before any work."""
+    if not path.exists():
+        raise CaiError(f"ppo.ptx_coef > 0 mixes in SFT data, but {path} does not exist; run stage=sl first or set "
+                       "ppo.ptx_data=FILE")
+    rows = read_jsonl(path)
+    for n, r in enumerate(rows, start=1):
+        if not isinstance(r.get("prompt"), list) or not isinstance(r.get("completion"), list):
+            raise CaiError(f"{path}:{n}: expected prompt and completion message lists (an SFT JSONL)")
+    if not rows:
+        raise CaiError(f"{path}: no SFT examples for ppo.ptx_coef > 0")
+    return [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+
+
+def read_inputs(cfg):
+    """Read and check every input before anything is written: (constitution, prompts, label settings)."""
+    constitution = load_constitution(cfg.constitution)
+    prompts = load_prompts(cfg.red_team) + (load_prompts(cfg.helpful) if cfg.helpful_pairs else [])
+    unique = {p.prompt: p for p in reversed(prompts)}  # the same text twice would give the same pair twice
+    prompts = [p for p in prompts if unique[p.prompt] is p]
+    if not prompts:
+        raise CaiError("no prompts to sample pairs for (red_team and helpful are empty)")
+    sampling_from_config(cfg.pair_sampling, "pair_sampling")
+    f = cfg.feedback
+    if f.source != "human":  # source=human samples and labels nothing
+        check_backend(cfg.policy, "policy")
+        check_backend(f.labeler, "feedback.labeler")
+    settings = LabelSettings(
+        seed=cfg.seed, principles_per_pair=f.principles_per_pair,
+        conversation_template=load_template(f.conversation_template), template=load_template(f.template),
+        cot=f.cot, cot_template=load_template(f.cot_template), cot_answer=load_template(f.cot_answer_template),
+        cot_sampling=Sampling(max_new_tokens=f.cot_max_new_tokens, temperature=0.0),
+        cot_clamp=(f.cot_clamp_low, f.cot_clamp_high))
+    if f.principles_per_pair > len(constitution.feedback):
+        raise CaiError(f"feedback.principles_per_pair={f.principles_per_pair}: {cfg.constitution} has only "
+                       f"{len(constitution.feedback)} feedback principles")
+    return constitution, prompts, settings
+
+
+def human_comparisons(cfg) -> list[dict]:
+    """Human labels: imported comparisons and rankings, then the run's labeling-page labels (`cai.label`);
+    required for feedback.source=human|mixed."""
+    f = cfg.feedback
+    human = load_human_comparisons(f.human_labels) if f.human_labels else []
+    human += load_human_rankings(f.human_rankings) if f.human_rankings else []
+    keys = {c["key"] for c in human}  # page labels exported and imported again count once
+    human += [c for c in page_comparisons(run_dir_for(cfg)) if c["key"] not in keys]
+    if f.source != "ai" and not human:
+        raise CaiError(f"feedback.source={f.source} needs human labels: feedback.human_labels=FILE and/or "
+                       f"feedback.human_rankings=FILE, or labels from the labeling page "
+                       f"(python -m cai.label run={cfg.run})")
+    return human
+
+
+def sample_and_label(cfg, policy_path: str, prompts, constitution, settings, store: JsonlStore, plan_dir: Path,
+                     label: str, human: list[dict] | None = None) -> tuple[list[dict], dict, dict]:
+    """Pairs from the policy, AI labels, diagnostics. Returns (comparisons, diagnostics, counts)."""
+    sampling = sampling_from_config(cfg.pair_sampling, "pair_sampling")
+    policy_backend = backend_for(cfg.policy, policy_path, progress=False)
+    pairs, pair_stats = sample_pairs(prompts, policy_backend, sampling, cfg.seed, store, plan_dir,
+                                     cfg.policy.batch_size, cfg.progress, label=f"{label} pairs")
+    release(policy_backend)  # vLLM: shut its engine down before the labeler takes the GPU
+    del policy_backend
+    labeler = backend_for(cfg.feedback.labeler, progress=False)
+    t0 = time.time()
+    comparisons, label_stats = label_pairs(pairs, constitution, settings, labeler, store, plan_dir,
+                                           cfg.feedback.labeler.batch_size, cfg.progress)
+    label_seconds = time.time() - t0
+    release(labeler)
+    del labeler
+    diag = label_diagnostics(comparisons, human)
+    counts = {"pairs": len(pairs), "answers_generated": pair_stats.generated, "answers_reused": pair_stats.reused,
+              "scores_computed": label_stats.generated, "scores_reused": label_stats.reused,
+              "label_seconds": round(label_seconds, 1),
+              "seconds_per_label": round(label_stats.seconds / max(label_stats.generated, 1), 4)}
+    return comparisons, diag, counts
+
+
+def print_diagnostics(title: str, diag: dict, counts: dict) -> None:
+    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
+    print(f"\n{title}")
+    if diag.get("source") == "human":
+        print(f"  {diag['pairs']} human comparisons from {diag['annotators']} annotator(s), "
+              f"mean |p-0.5| {fmt(diag['mean_margin'])}")
+        return
+    print(f"  pairs {counts['pairs']} (answers generated {counts['answers_generated']}, reused "
+          f"{counts['answers_reused']}); scores computed {counts['scores_computed']}, reused {counts['scores_reused']}")
+    print(f"  position consistency {fmt(diag['position_consistency'])}  mean |p-0.5| {fmt(diag['mean_margin'])}  "
+          f"near 0.5 {fmt(diag['share_near_half'])}  human agreement {fmt(diag['human_agreement'])} "
+          f"(shared {diag['human_shared']})")

@@ -1,0 +1,1 @@
+"""Trainers: SFT, the preference model, DPO, RLOO/GRPO and PPO, each `train_*(...)` with one signature shape."""

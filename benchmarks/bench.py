@@ -30,7 +30,8 @@ from pathlib import Path
 
 from cai.config import F, build_config, parse_overrides
 from cai.errors import CaiError, cli_main
-from cai.paths import PROJECT_ROOT, resolve_path
+from cai.paths import PROJECT_ROOT
+from cai.prompts import load_labeled_set
 
 SECTIONS = ("gen", "label", "roofline", "accuracy", "ppo", "demo")
 TEMPLATES = "prompts/templates/feedback_mc.txt,prompts/templates/feedback_mc_shared_prefix.txt"
@@ -101,32 +102,6 @@ def describe(m: dict) -> str:
 # --- inputs ------------------------------------------------------------------------------------------------
 
 
-def load_labeled_set(path: str) -> list[dict]:
-    """Rows {id, category, prompt, better, worse}, harmless and helpful interleaved (so the first N mix both)."""
-    p = resolve_path(path)
-    if not p.exists():
-        raise CaiError(f"labeled_set={path}: file not found")
-    rows = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise CaiError(f"{path}:{n}: invalid JSON ({e})") from None
-        missing = [k for k in ("id", "category", "prompt", "better", "worse") if not isinstance(row.get(k), str)]
-        if missing:
-            raise CaiError(f"{path}:{n}: missing or non-text field(s) {missing}; expected id, category, prompt, "
-                           "better, worse")
-        if row["category"] not in ("harmless", "helpful"):
-            raise CaiError(f"{path}:{n}: category={row['category']!r}; expected harmless or helpful")
-        rows.append(row)
-    if not rows:
-        raise CaiError(f"{path}: no labeled pairs")
-    by_cat = [[r for r in rows if r["category"] == c] for c in ("harmless", "helpful")]
-    return [r for i in range(len(rows)) for cat in by_cat if i < len(cat) for r in [cat[i]]]
-
-
 def as_pairs(rows: list[dict]) -> list[dict]:
     """Pairs as cai.feedback takes them; the better answer is answer_a in every other pair (row order)."""
     from cai.records import stable_hash
@@ -140,8 +115,8 @@ def as_pairs(rows: list[dict]) -> list[dict]:
 
 
 def label_settings(cfg, template: str, k: int):
-    from cai.feedback import LabelSettings
     from cai.config import FeedbackConfig
+    from cai.feedback import LabelSettings
     from cai.templates import load_template
 
     f = FeedbackConfig()
@@ -408,12 +383,12 @@ def ppo_child(spec_path: str) -> None:
     import torch
 
     from cai.config import load_config
+    from cai.io import read_jsonl
     from cai.models import load_tokenizer, resolve_model
+    from cai.prompts import load_prompts
+    from cai.store import Metrics
     from cai.train.pm import init_pm, load_pm, score_answers
     from cai.train.ppo import run_ppo
-    from cai.prompts import load_prompts
-    from cai.io import read_jsonl
-    from cai.store import Metrics
 
     spec = json.loads(Path(spec_path).read_text())
     work = Path(spec["dir"])

@@ -42,11 +42,11 @@ import numpy as np
 from cai.backends import make_backend, sampling_from_config
 from cai.config import CompareConfig, build_config, help_text, parse_overrides
 from cai.errors import CaiError, cli_main
-from cai.evaluate import is_refusal, load_patterns
 from cai.feedback import OPTIONS, label_diagnostics, split_answer_prefix
 from cai.human import load_human_comparisons, load_human_rankings, page_comparisons
 from cai.io import read_jsonl, read_yaml, table, write_atomic
 from cai.losses import preference_probs_from_option_logprobs
+from cai.measures import degeneration, is_refusal, load_patterns
 from cai.models import pick_device, pick_dtype, resolve_model
 from cai.paths import resolve_path
 from cai.prompts import load_prompts
@@ -431,13 +431,17 @@ def label_report(run: Run) -> dict:
             pred.append(c["soft_label"] if c["answer_a"] == h["answer_a"] else 1 - c["soft_label"])
             target.append(h["soft_label"])
     pm = _last_round(run, "pm")
-    pm_cal = []
+    pm_cal, pm_heldout, pm_clear = [], None, None
     if pm is not None and (pm / "cai_train.json").exists():
-        pm_cal = (json.loads((pm / "cai_train.json").read_text()).get("heldout") or {}).get("calibration") or []
+        info = json.loads((pm / "cai_train.json").read_text())
+        pm_cal = (info.get("heldout") or {}).get("calibration") or []
+        pm_heldout = (info.get("heldout") or {}).get("accuracy")
+        pm_clear = info.get("clear_pairs")
     return {"rounds": rounds, "ai_labels": len(ai), "human_labels": len(human),
             "human_shared": diag["human_shared"] if diag else 0,
             "human_agreement": diag["human_agreement"] if diag else None,
-            "ai_vs_human_calibration": calibration_bins(pred, target), "pm_heldout_calibration": pm_cal}
+            "ai_vs_human_calibration": calibration_bins(pred, target), "pm_heldout_calibration": pm_cal,
+            "pm_heldout_accuracy": pm_heldout, "pm_clear_pairs": pm_clear}
 
 
 def config_diffs(runs: list[Run]) -> dict:
@@ -621,6 +625,9 @@ def tabulate(inp: Inputs, cfg, store, answers: dict, judged: dict, scored: dict)
                                   "mean_tokens": sum(r["completion_tokens"] for r in recs) / len(recs),
                                   "cut_off_rate": sum(r["finish_reason"] == "length" for r in recs) / len(recs)}
     answer_recs = {x: [store[k] for s in inp.prompt_sets for k in answers[s][x]] for x in labels}
+    # repeated sentences / n-grams and distinct-n per model and set (cai.measures)
+    t["degeneration"] = {s: {x: degeneration([store[k]["text"] for k in answers[s][x]]) for x in labels}
+                         for s in inp.prompt_sets}
     t["boilerplate"] = {}
     for x, recs in answer_recs.items():
         b = boilerplate([r["text"] for r in recs], cfg.boilerplate_n)
@@ -691,11 +698,13 @@ def print_summary(report: dict, out: Path) -> None:
         for s in sets:
             e = report["elo"][s][x]
             ci = f" [{e['ci_low']:.1f}, {e['ci_high']:.1f}]" if e["ci_low"] is not None else ""
-            row += [f"{e['elo']:.1f}{ci}", fmt(report["answers"][s][x]["refusal_rate"])]
+            row += [f"{e['elo']:.1f}{ci}", fmt(report["answers"][s][x]["refusal_rate"]),
+                    fmt(report["degeneration"][s][x]["repetition_share"])]
         row += [fmt(sum(report["answers"][s][x]["mean_tokens"] for s in sets) / len(sets), "{:.1f}"),
                 fmt(report["boilerplate"][x]["share"])]
         rows.append(row)
-    header = ["model"] + [h for s in sets for h in (f"{ROLE[s]} Elo", f"refusal ({s})")] + ["tokens", "boilerplate"]
+    header = ["model"] + [h for s in sets for h in (f"{ROLE[s]} Elo", f"refusal ({s})", f"repeats ({s})")]
+    header += ["tokens", "boilerplate"]
     print("\n" + table(rows, tuple(header)))
     w = report["work"]
     print(f"\nanswers computed {w['answers']['computed']}, reused {w['answers']['reused']}; judge scores computed "

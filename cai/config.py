@@ -58,7 +58,7 @@ def _check_value(path: str, value: Any, meta: dict, files: bool = True) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise CaiError(f"{path}={value}: expected a finite number")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        for op, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+        for op, ok, _word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
                              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
             if op in meta and not ok(value, meta[op]):
                 bounds = " and ".join(f"{w} {meta[o]}" for o, w in (("ge", ">="), ("gt", ">"), ("le", "<="),
@@ -111,7 +111,7 @@ BACKENDS = ("transformers", "vllm", "openai", "fake")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig(Checked):
     model: str = F("smollm2-135m", "preset (smollm2-135m, tiny), local model dir, or hub id (online only)")
     backend: str = F("transformers", "transformers | vllm (GPU, the vllm extra) | openai (an OpenAI-compatible "
@@ -139,7 +139,7 @@ class ModelConfig(Checked):
             raise CaiError(f"{prefix}model: expected a preset, a model directory or a hub id, got ''")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingConfig(Checked):
     max_new_tokens: int = F(128, "tokens generated at most per answer, critique or revision", ge=1)
     temperature: float = F(0.7, "softmax temperature; 0 = greedy", ge=0)
@@ -147,7 +147,7 @@ class SamplingConfig(Checked):
     top_k: int = F(0, "top-k cut-off; 0 = off", ge=0)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PromptSource(Checked):
     path: str = F("", "JSONL/JSON/CSV/Parquet file, or hf:NAME for a hub dataset (online only)", file=True)
     column: str = F("prompt", "column holding the prompt text")
@@ -160,7 +160,7 @@ class PromptSource(Checked):
 # --- stage=sl ----------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class CritiqueConfig(Checked):
     rounds: int = F(4, "critique->revision rounds per red-team prompt (the paper uses 4)", ge=0)
     few_shot: int = F(2, "few-shot demonstrations prepended to each critique and revision request (0 allowed)", ge=0)
@@ -169,7 +169,7 @@ class CritiqueConfig(Checked):
     revision_template: str = F("prompts/templates/revision.txt", "template of the revision request", file=True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SFTConfig(Checked):
     data: str = F("final", "final: train on the last revision | all: one example per revision round (as the paper)",
                   choices=("final", "all"))
@@ -186,7 +186,7 @@ class SFTConfig(Checked):
     save_steps: int = F(50, "checkpoint every N optimizer steps (a killed run resumes from the last one)", ge=1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SLConfig(Checked):
     stage: str = F("sl", "which stage this config is for")
     run: str = F("default", "run name: outputs go to <runs_dir>/<run>/", name=True)
@@ -230,7 +230,7 @@ def parse_shard(spec: str) -> tuple[int, int] | None:
 # --- stage=rl and stage=dpo: the trainers' settings --------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class PMConfig(Checked):
     epochs: float = F(1.0, "passes over the training comparisons", gt=0)
     learning_rate: float = F(1e-5, "AdamW learning rate", gt=0)
@@ -245,9 +245,13 @@ class PMConfig(Checked):
                              ge=0, lt=1)
     center_rewards_coefficient: Optional[float] = F(None, "weight of mean((r_chosen + r_rejected)^2), pulls rewards "
                                                           "toward 0 (TRL; 0.01 recommended); null = off", ge=0)
+    clear_pairs: str = F("prompts/sets/labeled_pairs.jsonl", "pairs with a known better answer (id, category, "
+                                                             "prompt, better, worse) the trained PM is checked on; "
+                                                             "pairs whose prompt it trained on are left out; '' = off",
+                         file=True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PPOConfig(Checked):
     steps: int = F(20, "PPO iterations (one rollout + its updates each)", ge=1)
     rollout_batch_size: int = F(8, "prompts sampled per rollout, per process", ge=1)
@@ -287,7 +291,7 @@ class PPOConfig(Checked):
     seed: int = F(0, "seed for prompt order, sampling and minibatch order")
 
 
-@dataclass
+@dataclass(frozen=True)
 class GroupRLConfig(Checked):
     num_generations: int = F(4, "answers sampled per prompt (the group that forms the baseline)", ge=2)
     max_completion_length: int = F(32, "tokens per answer at most", ge=1)
@@ -312,7 +316,7 @@ class GroupRLConfig(Checked):
                            f"{prefix}num_generations={self.num_generations}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DPOConfig(Checked):
     beta: float = F(0.1, "strength of the implicit KL to the reference model", gt=0)
     loss_type: str = F("sigmoid", "TRL DPO loss: sigmoid (DPO) | ipo | hinge | robust ...")
@@ -328,7 +332,7 @@ class DPOConfig(Checked):
     save_steps: int = F(50, "checkpoint every N optimizer steps", ge=1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class FeedbackConfig(Checked):
     source: str = F("ai", "ai: AI labels | human: imported human labels only | mixed: both, by mixed_rule",
                     choices=("ai", "human", "mixed"))
@@ -359,7 +363,40 @@ class FeedbackConfig(Checked):
                            f"{prefix}cot_clamp_high={self.cot_clamp_high}")
 
 
-@dataclass
+@dataclass(frozen=True)
+class PairsConfig(Checked):
+    sample: float = F(1.0, "weight of the `sample` source: two samples of the policy per prompt (the paper)", ge=0)
+    revision: float = F(0.0, "weight of `revision`: the SL stage's initial answer against its final revision, "
+                             "labeled by the AI labeler (red-team prompts with an SL chain only)", ge=0)
+    contrast: float = F(0.0, "weight of `contrast` (RLCD): answers under a positive and a negative context built "
+                             "from a critique/revision principle", ge=0)
+    best_of_n: float = F(0.0, "weight of `best_of_n`: n samples, every pair labeled, the best and worst form the "
+                              "pair", ge=0)
+    n: int = F(4, "best_of_n: samples per prompt", ge=2)
+    revision_chains: str = F("", "revision: the SL chains (JSONL); '' = <run>/sl/chains.jsonl of the run the policy "
+                                 "comes from", file=True)
+    contrast_positive: str = F("prompts/templates/contrast_positive.txt", "contrast: system line of the positive "
+                                                                         "context ({{principle}} slot)", file=True)
+    contrast_negative: str = F("prompts/templates/contrast_negative.txt", "contrast: system line of the negative "
+                                                                         "context ({{principle}} slot)", file=True)
+    contrast_few_shot: str = F("prompts/few_shot/contrast.yaml", "contrast: few-shot turns (prompt, positive, "
+                                                                 "negative) put before the prompt", file=True)
+    contrast_shots: int = F(4, "contrast: few-shot turns used (0 = the system line alone)", ge=0)
+    contrast_labels: str = F("construction", "contrast: construction (the positive answer is better, RLCD) | "
+                                             "rescore (the AI labeler labels the pair, RLCD-Rescore)",
+                             choices=("construction", "rescore"))
+    contrast_confidence: float = F(1.0, "contrast_labels=construction: P(positive answer is better)", gt=0.5, le=1)
+
+    def rules(self, prefix: str) -> None:
+        if self.sample + self.revision + self.contrast + self.best_of_n <= 0:
+            raise CaiError(f"{prefix}sample/revision/contrast/best_of_n: every weight is 0; expected at least one > 0")
+
+    def weights(self) -> dict[str, float]:
+        return {"sample": self.sample, "revision": self.revision, "contrast": self.contrast,
+                "best_of_n": self.best_of_n}
+
+
+@dataclass(frozen=True)
 class PairStageConfig(Checked):
     """Settings shared by the stages that sample answer pairs and label them (rl, dpo)."""
 
@@ -375,13 +412,14 @@ class PairStageConfig(Checked):
     red_team: PromptSource = F(PromptSource(path="prompts/sets/red_team_train.jsonl"), "red-team prompts")
     helpful: PromptSource = F(PromptSource(path="prompts/sets/helpful_train.jsonl"), "helpful prompts")
     helpful_pairs: bool = F(True, "also sample and label pairs for the helpful prompts")
+    pairs: PairsConfig = F(PairsConfig(), "where answer pairs come from: a weighted mix of sources (share of prompts)")
     feedback: FeedbackConfig = F(FeedbackConfig(), "AI feedback labeling")
     report_to: str = F("none", "none | tensorboard (metrics also go to <run>/tensorboard/)",
                        choices=("none", "tensorboard"))
     progress: bool = F(True, "show progress bars")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RLConfig(PairStageConfig):
     pm: PMConfig = F(PMConfig(), "preference model training")
     algorithm: str = F("ppo", "ppo | rloo | grpo | none (stop after the PM)", choices=("ppo", "rloo", "grpo", "none"))
@@ -402,7 +440,7 @@ class RLConfig(PairStageConfig):
                            f"ppo.rollout_batch_size={self.ppo.rollout_batch_size}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DPOStageConfig(PairStageConfig):
     stage: str = F("dpo", "which stage this config is for")
     dpo: DPOConfig = F(DPOConfig(), "DPO training")
@@ -411,7 +449,7 @@ class DPOStageConfig(PairStageConfig):
 # --- the tools on top: labeling page, evaluation, comparison -----------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class LabelConfig(Checked):
     run: str = F("", "run name: pairs from <runs_dir>/<run>/rl/round-*/comparisons.jsonl, labels in <run>/human/")
     runs_dir: str = F("runs", "where run directories live")
@@ -423,7 +461,7 @@ class LabelConfig(Checked):
     export_demonstrations: str = F("", "write the better answers to this JSONL file (prompt, answer, ...) and exit")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig(Checked):
     model: ModelConfig = F(ModelConfig(), "the model that answers")
     prompts: PromptSource = F(PromptSource(path="prompts/sets/red_team_eval.jsonl"), "the prompt set")
@@ -435,7 +473,7 @@ class EvalConfig(Checked):
     out: str = F("", "JSONL file for the per-answer records (default: print the summary only)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class CompareConfig(Checked):
     judge: ModelConfig = F(ModelConfig(), "the judge that compares answers (any backend; backend=openai for a "
                                           "stronger judge behind an endpoint)")

@@ -9,36 +9,15 @@ a model: the refusal rate is reported per prompt set so red-team and helpful set
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
 from cai.backends import backend_for, sampling_from_config
 from cai.config import EvalConfig, build_config, help_text, parse_overrides
 from cai.errors import CaiError, cli_main
-from cai.io import read_text, split_lines, table, write_atomic, write_jsonl_atomic
-from cai.paths import resolve_path
+from cai.io import table, write_atomic, write_jsonl_atomic
+from cai.measures import degeneration, is_refusal, is_repetitive, load_patterns  # noqa: F401 (re-exported)
 from cai.prompts import load_prompts
-
-
-def load_patterns(path: str) -> list[re.Pattern]:
-    p = resolve_path(path)
-    if not p.exists():
-        raise CaiError(f"{path}: refusal pattern file not found")
-    out = []
-    for n, line in enumerate(split_lines(read_text(p)), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        try:
-            out.append(re.compile(line, re.IGNORECASE))
-        except re.error as e:
-            raise CaiError(f"{path}:{n}: invalid regular expression ({e})") from None
-    return out
-
-
-def is_refusal(text: str, patterns: list[re.Pattern]) -> bool:
-    return any(p.search(text) for p in patterns)
 
 
 def evaluate(cfg) -> tuple[list[dict], dict]:
@@ -53,7 +32,7 @@ def evaluate(cfg) -> tuple[list[dict], dict]:
                             [cfg.seed + i for i in range(len(prompts))])
     records = [{"prompt_id": p.id, "category": p.category, "prompt": p.prompt, "answer": o.text,
                 "answer_tokens": o.completion_tokens, "finish_reason": o.finish_reason,
-                "refusal": is_refusal(o.text, patterns), "pm_scores": {}} for p, o in zip(prompts, outs)]
+                "refusal": is_refusal(o.text, patterns), "repetitive": is_repetitive(o.text), "pm_scores": {}} for p, o in zip(prompts, outs)]
     del backend
     if cfg.pms:
         from cai.train.pm import load_pm, score_answers  # heavy: torch, trl
@@ -75,17 +54,26 @@ def summarize(records: list[dict], prompt_set: str, model: str) -> dict:
                 "pm_mean": {k: sum(r["pm_scores"][k] for r in rows) / n for k in pms}}
 
     cats = sorted({r["category"] for r in records})
+    by_cat = {c: [r for r in records if r["category"] == c] for c in cats}
     return {"model": model, "prompts": prompt_set, "all": stats(records),
-            "by_category": {c: stats([r for r in records if r["category"] == c]) for c in cats}}
+            "by_category": {c: stats(rows) for c, rows in by_cat.items()},
+            # repeated sentences / n-grams and distinct-n (cai.measures): a policy that wins by repeating shows here
+            "degeneration": {"all": degeneration([r["answer"] for r in records]),
+                             "by_category": {c: degeneration([r["answer"] for r in rows]) for c, rows in by_cat.items()}}}
 
 
 def print_summary(s: dict) -> None:
     pms = list(s["all"]["pm_mean"])
-    rows = [(name, st["answers"], f"{st['refusal_rate']:.2f}", f"{st['mean_tokens']:.1f}", f"{st['cut_off_rate']:.2f}",
+    deg = s.get("degeneration") or {"all": {}, "by_category": {}}
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    rows = [(name, st["answers"], f"{st['refusal_rate']:.2f}", fmt(d.get("repetition_share")),
+             fmt(d.get("distinct_2")), f"{st['mean_tokens']:.1f}", f"{st['cut_off_rate']:.2f}",
              *(f"{st['pm_mean'][k]:+.3f}" for k in pms))
-            for name, st in [("all", s["all"]), *s["by_category"].items()]]
+            for name, st, d in [("all", s["all"], deg["all"]),
+                                *((c, st, deg["by_category"].get(c, {})) for c, st in s["by_category"].items())]]
     print(f"\nmodel {s['model']} on {s['prompts']}")
-    print(table(rows, ("category", "answers", "refusal", "tokens", "cut off", *(f"pm{i + 1}" for i in range(len(pms))))))
+    print(table(rows, ("category", "answers", "refusal", "repeats", "distinct-2", "tokens", "cut off",
+                       *(f"pm{i + 1}" for i in range(len(pms))))))
     for i, k in enumerate(pms):
         print(f"pm{i + 1}: {k}")
 

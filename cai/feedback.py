@@ -33,23 +33,31 @@ OPTIONS = ("A", "B")
 # --- pairs -----------------------------------------------------------------------------------------------
 
 
-def sample_pairs(prompts: list[PromptRecord], backend: Backend, sampling: Sampling, seed: int, store: JsonlStore,
-                 plan_dir: Path, batch_size: int, progress: bool = True, label: str = "pairs") -> tuple[list[dict], WaveStats]:
-    """Two sampled answers per prompt from the same model (different per-answer seeds via the key)."""
+def sample_answers(prompts: list[PromptRecord], backend: Backend, sampling: Sampling, seed: int, store: JsonlStore,
+                   plan_dir: Path, batch_size: int, slots: int, progress: bool = True,
+                   label: str = "answers") -> tuple[list[list[tuple[str, str]]], WaveStats]:
+    """`slots` sampled answers per prompt from one model (different per-answer seeds via the key): per prompt, a
+    list of (key, text). Slot i's key does not depend on `slots`, so sources that sample more reuse the rest."""
     reqs = []
     for p in prompts:
-        for slot in (0, 1):
+        for slot in range(slots):
             key = stable_hash({"kind": "pair-answer", "prompt": p.prompt, "model": backend.identity,
                                "sampling": sampling.as_dict(), "seed": seed, "slot": slot})
             reqs.append(Request(key, "pair-answer", [{"role": "user", "content": p.prompt}], {"prompt_id": p.id}))
     stats, _ = run_wave(reqs, store, generation(backend, sampling), plan_dir, batch_size, label,
                         generation_identity(backend, sampling), progress)
+    groups = [[(r.key, store[r.key]["text"]) for r in reqs[slots * i:slots * (i + 1)]] for i in range(len(prompts))]
+    return groups, stats
+
+
+def sample_pairs(prompts: list[PromptRecord], backend: Backend, sampling: Sampling, seed: int, store: JsonlStore,
+                 plan_dir: Path, batch_size: int, progress: bool = True, label: str = "pairs") -> tuple[list[dict], WaveStats]:
+    """Two sampled answers per prompt from the same model (different per-answer seeds via the key)."""
+    groups, stats = sample_answers(prompts, backend, sampling, seed, store, plan_dir, batch_size, 2, progress, label)
     pairs = []
-    for i, p in enumerate(prompts):
-        a, b = reqs[2 * i], reqs[2 * i + 1]
-        pairs.append(Pair(key=stable_hash([a.key, b.key]), prompt_id=p.id, prompt=p.prompt, category=p.category,
-                          answer_a=store[a.key]["text"], answer_b=store[b.key]["text"], model=backend.identity,
-                          answer_keys=[a.key, b.key]).to_json())
+    for p, ((ka, ta), (kb, tb)) in zip(prompts, groups):
+        pairs.append(Pair(key=stable_hash([ka, kb]), prompt_id=p.id, prompt=p.prompt, category=p.category,
+                          answer_a=ta, answer_b=tb, model=backend.identity, answer_keys=[ka, kb]).to_json())
     return pairs, stats
 
 
@@ -162,7 +170,7 @@ def label_pairs(pairs: list[dict], constitution: Constitution, s: LabelSettings,
             prompt_id=pair["prompt_id"], prompt=pair["prompt"], category=pair.get("category", ""),
             answer_a=pair["answer_a"], answer_b=pair["answer_b"], source="ai", annotator=backend.identity,
             soft_label=soft, agree=(first_order > 0.5) == (second_order > 0.5), principles=per_principle,
-            cot=s.cot).to_json())
+            cot=s.cot, extra={"pair_source": pair.get("source", "sample")}).to_json())
     return comparisons, stats
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from cai.errors import CaiError
 from cai.io import json_objects, read_text
-from cai.records import demonstration, human_comparison, pair_identity, pair_hash, prompt_id_for
+from cai.records import demonstration, human_comparison, pair_hash, pair_identity, prompt_id_for
 from cai.runs import RunPaths
 from cai.store import JsonlStore
 

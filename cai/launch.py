@@ -4,7 +4,7 @@ One process, the main one (rank 0), does everything that reads or writes the run
 generates, labels, appends to the store, writes the data files, metrics, models and summaries. The others
 wait for it (`on_main`), then every process joins the trainer (TRL's SFT/reward/DPO/RLOO/GRPO trainers, or the
 PPO loop) on the data the main process wrote; saving gathers the weights from every process and the main
-process writes them (`cai.training.save_trained`).
+process writes them (`cai.train.common.save_trained`).
 
 Why not split generation across the launched processes too: the store, its plans and the lock assume one
 writer, and `shard=i/n` already splits SL generation across independent processes or nodes with an exact

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from cai.errors import CaiError
 from cai.io import json_objects, read_yaml
 from cai.paths import resolve_path
@@ -93,3 +92,24 @@ def load_few_shot(path: str | Path, count: int) -> list[dict]:
     if count > len(data):
         raise CaiError(f"{path}: critique.few_shot={count} but the file has only {len(data)} demonstrations")
     return data[:count]
+
+
+def load_labeled_set(path: str) -> list[dict]:
+    """Clear pairs (a known better answer): rows {id, category, prompt, better, worse}, harmless and helpful
+    interleaved (so the first N mix both). prompts/sets/labeled_pairs.jsonl is the bundled set."""
+    p = resolve_path(path)
+    if not p.exists():
+        raise CaiError(f"labeled_set={path}: file not found")
+    rows = []
+    for n, row in json_objects(p):
+        missing = [k for k in ("id", "category", "prompt", "better", "worse") if not isinstance(row.get(k), str)]
+        if missing:
+            raise CaiError(f"{path}:{n}: missing or non-text field(s) {missing}; expected id, category, prompt, "
+                           "better, worse")
+        if row["category"] not in ("harmless", "helpful"):
+            raise CaiError(f"{path}:{n}: category={row['category']!r}; expected harmless or helpful")
+        rows.append(row)
+    if not rows:
+        raise CaiError(f"{path}: no labeled pairs")
+    by_cat = [[r for r in rows if r["category"] == c] for c in ("harmless", "helpful")]
+    return [r for i in range(len(rows)) for cat in by_cat if i < len(cat) for r in [cat[i]]]

@@ -229,6 +229,13 @@ def blocks(report: dict, plots: dict[str, str]) -> list[tuple]:
               [[x, s, a["answers"], _f(a["refusal_rate"]), _f(a["mean_tokens"], "{:.1f}"), _f(a["cut_off_rate"])]
                for x in labels for s in sets for a in [report["answers"][s][x]]]))
     b.append(("img", plots["answers"], "refusal and length"))
+    if report.get("degeneration"):
+        b.append(("p", "Degeneration: share of answers that repeat a sentence or a word 4-gram (3 times or more), "
+                       "mean rep-4 (share of an answer's 4-grams that repeat an earlier one) and distinct-2 over all "
+                       "of a model's answers. A policy that wins the preference model by repeating itself shows here."))
+        b.append(("table", ["model", "set", "repeating answers", "rep-4", "distinct-1", "distinct-2"],
+                  [[x, s, _f(d["repetition_share"]), _f(d["rep_4"]), _f(d["distinct_1"]), _f(d["distinct_2"])]
+                   for x in labels for s in sets for d in [report["degeneration"][s][x]]]))
     b.append(("p", f"Boilerplate: the word {report['settings']['boilerplate_n']}-gram found in the most answers of a "
                    "model (each answer counted once), and the share of its answers that contain it."))
     b.append(("table", ["model", "phrase", "answers with it", "share", "flagged"],
@@ -256,6 +263,14 @@ def blocks(report: dict, plots: dict[str, str]) -> list[tuple]:
                         "human agreement", "human shared"], rows))
     b.append(("table", ["run", "AI labels", "human labels", "shared pairs (decisive)", "AI-human agreement"],
               [[run, lab["ai_labels"], lab["human_labels"], lab["human_shared"], _f(lab["human_agreement"])]
+               for run, lab in report["labels"].items()]))
+    b.append(("p", "The last round's preference model: accuracy on its held-out comparisons, and on clear pairs (a "
+                   "known better answer) whose prompts it never trained on; chance is 0.5."))
+    b.append(("table", ["run", "PM held-out accuracy", "PM clear-pair accuracy", "clear pairs", "by category"],
+              [[run, _f(lab.get("pm_heldout_accuracy")), _f((lab.get("pm_clear_pairs") or {}).get("accuracy")),
+                (lab.get("pm_clear_pairs") or {}).get("count", "-"),
+                ", ".join(f"{c} {_f(v['accuracy'])}" for c, v in ((lab.get("pm_clear_pairs") or {})
+                                                                  .get("by_category") or {}).items()) or "-"]
                for run, lab in report["labels"].items()]))
     if "calibration" in plots:
         b.append(("img", plots["calibration"], "calibration"))

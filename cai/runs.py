@@ -15,8 +15,8 @@
 
 from __future__ import annotations
 
-import fcntl
 import errno
+import fcntl
 import hashlib
 import os
 from dataclasses import dataclass

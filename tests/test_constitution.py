@@ -14,8 +14,17 @@ import jsonschema
 import pytest
 import yaml
 
-from cai.constitution import (MAX_ALIASES, MAX_BYTES, MAX_NODES, SCHEMA_PATH, Constitution, CritiqueRevision,
-                              load_constitution, main, principle_sha)
+from cai.constitution import (
+    MAX_ALIASES,
+    MAX_BYTES,
+    MAX_NODES,
+    SCHEMA_PATH,
+    Constitution,
+    CritiqueRevision,
+    load_constitution,
+    main,
+    principle_sha,
+)
 from cai.errors import CaiError
 from cai.paths import PROJECT_ROOT
 

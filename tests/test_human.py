@@ -7,8 +7,8 @@ import pytest
 from cai.config import stable_hash
 from cai.errors import CaiError
 from cai.feedback import label_diagnostics
+from cai.human import load_demonstrations, load_human_comparisons, load_human_rankings, merge_sources
 from cai.records import pair_identity
-from cai.human import (load_demonstrations, load_human_comparisons, load_human_rankings, merge_sources)
 
 from .conftest import ASSETS, ROOT
 

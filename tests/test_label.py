@@ -21,8 +21,20 @@ import pytest
 from cai.config import load_config, stable_hash
 from cai.errors import CaiError
 from cai.human import load_demonstrations, load_human_comparisons
-from cai.label import (LabelSession, RequestError, export_demonstrations, export_labels, is_swapped, labels_path,
-                       load_pairs, main, page_comparisons, page_demonstrations, pair_id, start_server)
+from cai.label import (
+    LabelSession,
+    RequestError,
+    export_demonstrations,
+    export_labels,
+    is_swapped,
+    labels_path,
+    load_pairs,
+    main,
+    page_comparisons,
+    page_demonstrations,
+    pair_id,
+    start_server,
+)
 from cai.runs import RunLock
 
 from .conftest import ROOT

@@ -10,11 +10,23 @@ import cai.train.pm
 from cai.errors import CaiError
 from cai.losses import soft_bt_loss
 from cai.models import load_tokenizer, resolve_model
-from cai.train.pm import (PMConfig, SoftLabelRewardTrainer, comparisons_dataset, conversation, evaluate_pm, init_pm,
-                    load_pm, pm_rewards, pm_training_key, reward_config, score_answers, split_comparisons,
-                    train_pm)
 from cai.store import Metrics
 from cai.train.common import TRAIN_INFO, trained_model_matches
+from cai.train.pm import (
+    PMConfig,
+    SoftLabelRewardTrainer,
+    comparisons_dataset,
+    conversation,
+    evaluate_pm,
+    init_pm,
+    load_pm,
+    pm_rewards,
+    pm_training_key,
+    reward_config,
+    score_answers,
+    split_comparisons,
+    train_pm,
+)
 
 
 @pytest.fixture(scope="module")

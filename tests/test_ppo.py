@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 
 from cai.errors import CaiError
 from cai.models import ModelRef, load_tokenizer, resolve_model
-from cai.train.ppo import PPOConfig, _linears_to_bf16, apply_missing_eos_penalty, run_ppo, sample_answers, sft_tensors
 from cai.store import Metrics
+from cai.train.ppo import PPOConfig, _linears_to_bf16, apply_missing_eos_penalty, run_ppo, sample_answers, sft_tensors
 
 PROMPTS = ["Say something.", "Hello!", "What is a cat?", "Tell me a story."]
 TOKENS = 8

@@ -266,8 +266,8 @@ def test_partly_written_batch_is_replayed_whole(tmp_path):
     same whole batch (same neighbours, so the same floats on a real model), and only the missing record is stored."""
     from cai.backends import Sampling
     from cai.backends.fake import FakeBackend
-    from cai.waves import Request, generation, generation_identity, run_wave
     from cai.store import JsonlStore
+    from cai.waves import Request, generation, generation_identity, run_wave
 
     backend = FakeBackend()
     reqs = [Request(f"{i:024x}", "answer", [{"role": "user", "content": "x" * (i + 1)}]) for i in range(7)]

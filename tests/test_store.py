@@ -14,8 +14,8 @@ import pytest
 
 import cai.store
 from cai.errors import CaiError
-from cai.paths import PROJECT_ROOT
 from cai.io import read_jsonl, write_atomic, write_jsonl_atomic
+from cai.paths import PROJECT_ROOT
 from cai.runs import RunLock
 from cai.store import JsonlStore, Metrics
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from cai.errors import CaiError
@@ -23,6 +22,8 @@ EXPECTED_SLOTS = {
     "judge_mc.txt": FEEDBACK_SLOTS,  # cai.compare's judge
     "judge_harmless.txt": set(),  # judge questions (plain text)
     "judge_helpful.txt": set(),
+    "contrast_positive.txt": {"principle"},  # the contrast pair source (RLCD) contexts
+    "contrast_negative.txt": {"principle"},
 }
 
 

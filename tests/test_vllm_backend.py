@@ -228,8 +228,8 @@ def test_seeded_sampling_depends_on_the_request_not_the_batch(both_backends):
 def test_grpo_generates_with_colocated_vllm(tmp_path):
     pytest.importorskip("vllm")
     from cai.config import GroupRLConfig
-    from cai.train.group_rl import train_group_rl
     from cai.store import Metrics
+    from cai.train.group_rl import train_group_rl
 
     cfg = GroupRLConfig(num_generations=2, max_completion_length=8, batch_size=4, epochs=1.0, use_vllm=True,
                         vllm_gpu_memory_utilization=0.2)

@@ -16,8 +16,7 @@ string from the config: no code is imported because a config named it.
 
 from __future__ import annotations
 
-from cai.backends.base import (Backend, Completion, Message, Sampling, option_scores_from_top,  # noqa: F401
-                               sampling_from_config)
+from cai.backends.base import Backend, Completion, Message, Sampling, option_scores_from_top, sampling_from_config  # noqa: F401
 from cai.backends.fake import FakeBackend
 from cai.backends.openai_backend import OpenAIBackend
 from cai.backends.vllm_backend import VLLMBackend, require_vllm

@@ -9,7 +9,7 @@ import time
 from cai.io import read_jsonl, write_atomic, write_jsonl_atomic
 from cai.launch import is_main, on_main
 from cai.runs import RunLock, run_dir_for, start_run
-from cai.stages.pairs import policy_ref, print_diagnostics, read_inputs, sample_and_label
+from cai.stages.pairs import pair_inputs, policy_ref, print_diagnostics, read_inputs, sample_and_label
 from cai.store import JsonlStore
 from cai.train.dpo import train_dpo
 
@@ -18,6 +18,7 @@ def run_dpo(cfg) -> dict:
     constitution, prompts, settings = read_inputs(cfg)
     run_dir = run_dir_for(cfg)
     policy = policy_ref(cfg, run_dir)
+    chains, contrast = pair_inputs(cfg, run_dir, constitution)
     with RunLock(run_dir):  # launched: the main process holds it for all (cai.launch)
         rl_dir = run_dir / "rl"
         rl_dir.mkdir(parents=True, exist_ok=True)
@@ -26,7 +27,8 @@ def run_dpo(cfg) -> dict:
 
         def label():  # launched: the main process only; the others read its comparisons.jsonl
             comps, diag, counts = sample_and_label(cfg, policy.path, prompts, constitution, settings,
-                                                   JsonlStore(rl_dir / "steps.jsonl"), rl_dir / "plans", "dpo")
+                                                   JsonlStore(rl_dir / "steps.jsonl"), rl_dir / "plans", "dpo",
+                                                   chains=chains, contrast=contrast)
             write_jsonl_atomic(rl_dir / "dpo" / "comparisons.jsonl", comps)
             print_diagnostics("AI labels", diag, counts)
             return {**diag, **counts}

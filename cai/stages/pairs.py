@@ -9,10 +9,11 @@ from pathlib import Path
 from cai.backends import Sampling, backend_for, check_backend, release, sampling_from_config
 from cai.constitution import load_constitution
 from cai.errors import CaiError
-from cai.feedback import LabelSettings, label_diagnostics, label_pairs, sample_pairs
+from cai.feedback import LabelSettings, label_diagnostics
 from cai.human import load_human_comparisons, load_human_rankings, page_comparisons
 from cai.io import read_jsonl
 from cai.models import ModelRef, resolve_model
+from cai.pair_sources import ContrastSettings, labeled_pairs_from_sources, load_contrast_few_shot, read_chains
 from cai.prompts import load_prompts
 from cai.runs import run_dir_for
 from cai.store import JsonlStore
@@ -98,27 +99,60 @@ def human_comparisons(cfg) -> list[dict]:
     return human
 
 
+def pair_inputs(cfg, run_dir: Path, constitution) -> tuple[dict | None, ContrastSettings | None]:
+    """What the weighted pair sources need, read and checked before any work: SL chains for `revision`, the
+    contexts for `contrast`."""
+    pc = cfg.pairs
+    chains = None
+    if pc.revision > 0:
+        chains = read_chains(Path(pc.revision_chains) if pc.revision_chains else sl_dir_of(cfg, run_dir) / "chains.jsonl")
+    contrast = None
+    if pc.contrast > 0:
+        contrast = ContrastSettings(positive=load_template(pc.contrast_positive),
+                                    negative=load_template(pc.contrast_negative),
+                                    few_shot=load_contrast_few_shot(pc.contrast_few_shot, pc.contrast_shots),
+                                    labels=pc.contrast_labels, confidence=pc.contrast_confidence)
+        for t in (contrast.positive, contrast.negative):
+            if t.slots != {"principle"}:
+                raise CaiError(f"{t.name}: expected exactly the slot {{{{principle}}}}, found {sorted(t.slots)}")
+    return chains, contrast
+
+
+def sl_dir_of(cfg, run_dir: Path) -> Path:
+    """The sl/ directory of the run the policy comes from (this run's for policy.model=sl)."""
+    if cfg.policy.model == "sl":
+        return run_dir / "sl"
+    model_dir = Path(cfg.policy.model)
+    if model_dir.name == "model" and model_dir.parent.name == "sl":
+        return model_dir.parent
+    raise CaiError(f"pairs.revision > 0: policy.model={cfg.policy.model} is not an SL-CAI model of a run, so there "
+                   "are no SL chains to pair; set pairs.revision_chains=FILE")
+
+
 def sample_and_label(cfg, policy_path: str, prompts, constitution, settings, store: JsonlStore, plan_dir: Path,
-                     label: str, human: list[dict] | None = None) -> tuple[list[dict], dict, dict]:
-    """Pairs from the policy, AI labels, diagnostics. Returns (comparisons, diagnostics, counts)."""
+                     label: str, human: list[dict] | None = None, chains: dict | None = None,
+                     contrast: ContrastSettings | None = None) -> tuple[list[dict], dict, dict]:
+    """Pairs from the weighted sources (cai.pair_sources), their labels, diagnostics: (comparisons, diagnostics,
+    counts). Diagnostics of the AI labeler cover the pairs it labeled (construction labels have no order)."""
     sampling = sampling_from_config(cfg.pair_sampling, "pair_sampling")
     policy_backend = backend_for(cfg.policy, policy_path, progress=False)
-    pairs, pair_stats = sample_pairs(prompts, policy_backend, sampling, cfg.seed, store, plan_dir,
-                                     cfg.policy.batch_size, cfg.progress, label=f"{label} pairs")
-    release(policy_backend)  # vLLM: shut its engine down before the labeler takes the GPU
-    del policy_backend
-    labeler = backend_for(cfg.feedback.labeler, progress=False)
     t0 = time.time()
-    comparisons, label_stats = label_pairs(pairs, constitution, settings, labeler, store, plan_dir,
-                                           cfg.feedback.labeler.batch_size, cfg.progress)
-    label_seconds = time.time() - t0
-    release(labeler)
-    del labeler
-    diag = label_diagnostics(comparisons, human)
-    counts = {"pairs": len(pairs), "answers_generated": pair_stats.generated, "answers_reused": pair_stats.reused,
-              "scores_computed": label_stats.generated, "scores_reused": label_stats.reused,
-              "label_seconds": round(label_seconds, 1),
-              "seconds_per_label": round(label_stats.seconds / max(label_stats.generated, 1), 4)}
+    comparisons, by_source = labeled_pairs_from_sources(
+        prompts, cfg.pairs.weights(), cfg.seed, policy=policy_backend,
+        labeler_factory=lambda: backend_for(cfg.feedback.labeler, progress=False),
+        release_policy=lambda: release(policy_backend), sampling=sampling, constitution=constitution,
+        label_settings=settings, store=store, plan_dir=plan_dir, batch_size=cfg.policy.batch_size,
+        label_batch_size=cfg.feedback.labeler.batch_size, n=cfg.pairs.n, chains=chains, contrast=contrast,
+        progress=cfg.progress, label=label)
+    seconds = time.time() - t0
+    labeled_by_ai = [c for c in comparisons if c.get("agree") is not None]
+    diag = label_diagnostics(labeled_by_ai, human)
+    diag["pairs"] = len(comparisons)
+    counts = {"pairs": len(comparisons), "answers_generated": by_source.pop("answers_generated"),
+              "answers_reused": by_source.pop("answers_reused"), "scores_computed": by_source.pop("scores_computed"),
+              "scores_reused": by_source.pop("scores_reused"), "seconds": round(seconds, 1),
+              "seconds_per_label": by_source.pop("seconds_per_label"),
+              "sources": {k: v for k, v in by_source.items() if v["prompts"]}}
     return comparisons, diag, counts
 
 
@@ -131,6 +165,8 @@ def print_diagnostics(title: str, diag: dict, counts: dict) -> None:
         return
     print(f"  pairs {counts['pairs']} (answers generated {counts['answers_generated']}, reused "
           f"{counts['answers_reused']}); scores computed {counts['scores_computed']}, reused {counts['scores_reused']}")
+    for name, c in (counts.get("sources") or {}).items():
+        print(f"  source {name}: {c['prompts']} prompts, {c['pairs']} pairs")
     print(f"  position consistency {fmt(diag['position_consistency'])}  mean |p-0.5| {fmt(diag['mean_margin'])}  "
           f"near 0.5 {fmt(diag['share_near_half'])}  human agreement {fmt(diag['human_agreement'])} "
           f"(shared {diag['human_shared']})")

@@ -26,8 +26,16 @@ from cai.launch import barrier, is_main, on_main, sharded_launch
 from cai.models import resolve_model
 from cai.records import stable_hash
 from cai.runs import RunLock, run_dir_for, start_run
-from cai.stages.pairs import (human_comparisons, policy_ref, print_diagnostics, ptx_data_path, ptx_examples,
-                              read_inputs, sample_and_label)
+from cai.stages.pairs import (
+    human_comparisons,
+    pair_inputs,
+    policy_ref,
+    print_diagnostics,
+    ptx_data_path,
+    ptx_examples,
+    read_inputs,
+    sample_and_label,
+)
 from cai.store import JsonlStore
 from cai.train.common import TRAIN_INFO, reuse_or_train, swap_into_place, trained_model_matches
 from cai.train.group_rl import train_group_rl
@@ -48,6 +56,7 @@ def run_rl(cfg) -> dict:
     run_dir = run_dir_for(cfg)
     sl_ref = policy_ref(cfg, run_dir)
     ptx = ptx_examples(ptx_data_path(cfg, run_dir)) if cfg.algorithm == "ppo" and cfg.ppo.ptx_coef > 0 else None
+    chains, contrast = pair_inputs(cfg, run_dir, constitution) if cfg.feedback.source != "human" else (None, None)
     with RunLock(run_dir):  # launched: the main process holds it for all (cai.launch)
         rl_dir = run_dir / "rl"
         rl_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +79,7 @@ def run_rl(cfg) -> dict:
                               "scores_computed": 0, "scores_reused": 0}
                 else:
                     comps, diag, counts = sample_and_label(cfg, policy.path, prompts, constitution, settings, store,
-                                                           rl_dir / "plans", f"round {r}", human)
+                                                           rl_dir / "plans", f"round {r}", human, chains, contrast)
                     if cfg.feedback.source == "mixed":
                         comps = merge_sources(comps, human, cfg.feedback.mixed_rule)
                         counts["human_used"] = sum(c["source"] == "human" for c in comps)
@@ -147,6 +156,11 @@ def print_rl_summary(summary: dict) -> None:
         acc = pm.get("heldout", {}).get("accuracy")
         print(f"  round {r['round']}: {r['labels']['pairs']} pairs, PM held-out accuracy "
               f"{'-' if acc is None else f'{acc:.3f}'}{' (reused)' if pm.get('reused') else ''}")
+        clear = pm.get("clear_pairs")
+        if clear and clear.get("accuracy") is not None:
+            cats = "  ".join(f"{c} {v['accuracy']:.3f} (n={v['count']})" for c, v in clear["by_category"].items())
+            print(f"    PM on clear pairs it never trained on: accuracy {clear['accuracy']:.3f} (n={clear['count']}; "
+                  f"chance 0.500)  {cats}")
         calibration = pm.get("heldout", {}).get("calibration") or []
         if calibration:
             print("    PM calibration (held out): " + "  ".join(

@@ -13,9 +13,9 @@ import shutil
 import time
 from pathlib import Path
 
-from cai.models import ModelRef, cpu_supports_bf16
 from cai.errors import CaiError
 from cai.io import write_atomic
+from cai.models import ModelRef, cpu_supports_bf16
 from cai.records import stable_hash
 from cai.store import Metrics
 

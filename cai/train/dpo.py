@@ -17,7 +17,14 @@ from cai.config import DPOConfig, config_dict
 from cai.errors import CaiError
 from cai.models import ModelRef, load_tokenizer, pick_device
 from cai.store import Metrics
-from cai.train.common import common_args, last_checkpoint, metrics_callback, save_trained, trained_model_matches, training_key
+from cai.train.common import (
+    common_args,
+    last_checkpoint,
+    metrics_callback,
+    save_trained,
+    trained_model_matches,
+    training_key,
+)
 
 
 def preference_pairs(comparisons: list[dict], margin: float) -> list[dict]:

@@ -11,7 +11,7 @@ We drive TRL's RewardTrainer (tokenization, batching, checkpoints) and change tw
   ends in EOS would be read one token early.
 
 The trained PM is keyed by (comparisons, base model identity, PM settings, seed); a killed run resumes from
-its last checkpoint under `<ckpt_root>/<key>/`, as in `cai.sl`.
+its last checkpoint under `<ckpt_root>/<key>/`, as in `cai.train.sft`.
 """
 
 from __future__ import annotations
@@ -30,13 +30,14 @@ from cai.config import PMConfig, config_dict  # noqa: F401  (this trainer's sett
 from cai.errors import CaiError
 from cai.losses import check_finite, soft_bt_loss
 from cai.models import ModelRef, load_tokenizer, pick_device, pick_dtype
+from cai.prompts import load_labeled_set
 from cai.records import calibration_bins, expected_calibration_error, stable_hash
 from cai.store import Metrics
 from cai.train.common import common_args, last_checkpoint, metrics_callback, save_trained
 
 
 def pm_training_key(comparisons_sha: str, base: ModelRef, cfg, seed: int) -> str:
-    """Same shape as cai.training.training_key, given the sha256 hex of the comparisons file."""
+    """Same shape as cai.train.common.training_key, given the sha256 hex of the comparisons file."""
     return stable_hash({"data": comparisons_sha, "base": base.identity, "settings": _as_dict(cfg), "seed": seed})
 
 
@@ -243,17 +244,23 @@ def train_pm(comparisons: list[dict], base: ModelRef, cfg, seed: int, out_dir: P
         raise CaiError(f"PM loss became {result.training_loss}; no model was saved (checkpoints in {ckpt_dir})")
 
     heldout = evaluate_pm(trainer.model, tokenizer, heldout_recs, batch_size=2 * cfg.batch_size)
+    clear = None
+    if cfg.clear_pairs:
+        trained_prompts = {c["prompt"] for c in train_recs}
+        clear = clear_pair_accuracy(trainer.model, tokenizer, load_labeled_set(cfg.clear_pairs), trained_prompts,
+                                    batch_size=2 * cfg.batch_size)
     summary = {"key": key, "base": base.identity, "seed": seed, "pm": _as_dict(cfg),
                "counts": {"comparisons": len(comparisons), "train": n_train,
                           "train_too_long": len(train_recs) - n_train, "heldout": len(heldout_recs)},
                "steps": result.global_step, "train_loss": result.training_loss, "seconds": round(seconds, 1),
-               "resumed_from": str(last) if last else None, "heldout": heldout}
+               "resumed_from": str(last) if last else None, "heldout": heldout, "clear_pairs": clear}
 
     card = (f"# cai preference model\n\nScalar head on {base.identity}, trained on {n_train} comparisons with soft "
             f"labels (Constitutional AI, section 4.1). Held-out accuracy: {heldout['accuracy']}. Key: {key}.\n")
     save_trained(trainer, tokenizer, out_dir, card, summary, ckpt_dir)
     metrics.log({"rl/pm/train/seconds": seconds, "rl/pm/train/final_loss": result.training_loss,
-                 **{f"rl/pm/heldout/{k}": v for k, v in heldout.items() if k != "calibration"}})
+                 **{f"rl/pm/heldout/{k}": v for k, v in heldout.items() if k != "calibration"},
+                 **({f"rl/pm/clear_pairs/{k}": v for k, v in clear.items() if not isinstance(v, dict)} if clear else {})})
     return summary
 
 
@@ -285,6 +292,29 @@ def evaluate_pm(model, tokenizer, comparisons: list[dict], batch_size: int = 16,
             "accuracy": agree.float().mean().item() if agree.numel() else None,
             "loss": soft_bt_loss(r_a, r_b, labels).item(), "mean_abs_margin": (r_a - r_b).abs().mean().item(),
             "ece": ece, "calibration": calibration}
+
+
+def clear_pair_accuracy(model, tokenizer, rows: list[dict], trained_prompts: set[str] = frozenset(),
+                        batch_size: int = 16) -> dict:
+    """Share of clear pairs (a known better and worse answer) where the PM scores the better answer higher, overall
+    and per category; pairs whose prompt the PM trained on are left out (counted in `left_out`). Chance is 0.5."""
+    kept = [r for r in rows if r["prompt"] not in trained_prompts]
+    out = {"count": len(kept), "left_out": len(rows) - len(kept), "accuracy": None, "mean_margin": None,
+           "by_category": {}}
+    rows = kept
+    if not rows:
+        return out
+    prompts = [r["prompt"] for r in rows]
+    scores = score_answers(model, tokenizer, prompts + prompts, [r["better"] for r in rows] +
+                           [r["worse"] for r in rows], batch_size)
+    n = len(rows)
+    right = [scores[i] > scores[n + i] for i in range(n)]
+    out["accuracy"] = sum(right) / n
+    out["mean_margin"] = sum(scores[i] - scores[n + i] for i in range(n)) / n
+    for cat in sorted({r["category"] for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r["category"] == cat]
+        out["by_category"][cat] = {"count": len(idx), "accuracy": sum(right[i] for i in idx) / len(idx)}
+    return out
 
 
 def load_pm(path: str | Path, device: str = "auto", dtype: str = "auto"):

@@ -36,6 +36,8 @@ from cai.backends.base import Sampling
 from cai.backends.transformers_backend import configure_cpu_threads, sample_next
 from cai.config import PPOConfig, config_dict, validate
 from cai.errors import CaiError
+from cai.io import write_atomic
+from cai.launch import sharded_launch
 from cai.losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -49,8 +51,7 @@ from cai.losses import (
     ppo_value_loss,
     rewards_with_kl,
 )
-from cai.io import write_atomic
-from cai.launch import sharded_launch
+from cai.measures import degeneration
 from cai.models import ModelRef, load_tokenizer
 from cai.train.common import TRAIN_INFO, swap_into_place, use_bf16
 
@@ -505,6 +506,10 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
         logged = {f"rl/ppo/{k}": float(v) for k, v in zip(keys, reduced)}
         logged["rl/ppo/reward_std"] = float(rewards.sum(1).std()) if B > 1 else 0.0
         logged["rl/ppo/kl_coef"] = kl_ctl.value
+        # a policy that wins the PM by repeating itself shows here (this process's answers; cai.measures)
+        deg = degeneration(texts)
+        logged["rl/ppo/repetition_share"] = deg["repetition_share"]
+        logged["rl/ppo/distinct_2"] = deg["distinct_2"]
         logged["rl/ppo/seconds"] = round(time.time() - start_time, 2)
         if cfg.sample_every and step % cfg.sample_every == 0:
             logged["rl/ppo/samples"] = [{"prompt": p, "answer": a, "score": float(sc)}

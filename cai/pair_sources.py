@@ -1,0 +1,298 @@
+"""Where the answer pairs of stage=rl and stage=dpo come from (the `pairs.*` settings), and their labels.
+
+Two samples of a small model are often nearly alike, and a labeler cannot prefer one of two near-identical
+answers (at 135M: 75% of labels within 0.05 of 0.5). So pairs can come from sources with more contrast:
+
+- `sample`: two samples of the policy per prompt (Bai et al. 2022, section 4.1), labeled by the AI labeler.
+- `revision`: the SL stage's initial answer against the final revision of the same chain, labeled by the AI
+  labeler (not assumed better: a 135M model's revision is often worse).
+- `contrast`: RLCD (Yang et al. 2023, arXiv 2307.12950): the policy answers the prompt twice, once under a
+  positive context and once under a negative one, both built from a critique/revision principle of the
+  constitution (`prompts/templates/contrast_*.txt`, with few-shot turns from `prompts/few_shot/contrast.yaml`).
+  Labeled by construction (the positive answer is better with probability `contrast_confidence`), or rescored
+  by the AI labeler (RLCD-Rescore).
+- `best_of_n`: n samples per prompt; every pair of them is labeled (round robin) and the answers the labeler
+  likes best and least form the pair, with their own label.
+
+Each prompt is served by one source, drawn by weighted highest random weight on (seed, prompt, source): the
+draw of a prompt does not move when other prompts change, and a weight change moves only the prompts whose
+winner changes. Every answer and label is a keyed record in the stage's store (cai.waves), so reruns and resumes
+reuse them, and editing one principle regenerates exactly the contrast answers that drew it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from cai.backends import Backend, Sampling
+from cai.constitution import Constitution
+from cai.critique import choose_principle
+from cai.errors import CaiError
+from cai.feedback import LabelSettings, label_pairs, sample_answers, sample_pairs
+from cai.io import read_jsonl, read_yaml
+from cai.paths import resolve_path
+from cai.prompts import PromptRecord
+from cai.records import Comparison, Pair, stable_hash
+from cai.store import JsonlStore
+from cai.templates import Template
+from cai.waves import Request, WaveStats, generation, generation_identity, run_wave
+
+SOURCES = ("sample", "revision", "contrast", "best_of_n")
+CONTRAST_FEW_SHOT_KEYS = ("prompt", "positive", "negative")
+
+
+@dataclass
+class ContrastSettings:
+    positive: Template  # system line of the positive context; slot {{principle}}
+    negative: Template  # system line of the negative context; slot {{principle}}
+    few_shot: list[dict]  # [{"prompt", "positive", "negative"}]: turns put before the real prompt
+    labels: str  # construction | rescore
+    confidence: float  # construction: P(positive answer is better)
+
+    @property
+    def few_shot_sha(self) -> str:
+        return stable_hash(self.few_shot)
+
+
+def assign_sources(prompts: list[PromptRecord], weights: dict[str, float], seed: int,
+                   eligible: dict[str, set[str]] | None = None) -> dict[str, list[PromptRecord]]:
+    """source -> its prompts (in input order). Weighted highest random weight: each (prompt, source) gets
+    u in (0, 1) from a hash and the source with the smallest -ln(u)/weight wins, so a source with weight w wins
+    a share w/sum(weights) of the prompts. `eligible[source]`: the only prompt texts that source can serve (a
+    prompt no weighted source can serve is left out)."""
+    out: dict[str, list[PromptRecord]] = {s: [] for s in SOURCES}
+    for p in prompts:
+        best, best_score = None, math.inf
+        for s in SOURCES:
+            w = weights.get(s, 0.0)
+            if w <= 0 or (eligible is not None and s in eligible and p.prompt not in eligible[s]):
+                continue
+            u = (int(stable_hash(["pair-source", seed, p.prompt, s], 13), 16) + 0.5) / 16 ** 13
+            score = -math.log(u) / w
+            if score < best_score:
+                best, best_score = s, score
+        if best is not None:
+            out[best].append(p)
+    return out
+
+
+def load_contrast_few_shot(path: str, count: int) -> list[dict]:
+    """The first `count` few-shot examples of a YAML list of {prompt, positive, negative}."""
+    if count == 0:
+        return []
+    data = read_yaml(resolve_path(path), "contrast few-shot", shown=str(path))
+    if not isinstance(data, list):
+        raise CaiError(f"{path}: expected a list of examples with {', '.join(CONTRAST_FEW_SHOT_KEYS)}")
+    for i, ex in enumerate(data):
+        if not isinstance(ex, dict) or set(ex) != set(CONTRAST_FEW_SHOT_KEYS):
+            got = sorted(ex) if isinstance(ex, dict) else type(ex).__name__
+            raise CaiError(f"{path}: [{i}]: expected keys {list(CONTRAST_FEW_SHOT_KEYS)}, got {got}")
+        for k in CONTRAST_FEW_SHOT_KEYS:
+            if not isinstance(ex[k], str) or not ex[k].strip():
+                raise CaiError(f"{path}: [{i}].{k}: expected a non-empty string")
+    if count > len(data):
+        raise CaiError(f"{path}: pairs.contrast_shots={count} but the file has only {len(data)} examples")
+    return data[:count]
+
+
+def read_chains(path: Path) -> dict[str, dict]:
+    """SL chains by prompt text (cai.critique's chains.jsonl), for the revision source."""
+    if not path.exists():
+        raise CaiError(f"pairs.revision > 0 needs the SL stage's chains, but {path} does not exist; run stage=sl "
+                       "first or set pairs.revision_chains=FILE")
+    return {c["prompt"]: c for c in read_jsonl(path)}
+
+
+# --- the sources ---------------------------------------------------------------------------------------------
+
+
+def revision_pairs(prompts: list[PromptRecord], chains: dict[str, dict]) -> list[dict]:
+    """Initial answer against the final revision of each prompt's chain (prompts without a usable chain are
+    skipped). Which one is answer_a is drawn by a hash of the pair, so position carries no signal."""
+    pairs = []
+    for p in prompts:
+        c = chains.get(p.prompt)
+        if c is None or not c["rounds"]:
+            continue
+        initial, last = c["initial_answer"], c["rounds"][-1]
+        revised = last["revision"]
+        if not initial.strip() or not revised.strip() or initial == revised:
+            continue
+        keys = [c["answer_key"], last["revision_key"]]
+        key = stable_hash(["revision-pair", *keys])
+        a, b, ka, kb = (initial, revised, *keys) if int(key, 16) % 2 else (revised, initial, *keys[::-1])
+        pairs.append(Pair(key=key, prompt_id=p.id, prompt=p.prompt, category=p.category, answer_a=a, answer_b=b,
+                          model=c.get("model", ""), answer_keys=[ka, kb], source="revision").to_json())
+    return pairs
+
+
+def contrast_requests(prompts: list[PromptRecord], constitution: Constitution, s: ContrastSettings,
+                      model: str, sampling: Sampling, seed: int) -> list[tuple[Request, Request]]:
+    """(positive, negative) answer requests per prompt: system line from the principle, few-shot turns, prompt."""
+    out = []
+    for p in prompts:
+        principle = choose_principle(seed, p.prompt, 0, constitution.critique_revision)
+        pair = []
+        for polarity, template in (("positive", s.positive), ("negative", s.negative)):
+            conv = [{"role": "system", "content": template.render(principle=principle.revision)}]
+            for ex in s.few_shot:
+                conv += [{"role": "user", "content": ex["prompt"]}, {"role": "assistant", "content": ex[polarity]}]
+            conv.append({"role": "user", "content": p.prompt})
+            key = stable_hash({"kind": "contrast-answer", "polarity": polarity, "prompt": p.prompt,
+                               "principle": principle.revision, "template": template.sha,
+                               "few_shot": s.few_shot_sha, "model": model, "sampling": sampling.as_dict(),
+                               "seed": seed})
+            pair.append(Request(key, f"contrast-{polarity}", conv, {"prompt_id": p.id,
+                                                                   "principle_id": principle.id}))
+        out.append((pair[0], pair[1]))
+    return out
+
+
+def contrast_pairs(prompts: list[PromptRecord], constitution: Constitution, s: ContrastSettings, backend: Backend,
+                   sampling: Sampling, seed: int, store: JsonlStore, plan_dir: Path, batch_size: int,
+                   progress: bool = True, label: str = "contrast") -> tuple[list[dict], WaveStats]:
+    """Positive and negative answers of the policy; pairs whose answers differ. Each pair records which answer
+    is the positive one (`positive_is_a`)."""
+    reqs = contrast_requests(prompts, constitution, s, backend.identity, sampling, seed)
+    stats, _ = run_wave([r for pair in reqs for r in pair], store, generation(backend, sampling), plan_dir,
+                        batch_size, label, generation_identity(backend, sampling), progress)
+    pairs = []
+    for p, (pos, neg) in zip(prompts, reqs):
+        tp, tn = store[pos.key]["text"], store[neg.key]["text"]
+        if not tp.strip() or not tn.strip() or tp == tn:
+            continue
+        key = stable_hash(["contrast-pair", pos.key, neg.key])
+        positive_is_a = int(key, 16) % 2 == 1
+        a, b = (tp, tn) if positive_is_a else (tn, tp)
+        ka, kb = (pos.key, neg.key) if positive_is_a else (neg.key, pos.key)
+        rec = Pair(key=key, prompt_id=p.id, prompt=p.prompt, category=p.category, answer_a=a, answer_b=b,
+                   model=backend.identity, answer_keys=[ka, kb], source="contrast").to_json()
+        pairs.append({**rec, "positive_is_a": positive_is_a, "principle_id": pos.meta["principle_id"]})
+    return pairs, stats
+
+
+def construction_labels(pairs: list[dict], confidence: float) -> list[dict]:
+    """RLCD's labels: the positive context's answer is better, with probability `confidence`."""
+    out = []
+    for pair in pairs:
+        soft = confidence if pair["positive_is_a"] else 1 - confidence
+        out.append(Comparison(
+            key=stable_hash(["contrast-label", pair["key"], confidence]), pair_key=pair["key"],
+            prompt_id=pair["prompt_id"], prompt=pair["prompt"], category=pair.get("category", ""),
+            answer_a=pair["answer_a"], answer_b=pair["answer_b"], source="ai", annotator="construction",
+            soft_label=soft, agree=None, extra={"pair_source": "contrast"}).to_json())
+    return out
+
+
+def best_of_n_candidates(prompts: list[PromptRecord], backend: Backend, sampling: Sampling, seed: int, n: int,
+                         store: JsonlStore, plan_dir: Path, batch_size: int, progress: bool = True,
+                         label: str = "best-of-n") -> tuple[list[dict], WaveStats]:
+    """n samples per prompt (slots 0 and 1 are the `sample` source's answers, so they are shared) and every
+    pair of distinct answers among them (round robin), each pair tagged with its prompt's group."""
+    samples, stats = sample_answers(prompts, backend, sampling, seed, store, plan_dir, batch_size, n, progress,
+                                    label)
+    pairs = []
+    for p, group in zip(prompts, samples):
+        seen: dict[str, str] = {}
+        for k, text in group:
+            if text.strip() and text not in seen:
+                seen[text] = k
+        items = list(seen.items())
+        for i in range(len(items)):
+            for j in range(i + 1, len(items)):
+                (ta, ka), (tb, kb) = items[i], items[j]
+                pairs.append(Pair(key=stable_hash([ka, kb]), prompt_id=p.id, prompt=p.prompt, category=p.category,
+                                  answer_a=ta, answer_b=tb, model=backend.identity, answer_keys=[ka, kb],
+                                  source="best_of_n").to_json())
+    return pairs, stats
+
+
+def best_of_n_extremes(comparisons: list[dict]) -> list[dict]:
+    """Per prompt: each answer's mean P(better) over its round-robin pairs; the comparison between the best and
+    the worst answer is kept (its own label, from the labeler)."""
+    by_prompt: dict[str, list[dict]] = {}
+    for c in comparisons:
+        by_prompt.setdefault(c["prompt"], []).append(c)
+    out = []
+    for cs in by_prompt.values():
+        wins: dict[str, list[float]] = {}
+        for c in cs:
+            wins.setdefault(c["answer_a"], []).append(c["soft_label"])
+            wins.setdefault(c["answer_b"], []).append(1 - c["soft_label"])
+        mean = {t: sum(v) / len(v) for t, v in wins.items()}
+        best = max(sorted(mean), key=lambda t: mean[t])
+        worst = min(sorted(mean), key=lambda t: mean[t])
+        pick = next(c for c in cs if {c["answer_a"], c["answer_b"]} == {best, worst})
+        out.append(pick)
+    return out
+
+
+def labeled_pairs_from_sources(prompts: list[PromptRecord], weights: dict[str, float], seed: int, *,
+                               policy: Backend, labeler_factory, release_policy, sampling: Sampling,
+                               constitution: Constitution, label_settings: LabelSettings, store: JsonlStore,
+                               plan_dir: Path, batch_size: int, label_batch_size: int, n: int = 4,
+                               chains: dict[str, dict] | None = None, contrast: ContrastSettings | None = None,
+                               progress: bool = True, label: str = "pairs") -> tuple[list[dict], dict]:
+    """Every source's pairs and their labels: (comparisons, counts per source). The policy generates first and
+    is released (`release_policy`) before the labeler (`labeler_factory()`) is loaded."""
+    eligible = {"revision": set(chains or {})}
+    assigned = assign_sources(prompts, weights, seed, eligible)
+    gen = WaveStats()
+    to_label: list[dict] = []  # pairs the AI labeler labels
+    labeled: list[dict] = []  # comparisons that need no labeler
+    counts = {s: {"prompts": len(assigned[s]), "pairs": 0} for s in SOURCES}
+
+    def add(stats: WaveStats) -> None:
+        gen.generated += stats.generated
+        gen.reused += stats.reused
+
+    if assigned["sample"]:
+        pairs, stats = sample_pairs(assigned["sample"], policy, sampling, seed, store, plan_dir, batch_size, progress,
+                                    label=f"{label} sample")
+        add(stats)
+        pairs = [{**p, "source": "sample"} for p in pairs]
+        to_label += pairs
+        counts["sample"]["pairs"] = len(pairs)
+    candidates: list[dict] = []
+    if assigned["best_of_n"]:
+        candidates, stats = best_of_n_candidates(assigned["best_of_n"], policy, sampling, seed, n, store, plan_dir,
+                                                 batch_size, progress, label=f"{label} best-of-{n}")
+        add(stats)
+    contrast_p: list[dict] = []
+    if assigned["contrast"]:
+        if contrast is None:
+            raise CaiError("pairs.contrast > 0 needs the contrast settings")
+        contrast_p, stats = contrast_pairs(assigned["contrast"], constitution, contrast, policy, sampling, seed,
+                                           store, plan_dir, batch_size, progress, label=f"{label} contrast")
+        add(stats)
+        counts["contrast"]["pairs"] = len(contrast_p)
+        if contrast.labels == "construction":
+            labeled += construction_labels(contrast_p, contrast.confidence)
+        else:
+            to_label += contrast_p
+    if assigned["revision"]:
+        rp = revision_pairs(assigned["revision"], chains or {})
+        to_label += rp
+        counts["revision"]["pairs"] = len(rp)
+    release_policy()
+
+    label_stats = WaveStats()
+    comparisons: list[dict] = []
+    if to_label or candidates:
+        labeler = labeler_factory()
+        comparisons, label_stats = label_pairs(to_label + candidates, constitution, label_settings, labeler, store,
+                                               plan_dir, label_batch_size, progress)
+        release = getattr(labeler, "close", None)
+        if release is not None:
+            release()
+        del labeler
+    cand_keys = {p["key"] for p in candidates}
+    bon = best_of_n_extremes([c for c in comparisons if c["pair_key"] in cand_keys])
+    counts["best_of_n"]["pairs"] = len(bon)
+    comparisons = [c for c in comparisons if c["pair_key"] not in cand_keys] + bon + labeled
+    counts["answers_generated"], counts["answers_reused"] = gen.generated, gen.reused
+    counts["scores_computed"], counts["scores_reused"] = label_stats.generated, label_stats.reused
+    counts["seconds_per_label"] = round(label_stats.seconds / max(label_stats.generated, 1), 4)
+    return comparisons, counts

@@ -375,13 +375,11 @@ class PairsConfig(Checked):
     n: int = F(4, "best_of_n: samples per prompt", ge=2)
     revision_chains: str = F("", "revision: the SL chains (JSONL); '' = <run>/sl/chains.jsonl of the run the policy "
                                  "comes from", file=True)
-    contrast_positive: str = F("prompts/templates/contrast_positive.txt", "contrast: system line of the positive "
-                                                                         "context ({{principle}} slot)", file=True)
-    contrast_negative: str = F("prompts/templates/contrast_negative.txt", "contrast: system line of the negative "
-                                                                         "context ({{principle}} slot)", file=True)
-    contrast_few_shot: str = F("prompts/few_shot/contrast.yaml", "contrast: few-shot turns (prompt, positive, "
-                                                                 "negative) put before the prompt", file=True)
-    contrast_shots: int = F(4, "contrast: few-shot turns used (0 = the system line alone)", ge=0)
+    contrast_harmless: str = F("prompts/contrast/harmless.yaml", "contrast: positive/negative context for red-team "
+                                                                 "prompts (system line, openers, few-shot)", file=True)
+    contrast_helpful: str = F("prompts/contrast/helpful.yaml", "contrast: positive/negative context for helpful "
+                                                               "prompts", file=True)
+    contrast_shots: int = F(0, "contrast: few-shot turns of each context file put before the prompt", ge=0)
     contrast_labels: str = F("construction", "contrast: construction (the positive answer is better, RLCD) | "
                                              "rescore (the AI labeler labels the pair, RLCD-Rescore)",
                              choices=("construction", "rescore"))
@@ -468,9 +466,23 @@ class EvalConfig(Checked):
     sampling: SamplingConfig = F(SamplingConfig(max_new_tokens=128, temperature=0.0, top_p=1.0),
                                  "sampling (greedy by default, so evaluations repeat)")
     pms: list = field(default_factory=list, metadata={"help": "preference model directories to score answers with"})
+    models: list = field(default_factory=list, metadata={
+        "help": "several models (presets or directories), each answering every set; the first is the baseline "
+                "the others are compared with (e.g. [smollm2-135m,runs/q/sl/model,runs/q/rl/round-1/policy])"})
+    sets: list = field(default_factory=list, metadata={
+        "help": "several prompt files (with models=...), e.g. [prompts/sets/red_team_eval.jsonl,"
+                "prompts/sets/helpful_eval.jsonl]; a set whose name starts with 'helpful' counts refusals as a cost"})
     refusal_patterns: str = F("prompts/detectors/refusal.txt", "file of refusal regular expressions", file=True)
     seed: int = F(0, "seed (for sampled evaluations)")
-    out: str = F("", "JSONL file for the per-answer records (default: print the summary only)")
+    out: str = F("", "JSONL file for the per-answer records (with models=: a directory for every model x set and "
+                     "summary.json); default: print the summary only")
+
+    def rules(self, prefix: str) -> None:
+        for i, path in enumerate(self.sets):
+            if not str(path).startswith("hf:") and not resolve_path(str(path)).exists():
+                raise CaiError(f"{prefix}sets[{i}]={path}: no such file")
+        if self.sets and not self.models:
+            raise CaiError(f"{prefix}sets=[...] needs models=[...] (one model: models=[{self.model.model}])")
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,17 @@
-"""`python -m cai.evaluate model=runs/x/sl/model prompts.path=prompts/sets/red_team_eval.jsonl pms=[runs/x/rl/round-1/pm]`
+"""`python -m cai.evaluate model.model=runs/x/sl/model prompts.path=prompts/sets/red_team_eval.jsonl pms=[runs/x/rl/round-1/pm]`
+`python -m cai.evaluate models=[smollm2-135m,runs/x/sl/model] sets=[prompts/sets/red_team_eval.jsonl,prompts/sets/helpful_eval.jsonl]`
 
 Answers a prompt set with a model, then scores every answer: by each preference model given, by a refusal
 detector (regular expressions from a file, see prompts/detectors/refusal.txt), and by length. Writes one
 record per answer to `out` (JSONL) and prints a summary per category. Refusing a helpful prompt counts against
 a model: the refusal rate is reported per prompt set so red-team and helpful sets can be read side by side.
+With `models=[...]` and `sets=[...]` every model answers every set, and a table gives each model's refusal and
+repetition rates with their change against the first model (the baseline, e.g. the base model).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -78,6 +82,44 @@ def print_summary(s: dict) -> None:
         print(f"pm{i + 1}: {k}")
 
 
+def evaluate_matrix(cfg) -> dict:
+    """Every model of cfg.models on every prompt file of cfg.sets (or prompts.path): summaries and the table rows."""
+    sets = list(cfg.sets) or [cfg.prompts.path]
+    results: dict[str, dict[str, dict]] = {}
+    for model in cfg.models:
+        for path in sets:
+            one = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, model=str(model)),
+                                      prompts=dataclasses.replace(cfg.prompts, path=str(path)), models=[], sets=[])
+            records, summary = evaluate(one)
+            results.setdefault(str(model), {})[str(path)] = summary
+            if cfg.out:
+                name = f"{Path(str(model)).name or model}__{Path(str(path)).stem}"
+                write_jsonl_atomic(Path(cfg.out) / f"{name}.jsonl", records)
+    base = str(cfg.models[0])
+    rows = []
+    for path in sets:
+        for model in map(str, cfg.models):
+            s, b = results[model][str(path)], results[base][str(path)]
+            ref, rep = s["all"]["refusal_rate"], s["degeneration"]["all"]["repetition_share"]
+            rows.append({"model": model, "set": str(path), "answers": s["all"]["answers"], "refusal_rate": ref,
+                         "refusal_vs_base": ref - b["all"]["refusal_rate"], "repetition_share": rep,
+                         "repetition_vs_base": rep - b["degeneration"]["all"]["repetition_share"],
+                         "distinct_2": s["degeneration"]["all"]["distinct_2"],
+                         "mean_tokens": s["all"]["mean_tokens"]})
+    return {"baseline": base, "sets": [str(p) for p in sets], "rows": rows, "summaries": results}
+
+
+def print_matrix(m: dict) -> None:
+    pts = lambda v: f"{100 * v:+.1f}"  # noqa: E731 - percentage points
+    rows = [(Path(r["model"]).name if "/" in r["model"] else r["model"], Path(r["set"]).stem, r["answers"],
+             f"{r['refusal_rate']:.3f}", pts(r["refusal_vs_base"]), f"{r['repetition_share']:.3f}",
+             pts(r["repetition_vs_base"]), "-" if r["distinct_2"] is None else f"{r['distinct_2']:.3f}",
+             f"{r['mean_tokens']:.1f}") for r in m["rows"]]
+    print(f"\nbaseline: {m['baseline']} (changes in percentage points against it; a refusal on a helpful prompt "
+          "is a cost)")
+    print(table(rows, ("model", "set", "answers", "refusal", "vs base", "repeats", "vs base", "distinct-2", "tokens")))
+
+
 @cli_main
 def main(argv: list[str]) -> int:
     if "--help" in argv or "-h" in argv:
@@ -85,6 +127,12 @@ def main(argv: list[str]) -> int:
         print("\n".join(help_text(EvalConfig)))
         return 0
     cfg = build_config(EvalConfig, {}, "command line", parse_overrides(argv))
+    if cfg.models:
+        m = evaluate_matrix(cfg)
+        if cfg.out:
+            write_atomic(Path(cfg.out) / "summary.json", json.dumps(m, indent=1))
+        print_matrix(m)
+        return 0
     records, summary = evaluate(cfg)
     if cfg.out:
         write_jsonl_atomic(cfg.out, records)

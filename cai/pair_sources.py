@@ -7,10 +7,13 @@ answers (at 135M: 75% of labels within 0.05 of 0.5). So pairs can come from sour
 - `revision`: the SL stage's initial answer against the final revision of the same chain, labeled by the AI
   labeler (not assumed better: a 135M model's revision is often worse).
 - `contrast`: RLCD (Yang et al. 2023, arXiv 2307.12950): the policy answers the prompt twice, once under a
-  positive context and once under a negative one, both built from a critique/revision principle of the
-  constitution (`prompts/templates/contrast_*.txt`, with few-shot turns from `prompts/few_shot/contrast.yaml`).
-  Labeled by construction (the positive answer is better with probability `contrast_confidence`), or rescored
-  by the AI labeler (RLCD-Rescore).
+  positive context and once under a negative one, each built from a system line with a critique/revision
+  principle of the constitution, optional few-shot turns and an optional opener (the first words of the answer,
+  which the model continues). Red-team and helpful prompts have their own contexts (`prompts/contrast/
+  harmless.yaml`: decline vs comply; `prompts/contrast/helpful.yaml`: help vs refuse needlessly). Labeled by
+  construction (the positive answer is better with probability `contrast_confidence`), or rescored by the AI
+  labeler (RLCD-Rescore). At 135M a system line and few-shot turns barely move the model (refusals on red-team
+  prompts 2% -> 15-20%, measured), so the shipped contexts also use openers.
 - `best_of_n`: n samples per prompt; every pair of them is labeled (round robin) and the answers the labeler
   likes best and least form the pair, with their own label.
 
@@ -44,16 +47,34 @@ CONTRAST_FEW_SHOT_KEYS = ("prompt", "positive", "negative")
 
 
 @dataclass
-class ContrastSettings:
-    positive: Template  # system line of the positive context; slot {{principle}}
-    negative: Template  # system line of the negative context; slot {{principle}}
+class ContrastSide:
+    """One side of a contrast context: a system line (slot {{principle}}, optional) and openers (optional): the
+    first words of the assistant's answer, one drawn per prompt, which the model then continues."""
+
+    system: Template | None
+    openers: list[str]
+
+
+@dataclass
+class ContrastContext:
+    """The positive and negative context for one kind of prompt (red-team or helpful), from one YAML file."""
+
+    name: str  # the file
+    positive: ContrastSide
+    negative: ContrastSide
     few_shot: list[dict]  # [{"prompt", "positive", "negative"}]: turns put before the real prompt
-    labels: str  # construction | rescore
-    confidence: float  # construction: P(positive answer is better)
 
     @property
-    def few_shot_sha(self) -> str:
-        return stable_hash(self.few_shot)
+    def sha(self) -> str:
+        side = lambda x: [x.system.text if x.system else None, x.openers]  # noqa: E731
+        return stable_hash([side(self.positive), side(self.negative), self.few_shot])
+
+
+@dataclass
+class ContrastSettings:
+    contexts: dict[str, ContrastContext]  # prompt set (red_team | helpful) -> its context
+    labels: str  # construction | rescore
+    confidence: float  # construction: P(positive answer is better)
 
 
 def assign_sources(prompts: list[PromptRecord], weights: dict[str, float], seed: int,
@@ -78,23 +99,47 @@ def assign_sources(prompts: list[PromptRecord], weights: dict[str, float], seed:
     return out
 
 
-def load_contrast_few_shot(path: str, count: int) -> list[dict]:
-    """The first `count` few-shot examples of a YAML list of {prompt, positive, negative}."""
-    if count == 0:
-        return []
-    data = read_yaml(resolve_path(path), "contrast few-shot", shown=str(path))
-    if not isinstance(data, list):
-        raise CaiError(f"{path}: expected a list of examples with {', '.join(CONTRAST_FEW_SHOT_KEYS)}")
-    for i, ex in enumerate(data):
+def _side(path: str, data, where: str) -> ContrastSide:
+    if not isinstance(data, dict) or not set(data) <= {"system", "openers"}:
+        raise CaiError(f"{path}: {where}: expected a mapping with system and/or openers")
+    system = data.get("system")
+    if system is not None and (not isinstance(system, str) or not system.strip()):
+        raise CaiError(f"{path}: {where}.system: expected a non-empty string")
+    tmpl = Template(f"{path}: {where}.system", system) if system else None
+    if tmpl is not None and not tmpl.slots <= {"principle"}:
+        raise CaiError(f"{path}: {where}.system: unknown slot(s) {sorted(tmpl.slots - {'principle'})}; the only "
+                       "slot is {{principle}}")
+    openers = data.get("openers", [])
+    if not isinstance(openers, list) or not all(isinstance(o, str) and o.strip() for o in openers):
+        raise CaiError(f"{path}: {where}.openers: expected a list of non-empty strings")
+    return ContrastSide(tmpl, openers)
+
+
+def load_contrast_context(path: str, shots: int) -> ContrastContext:
+    """A contrast context file: positive/negative sides (system line, openers) and few-shot examples."""
+    data = read_yaml(resolve_path(path), "contrast context", shown=str(path))
+    if not isinstance(data, dict) or not {"positive", "negative"} <= set(data) or \
+            not set(data) <= {"positive", "negative", "few_shot"}:
+        raise CaiError(f"{path}: expected a mapping with positive, negative and optionally few_shot")
+    few = data.get("few_shot") or []
+    if not isinstance(few, list):
+        raise CaiError(f"{path}: few_shot: expected a list of examples with {', '.join(CONTRAST_FEW_SHOT_KEYS)}")
+    for i, ex in enumerate(few):
         if not isinstance(ex, dict) or set(ex) != set(CONTRAST_FEW_SHOT_KEYS):
             got = sorted(ex) if isinstance(ex, dict) else type(ex).__name__
-            raise CaiError(f"{path}: [{i}]: expected keys {list(CONTRAST_FEW_SHOT_KEYS)}, got {got}")
+            raise CaiError(f"{path}: few_shot[{i}]: expected keys {list(CONTRAST_FEW_SHOT_KEYS)}, got {got}")
         for k in CONTRAST_FEW_SHOT_KEYS:
             if not isinstance(ex[k], str) or not ex[k].strip():
-                raise CaiError(f"{path}: [{i}].{k}: expected a non-empty string")
-    if count > len(data):
-        raise CaiError(f"{path}: pairs.contrast_shots={count} but the file has only {len(data)} examples")
-    return data[:count]
+                raise CaiError(f"{path}: few_shot[{i}].{k}: expected a non-empty string")
+    if shots > len(few):
+        raise CaiError(f"{path}: pairs.contrast_shots={shots} but the file has only {len(few)} few-shot examples")
+    ctx = ContrastContext(str(path), _side(path, data["positive"], "positive"),
+                          _side(path, data["negative"], "negative"), few[:shots])
+    for side in ("positive", "negative"):
+        x = getattr(ctx, side)
+        if x.system is None and not x.openers and not ctx.few_shot:
+            raise CaiError(f"{path}: {side}: nothing sets this side apart (no system line, openers or few-shot)")
+    return ctx
 
 
 def read_chains(path: Path) -> dict[str, dict]:
@@ -128,39 +173,58 @@ def revision_pairs(prompts: list[PromptRecord], chains: dict[str, dict]) -> list
     return pairs
 
 
-def contrast_requests(prompts: list[PromptRecord], constitution: Constitution, s: ContrastSettings,
-                      model: str, sampling: Sampling, seed: int) -> list[tuple[Request, Request]]:
-    """(positive, negative) answer requests per prompt: system line from the principle, few-shot turns, prompt."""
+def join_opener(opener: str, continuation: str) -> str:
+    """The answer as the reader sees it: the opener the context put in the model's mouth, then the model's words."""
+    if not opener:
+        return continuation
+    return opener + continuation if continuation[:1].isspace() or not continuation else f"{opener} {continuation}"
+
+
+def contrast_requests(prompts: list[PromptRecord], prompt_sets: dict[str, str], constitution: Constitution,
+                      s: ContrastSettings, model: str, sampling: Sampling, seed: int) -> list[tuple[Request, Request]]:
+    """(positive, negative) answer requests per prompt, in the context of the prompt's set: a system line built
+    from a critique/revision principle, few-shot turns, the prompt, and an opener the model continues."""
     out = []
     for p in prompts:
+        ctx = s.contexts[prompt_sets.get(p.prompt, "red_team")]
         principle = choose_principle(seed, p.prompt, 0, constitution.critique_revision)
         pair = []
-        for polarity, template in (("positive", s.positive), ("negative", s.negative)):
-            conv = [{"role": "system", "content": template.render(principle=principle.revision)}]
-            for ex in s.few_shot:
+        for polarity in ("positive", "negative"):
+            side: ContrastSide = getattr(ctx, polarity)
+            conv = []
+            if side.system is not None:
+                values = {"principle": principle.revision} if side.system.slots else {}
+                conv.append({"role": "system", "content": side.system.render(**values)})
+            for ex in ctx.few_shot:
                 conv += [{"role": "user", "content": ex["prompt"]}, {"role": "assistant", "content": ex[polarity]}]
             conv.append({"role": "user", "content": p.prompt})
+            opener = ""
+            if side.openers:
+                opener = side.openers[int(stable_hash(["opener", seed, p.prompt, polarity]), 16) % len(side.openers)]
+                conv.append({"role": "assistant", "content": opener})
+            uses_principle = side.system is not None and bool(side.system.slots)
             key = stable_hash({"kind": "contrast-answer", "polarity": polarity, "prompt": p.prompt,
-                               "principle": principle.revision, "template": template.sha,
-                               "few_shot": s.few_shot_sha, "model": model, "sampling": sampling.as_dict(),
-                               "seed": seed})
-            pair.append(Request(key, f"contrast-{polarity}", conv, {"prompt_id": p.id,
-                                                                   "principle_id": principle.id}))
+                               "conversation": conv, "model": model, "sampling": sampling.as_dict(), "seed": seed})
+            pair.append(Request(key, f"contrast-{polarity}", conv, {
+                "prompt_id": p.id, "opener": opener, "context": ctx.name,
+                "principle_id": principle.id if uses_principle else None}))
         out.append((pair[0], pair[1]))
     return out
 
 
-def contrast_pairs(prompts: list[PromptRecord], constitution: Constitution, s: ContrastSettings, backend: Backend,
-                   sampling: Sampling, seed: int, store: JsonlStore, plan_dir: Path, batch_size: int,
-                   progress: bool = True, label: str = "contrast") -> tuple[list[dict], WaveStats]:
+def contrast_pairs(prompts: list[PromptRecord], prompt_sets: dict[str, str], constitution: Constitution,
+                   s: ContrastSettings, backend: Backend, sampling: Sampling, seed: int, store: JsonlStore,
+                   plan_dir: Path, batch_size: int, progress: bool = True,
+                   label: str = "contrast") -> tuple[list[dict], WaveStats]:
     """Positive and negative answers of the policy; pairs whose answers differ. Each pair records which answer
     is the positive one (`positive_is_a`)."""
-    reqs = contrast_requests(prompts, constitution, s, backend.identity, sampling, seed)
+    reqs = contrast_requests(prompts, prompt_sets, constitution, s, backend.identity, sampling, seed)
     stats, _ = run_wave([r for pair in reqs for r in pair], store, generation(backend, sampling), plan_dir,
                         batch_size, label, generation_identity(backend, sampling), progress)
     pairs = []
     for p, (pos, neg) in zip(prompts, reqs):
-        tp, tn = store[pos.key]["text"], store[neg.key]["text"]
+        tp = join_opener(pos.meta["opener"], store[pos.key]["text"])
+        tn = join_opener(neg.meta["opener"], store[neg.key]["text"])
         if not tp.strip() or not tn.strip() or tp == tn:
             continue
         key = stable_hash(["contrast-pair", pos.key, neg.key])
@@ -168,7 +232,8 @@ def contrast_pairs(prompts: list[PromptRecord], constitution: Constitution, s: C
         a, b = (tp, tn) if positive_is_a else (tn, tp)
         ka, kb = (pos.key, neg.key) if positive_is_a else (neg.key, pos.key)
         rec = Pair(key=key, prompt_id=p.id, prompt=p.prompt, category=p.category, answer_a=a, answer_b=b,
-                   model=backend.identity, answer_keys=[ka, kb], source="contrast").to_json()
+                   model=backend.identity, answer_keys=[ka, kb], source="contrast",
+                   prompt_set=prompt_sets.get(p.prompt, "red_team")).to_json()
         pairs.append({**rec, "positive_is_a": positive_is_a, "principle_id": pos.meta["principle_id"]})
     return pairs, stats
 
@@ -230,6 +295,7 @@ def best_of_n_extremes(comparisons: list[dict]) -> list[dict]:
 
 
 def labeled_pairs_from_sources(prompts: list[PromptRecord], weights: dict[str, float], seed: int, *,
+                               prompt_sets: dict[str, str],
                                policy: Backend, labeler_factory, release_policy, sampling: Sampling,
                                constitution: Constitution, label_settings: LabelSettings, store: JsonlStore,
                                plan_dir: Path, batch_size: int, label_batch_size: int, n: int = 4,
@@ -264,8 +330,9 @@ def labeled_pairs_from_sources(prompts: list[PromptRecord], weights: dict[str, f
     if assigned["contrast"]:
         if contrast is None:
             raise CaiError("pairs.contrast > 0 needs the contrast settings")
-        contrast_p, stats = contrast_pairs(assigned["contrast"], constitution, contrast, policy, sampling, seed,
-                                           store, plan_dir, batch_size, progress, label=f"{label} contrast")
+        contrast_p, stats = contrast_pairs(assigned["contrast"], prompt_sets, constitution, contrast, policy,
+                                           sampling, seed, store, plan_dir, batch_size, progress,
+                                           label=f"{label} contrast")
         add(stats)
         counts["contrast"]["pairs"] = len(contrast_p)
         if contrast.labels == "construction":

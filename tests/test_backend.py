@@ -19,7 +19,12 @@ import pytest
 import torch
 
 from cai.backends import Sampling, make_backend
-from cai.backends.transformers_backend import TransformersBackend, sample_next, shared_prefix_groups
+from cai.backends.transformers_backend import (
+    TransformersBackend,
+    bf16_prepack_supported,
+    sample_next,
+    shared_prefix_groups,
+)
 
 U = lambda text: {"role": "user", "content": text}  # noqa: E731
 A = lambda text: {"role": "assistant", "content": text}  # noqa: E731
@@ -345,6 +350,7 @@ def test_growing_cache_layer_crops_like_dynamic_layer():
         assert torch.equal(keys, torch.cat([theirs.keys, torch.ones(2, 1, 1, 4)], dim=2))
 
 
+@pytest.mark.skipif(not bf16_prepack_supported(), reason="this CPU cannot run oneDNN's packed bf16 linears")
 def test_prepacked_bf16_linears_give_the_same_logits(backend):
     from cai.backends.transformers_backend import prepack_linear_weights
     from cai.models import load_causal_lm

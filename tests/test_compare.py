@@ -74,7 +74,7 @@ def test_boilerplate_phrase_and_share():
 def _rl(root, run, const, **over):
     args = {"stage": "rl", "run": run, "runs_dir": str(root / "runs"), "constitution": str(const),
             "pair_sampling.max_new_tokens": 6, "red_team.limit": 6, "helpful.limit": 2,
-            "feedback.labeler.model": "tiny", "pm.batch_size": 4, "pm.eval_fraction": 0.25, "ppo.steps": 2,
+            "feedback.labeler.model": "tiny", "pm.batch_size": 4, "pm.eval_fraction": 0.5, "ppo.steps": 2,
             "ppo.rollout_batch_size": 4, "ppo.mini_batch_size": 2, "ppo.ppo_epochs": 1, "ppo.max_new_tokens": 6,
             "progress": False, **over}
     pipeline([f"{k}={v}" for k, v in args.items()])

@@ -12,12 +12,18 @@ import pytest
 from cai.backends import Sampling
 from cai.backends.fake import FakeBackend
 from cai.constitution import load_constitution
-from cai.pair_sources import (ContrastSettings, assign_sources, best_of_n_extremes, construction_labels,
-                              contrast_pairs, load_contrast_few_shot, revision_pairs)
+from cai.pair_sources import (
+    ContrastSettings,
+    assign_sources,
+    best_of_n_extremes,
+    construction_labels,
+    contrast_pairs,
+    load_contrast_context,
+    revision_pairs,
+)
 from cai.pipeline import main
 from cai.prompts import PromptRecord
 from cai.store import JsonlStore
-from cai.templates import load_template
 
 from .conftest import ASSETS
 
@@ -55,9 +61,8 @@ def test_revision_pairs_pair_the_initial_answer_with_the_last_revision():
 
 
 def contrast_settings(shots: int = 2, labels: str = "construction") -> ContrastSettings:
-    return ContrastSettings(load_template("prompts/templates/contrast_positive.txt"),
-                            load_template("prompts/templates/contrast_negative.txt"),
-                            load_contrast_few_shot("prompts/few_shot/contrast.yaml", shots), labels, 0.9)
+    return ContrastSettings({"red_team": load_contrast_context("prompts/contrast/harmless.yaml", shots),
+                             "helpful": load_contrast_context("prompts/contrast/helpful.yaml", shots)}, labels, 0.9)
 
 
 def test_contrast_pairs_are_keyed_labeled_by_construction_and_redone_only_where_a_principle_changed(tmp_path):
@@ -67,9 +72,21 @@ def test_contrast_pairs_are_keyed_labeled_by_construction_and_redone_only_where_
     ps = prompts(12)
     sampling = Sampling(max_new_tokens=6, temperature=1.0)
     s = contrast_settings()
-    pairs, stats = contrast_pairs(ps, load_constitution(str(const_path)), s, backend, sampling, 0, store,
+    sets = {p.prompt: "red_team" for p in ps}
+    pairs, stats = contrast_pairs(ps, sets, load_constitution(str(const_path)), s, backend, sampling, 0, store,
                                   tmp_path / "plans", 4, progress=False)
     assert len(pairs) == 12 and stats.generated == 24
+    # each answer starts with an opener of its side, which the model continued
+    harmless = s.contexts["red_team"]
+    for p in pairs:
+        pos, neg = (p["answer_a"], p["answer_b"]) if p["positive_is_a"] else (p["answer_b"], p["answer_a"])
+        assert any(pos.startswith(o) for o in harmless.positive.openers)
+        assert any(neg.startswith(o) for o in harmless.negative.openers)
+    # a helpful prompt gets the helpful context: its negative side refuses, its positive side has no opener
+    (hp,), _ = contrast_pairs(ps[:1], {ps[0].prompt: "helpful"}, load_constitution(str(const_path)), s, backend,
+                              sampling, 0, store, tmp_path / "plans", 4, progress=False)
+    neg = hp["answer_b"] if hp["positive_is_a"] else hp["answer_a"]
+    assert any(neg.startswith(o) for o in s.contexts["helpful"].negative.openers)
     # the contexts: a system line from the principle, the few-shot turns, then the prompt
     labels = construction_labels(pairs, 0.9)
     for p, c in zip(pairs, labels):
@@ -78,7 +95,7 @@ def test_contrast_pairs_are_keyed_labeled_by_construction_and_redone_only_where_
     assert 0 < sum(p["positive_is_a"] for p in pairs) < 12  # the positive answer is not always shown first
 
     # rerun: all reused
-    again, stats = contrast_pairs(ps, load_constitution(str(const_path)), s, backend, sampling, 0, store,
+    again, stats = contrast_pairs(ps, sets, load_constitution(str(const_path)), s, backend, sampling, 0, store,
                                   tmp_path / "plans", 4, progress=False)
     assert stats.generated == 0 and again == pairs
 
@@ -88,20 +105,26 @@ def test_contrast_pairs_are_keyed_labeled_by_construction_and_redone_only_where_
     const_path.write_text(edited)
     drew_rude = sum(p["principle_id"] == "rude" for p in pairs)
     assert 0 < drew_rude < 12
-    after, stats = contrast_pairs(ps, load_constitution(str(const_path)), s, backend, sampling, 0, store,
+    after, stats = contrast_pairs(ps, sets, load_constitution(str(const_path)), s, backend, sampling, 0, store,
                                   tmp_path / "plans", 4, progress=False)
-    assert stats.generated == 2 * drew_rude
+    assert stats.generated == drew_rude  # only the positive side's system line holds the principle
     changed = {p["prompt"] for p, q in zip(pairs, after) if p["key"] != q["key"]}
     assert changed == {p["prompt"] for p in pairs if p["principle_id"] == "rude"}
 
 
-def test_contrast_few_shot_file_errors(tmp_path):
+def test_contrast_context_file_errors(tmp_path):
     bad = tmp_path / "c.yaml"
-    bad.write_text("- prompt: x\n  positive: y\n")
-    with pytest.raises(Exception, match=r"\[0\]: expected keys"):
-        load_contrast_few_shot(str(bad), 1)
+    bad.write_text("positive: {system: x}\nnegative: {openers: [a]}\nfew_shot:\n- prompt: x\n  positive: y\n")
+    with pytest.raises(Exception, match=r"few_shot\[0\]: expected keys"):
+        load_contrast_context(str(bad), 1)
+    bad.write_text("positive: {system: 'x {{other}}'}\nnegative: {openers: [a]}\n")
+    with pytest.raises(Exception, match=r"unknown slot\(s\) \['other'\]"):
+        load_contrast_context(str(bad), 0)
+    bad.write_text("positive: {system: x}\nnegative: {}\n")
+    with pytest.raises(Exception, match="negative: nothing sets this side apart"):
+        load_contrast_context(str(bad), 0)
     with pytest.raises(Exception, match="contrast_shots=99"):
-        load_contrast_few_shot("prompts/few_shot/contrast.yaml", 99)
+        load_contrast_context("prompts/contrast/harmless.yaml", 99)
 
 
 def test_best_of_n_keeps_the_pair_of_the_best_and_the_worst_answer():
@@ -133,7 +156,7 @@ def rl_args(root: Path, const: Path, **over) -> list[str]:
             "feedback.labeler.model": "tiny", "feedback.principles_per_pair": 1, "pm.batch_size": 4,
             "pm.eval_fraction": 0.25, "algorithm": "none", "progress": False,
             "pairs.sample": 1, "pairs.revision": 1, "pairs.contrast": 1, "pairs.best_of_n": 1, "pairs.n": 3,
-            "pairs.contrast_shots": 2}
+            "pairs.contrast_shots": 1}
     args.update(over)
     return [f"{k}={v}" for k, v in args.items()]
 

@@ -22,8 +22,6 @@ EXPECTED_SLOTS = {
     "judge_mc.txt": FEEDBACK_SLOTS,  # cai.compare's judge
     "judge_harmless.txt": set(),  # judge questions (plain text)
     "judge_helpful.txt": set(),
-    "contrast_positive.txt": {"principle"},  # the contrast pair source (RLCD) contexts
-    "contrast_negative.txt": {"principle"},
 }
 
 

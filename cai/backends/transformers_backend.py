@@ -53,6 +53,22 @@ def sample_next(logits: torch.Tensor, sampling: Sampling, generators: list[torch
     return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)])
 
 
+@functools.lru_cache(maxsize=1)
+def bf16_prepack_supported() -> bool:
+    """Whether this torch build has oneDNN's packed bf16 linear ops and this CPU can run them (they need AMX or
+    AVX512-BF16-era instructions: on an AVX2-only CPU packing raises)."""
+    ops = getattr(torch.ops, "mkldnn", None)
+    if not torch.backends.mkldnn.is_available() or not hasattr(ops, "_linear_pointwise"):
+        return False
+    try:
+        w = torch.zeros(16, 16, dtype=torch.bfloat16)
+        packed = ops._reorder_linear_weight(w, 16)
+        ops._linear_pointwise(torch.zeros(1, 16, dtype=torch.bfloat16), packed, None, "none", [], "")
+    except RuntimeError:
+        return False
+    return True
+
+
 def prepack_linear_weights(model) -> int:
     """Let the bf16 linear layers of a CPU model compute from weights packed once for oneDNN. Returns how many.
 
@@ -64,9 +80,9 @@ def prepack_linear_weights(model) -> int:
     """
     import types
 
-    ops = getattr(torch.ops, "mkldnn", None)
-    if not torch.backends.mkldnn.is_available() or not hasattr(ops, "_linear_pointwise"):
+    if not bf16_prepack_supported():
         return 0
+    ops = torch.ops.mkldnn
     count = 0
     for module in model.modules():
         w = getattr(module, "weight", None)

@@ -15,7 +15,7 @@ from cai.train.dpo import train_dpo
 
 
 def run_dpo(cfg) -> dict:
-    constitution, prompts, settings = read_inputs(cfg)
+    constitution, prompts, settings, prompt_sets = read_inputs(cfg)
     run_dir = run_dir_for(cfg)
     policy = policy_ref(cfg, run_dir)
     chains, contrast = pair_inputs(cfg, run_dir, constitution)
@@ -28,7 +28,7 @@ def run_dpo(cfg) -> dict:
         def label():  # launched: the main process only; the others read its comparisons.jsonl
             comps, diag, counts = sample_and_label(cfg, policy.path, prompts, constitution, settings,
                                                    JsonlStore(rl_dir / "steps.jsonl"), rl_dir / "plans", "dpo",
-                                                   chains=chains, contrast=contrast)
+                                                   chains=chains, contrast=contrast, prompt_sets=prompt_sets)
             write_jsonl_atomic(rl_dir / "dpo" / "comparisons.jsonl", comps)
             print_diagnostics("AI labels", diag, counts)
             return {**diag, **counts}

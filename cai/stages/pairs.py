@@ -13,7 +13,7 @@ from cai.feedback import LabelSettings, label_diagnostics
 from cai.human import load_human_comparisons, load_human_rankings, page_comparisons
 from cai.io import read_jsonl
 from cai.models import ModelRef, resolve_model
-from cai.pair_sources import ContrastSettings, labeled_pairs_from_sources, load_contrast_few_shot, read_chains
+from cai.pair_sources import ContrastSettings, labeled_pairs_from_sources, load_contrast_context, read_chains
 from cai.prompts import load_prompts
 from cai.runs import run_dir_for
 from cai.store import JsonlStore
@@ -60,9 +60,13 @@ def ptx_examples(path: Path) -> list[dict]:
 
 
 def read_inputs(cfg):
-    """Read and check every input before anything is written: (constitution, prompts, label settings)."""
+    """Read and check every input before anything is written: (constitution, prompts, label settings, prompt
+    sets), where prompt sets maps each prompt's text to the source it came from (red_team | helpful)."""
     constitution = load_constitution(cfg.constitution)
-    prompts = load_prompts(cfg.red_team) + (load_prompts(cfg.helpful) if cfg.helpful_pairs else [])
+    red_team = load_prompts(cfg.red_team)
+    helpful = load_prompts(cfg.helpful) if cfg.helpful_pairs else []
+    prompt_sets = {**{p.prompt: "helpful" for p in helpful}, **{p.prompt: "red_team" for p in red_team}}
+    prompts = red_team + helpful
     unique = {p.prompt: p for p in reversed(prompts)}  # the same text twice would give the same pair twice
     prompts = [p for p in prompts if unique[p.prompt] is p]
     if not prompts:
@@ -81,7 +85,7 @@ def read_inputs(cfg):
     if f.principles_per_pair > len(constitution.feedback):
         raise CaiError(f"feedback.principles_per_pair={f.principles_per_pair}: {cfg.constitution} has only "
                        f"{len(constitution.feedback)} feedback principles")
-    return constitution, prompts, settings
+    return constitution, prompts, settings, prompt_sets
 
 
 def human_comparisons(cfg) -> list[dict]:
@@ -108,13 +112,10 @@ def pair_inputs(cfg, run_dir: Path, constitution) -> tuple[dict | None, Contrast
         chains = read_chains(Path(pc.revision_chains) if pc.revision_chains else sl_dir_of(cfg, run_dir) / "chains.jsonl")
     contrast = None
     if pc.contrast > 0:
-        contrast = ContrastSettings(positive=load_template(pc.contrast_positive),
-                                    negative=load_template(pc.contrast_negative),
-                                    few_shot=load_contrast_few_shot(pc.contrast_few_shot, pc.contrast_shots),
-                                    labels=pc.contrast_labels, confidence=pc.contrast_confidence)
-        for t in (contrast.positive, contrast.negative):
-            if t.slots != {"principle"}:
-                raise CaiError(f"{t.name}: expected exactly the slot {{{{principle}}}}, found {sorted(t.slots)}")
+        contrast = ContrastSettings(
+            contexts={"red_team": load_contrast_context(pc.contrast_harmless, pc.contrast_shots),
+                      "helpful": load_contrast_context(pc.contrast_helpful, pc.contrast_shots)},
+            labels=pc.contrast_labels, confidence=pc.contrast_confidence)
     return chains, contrast
 
 
@@ -131,14 +132,14 @@ def sl_dir_of(cfg, run_dir: Path) -> Path:
 
 def sample_and_label(cfg, policy_path: str, prompts, constitution, settings, store: JsonlStore, plan_dir: Path,
                      label: str, human: list[dict] | None = None, chains: dict | None = None,
-                     contrast: ContrastSettings | None = None) -> tuple[list[dict], dict, dict]:
+                     contrast: ContrastSettings | None = None, prompt_sets: dict[str, str] | None = None) -> tuple[list[dict], dict, dict]:
     """Pairs from the weighted sources (cai.pair_sources), their labels, diagnostics: (comparisons, diagnostics,
     counts). Diagnostics of the AI labeler cover the pairs it labeled (construction labels have no order)."""
     sampling = sampling_from_config(cfg.pair_sampling, "pair_sampling")
     policy_backend = backend_for(cfg.policy, policy_path, progress=False)
     t0 = time.time()
     comparisons, by_source = labeled_pairs_from_sources(
-        prompts, cfg.pairs.weights(), cfg.seed, policy=policy_backend,
+        prompts, cfg.pairs.weights(), cfg.seed, prompt_sets=prompt_sets or {}, policy=policy_backend,
         labeler_factory=lambda: backend_for(cfg.feedback.labeler, progress=False),
         release_policy=lambda: release(policy_backend), sampling=sampling, constitution=constitution,
         label_settings=settings, store=store, plan_dir=plan_dir, batch_size=cfg.policy.batch_size,

@@ -50,7 +50,7 @@ def run_rl(cfg) -> dict:
         raise CaiError(f"stage=rl under {sharded_launch()}: the PM that scores answers and PPO's frozen reference "
                        "are whole models on every process; launch stage=rl with pipelines/accelerate/ddp.yaml or "
                        "zero2.yaml")
-    constitution, prompts, settings = read_inputs(cfg)
+    constitution, prompts, settings, prompt_sets = read_inputs(cfg)
     # with source=ai, human labels (when given) are only compared with the AI labels
     human = human_comparisons(cfg)
     run_dir = run_dir_for(cfg)
@@ -79,7 +79,8 @@ def run_rl(cfg) -> dict:
                               "scores_computed": 0, "scores_reused": 0}
                 else:
                     comps, diag, counts = sample_and_label(cfg, policy.path, prompts, constitution, settings, store,
-                                                           rl_dir / "plans", f"round {r}", human, chains, contrast)
+                                                           rl_dir / "plans", f"round {r}", human, chains, contrast,
+                                                           prompt_sets)
                     if cfg.feedback.source == "mixed":
                         comps = merge_sources(comps, human, cfg.feedback.mixed_rule)
                         counts["human_used"] = sum(c["source"] == "human" for c in comps)

@@ -171,8 +171,12 @@ class CritiqueConfig(Checked):
 
 @dataclass(frozen=True)
 class SFTConfig(Checked):
-    data: str = F("final", "final: train on the last revision | all: one example per revision round (as the paper)",
-                  choices=("final", "all"))
+    data: str = F("final", "final: train on the last revision | all: one example per revision round (as the paper) "
+                           "| contrast: the answer under the positive contrast context instead (context "
+                           "distillation) | final+contrast: both", choices=("final", "all", "contrast", "final+contrast"))
+    contrast_context: str = F("prompts/contrast/harmless.yaml", "data=contrast: the context file (its positive side: "
+                                                                "system line, openers, few-shot)", file=True)
+    contrast_shots: int = F(0, "data=contrast: few-shot turns of the context file put before the prompt", ge=0)
     helpful_ratio: float = F(1.0, "helpful-prompt examples per red-team example in the SFT mix (at most the "
                                   "helpful set's size; the summary says when it caps the ratio)", ge=0)
     epochs: float = F(1.0, "passes over the SFT data", gt=0)

@@ -160,13 +160,13 @@ def generate_chains(red_team: list[PromptRecord], helpful: list[PromptRecord], c
 
 
 def sft_examples(chains: list[dict], helpful: list[dict], data: str) -> list[dict]:
-    """Prompt -> revision conversations (final revision, or every round's), plus helpful answers.
+    """Prompt -> revision conversations (data: final revision, every round's, or none), plus helpful answers.
 
     Conversational prompt/completion records: TRL's SFTTrainer computes the loss on the completion only.
     Empty texts are dropped (a tiny model sometimes ends at once).
     """
     out = []
-    for c in chains:
+    for c in chains if data in ("final", "all") else []:  # data="none": helpful answers only
         picked = c["rounds"][-1:] if data == "final" else c["rounds"]
         if not c["rounds"]:  # rounds=0: the initial answers themselves
             picked = [{"round": 0, "revision": c["initial_answer"], "revision_key": c["answer_key"]}]

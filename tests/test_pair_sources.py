@@ -188,3 +188,20 @@ def test_every_source_end_to_end_with_reuse_and_resume(sl_run):
     resumed = json.loads((rl / "round-1" / "label_diagnostics.json").read_text())
     assert resumed["answers_generated"] + resumed["scores_computed"] == 5
     assert [json.loads(x) for x in (rl / "round-1" / "comparisons.jsonl").read_text().splitlines()] == comps
+
+
+def test_sl_context_distillation_trains_on_the_positive_context_answers(tmp_path):
+    const = tmp_path / "constitution.yaml"
+    shutil.copyfile(ASSETS / "constitutions" / "good.yaml", const)
+    args = ["stage=sl", "run=d", f"runs_dir={tmp_path / 'runs'}", f"constitution={const}", "generator.model=tiny",
+            "red_team.limit=3", "critique.rounds=0", "critique.few_shot=0", "sampling.max_new_tokens=4",
+            "sft.helpful_ratio=1", "sft.batch_size=4", "sft.data=contrast", "progress=false"]
+    main(args)
+    sft = [json.loads(x) for x in (tmp_path / "runs" / "d" / "sl" / "sft.jsonl").read_text().splitlines()]
+    distilled = [e for e in sft if e["source"] == "contrast"]
+    assert len(distilled) == 3 and sum(e["source"] == "helpful" for e in sft) == 3
+    assert not any(e["source"] == "revision" for e in sft)
+    openers = load_contrast_context("prompts/contrast/harmless.yaml", 0).positive.openers
+    assert all(any(e["completion"][0]["content"].startswith(o) for o in openers) for e in distilled)
+    card = (tmp_path / "runs" / "d" / "sl" / "model" / "README.md").read_text()
+    assert "3 answers under the positive contrast context" in card

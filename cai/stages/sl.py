@@ -20,12 +20,15 @@ from cai.human import load_demonstrations, page_demonstrations
 from cai.io import table, write_atomic, write_jsonl_atomic
 from cai.launch import is_main, launched, on_main
 from cai.models import resolve_model
+from cai.pair_sources import ContrastSettings, contrast_requests, join_opener, load_contrast_context
 from cai.prompts import load_few_shot, load_prompts
+from cai.records import sft_example
 from cai.runs import RunLock, in_shard, run_dir_for, start_run
 from cai.store import JsonlStore
 from cai.templates import load_template
 from cai.train.common import reuse_or_train
 from cai.train.sft import sft_training_key, train_sft
+from cai.waves import generation, generation_identity, run_wave
 
 
 def merge_shards(store: JsonlStore, shards_dir: Path) -> int:
@@ -58,8 +61,13 @@ def run_sl(cfg) -> dict:
     helpful_all = load_prompts(cfg.helpful) if cfg.source != "human" else []
     few_shot = load_few_shot(cfg.critique.few_shot_file, cfg.critique.few_shot)
     crit_t, rev_t = load_template(cfg.critique.critique_template), load_template(cfg.critique.revision_template)
-    n_red_examples = len(red_team) * (max(cfg.critique.rounds, 1) if cfg.sft.data == "all" else 1)
-    helpful = helpful_all[: min(len(helpful_all), math.ceil(cfg.sft.helpful_ratio * n_red_examples))]
+    n_red_examples = len(red_team) * ({"all": max(cfg.critique.rounds, 1), "final+contrast": 2}.get(cfg.sft.data, 1))
+    helpful_wanted = math.ceil(cfg.sft.helpful_ratio * n_red_examples)
+    helpful = helpful_all[: min(len(helpful_all), helpful_wanted)]
+    distill = None
+    if cfg.sft.data in ("contrast", "final+contrast"):  # context distillation: the positive side of a context
+        distill = ContrastSettings({"red_team": load_contrast_context(cfg.sft.contrast_context, cfg.sft.contrast_shots)},
+                                   "construction", 1.0)
 
     run_dir = run_dir_for(cfg)
     sl_dir = run_dir / "sl"
@@ -87,6 +95,17 @@ def run_sl(cfg) -> dict:
                 merge_shards(store, sl_dir / "shards")
             result = generate_chains(red_team, helpful, constitution, settings, backend, store, work_dir / "plans",
                                      cfg.generator.batch_size, progress=cfg.progress)
+            distilled = []
+            if distill is not None:
+                positives = [pos for pos, _ in contrast_requests(red_team, {}, constitution, distill,
+                                                                 backend.identity, sampling, cfg.seed)]
+                result.waves["contrast"], _ = run_wave(positives, store, generation(backend, sampling),
+                                                       work_dir / "plans", cfg.generator.batch_size, "contrast",
+                                                       generation_identity(backend, sampling), cfg.progress)
+                for p, r in zip(red_team, positives):
+                    text = join_opener(r.meta["opener"], store[r.key]["text"])
+                    if text.strip():
+                        distilled.append(sft_example(r.key, "contrast", p.id, 0, p.prompt, text))
             if shard:
                 done = {"shard": cfg.shard, "prompts": len(red_team), "helpful": len(helpful),
                         "generated": sum(w.generated for w in result.waves.values()),
@@ -98,7 +117,8 @@ def run_sl(cfg) -> dict:
                       f"run without shard= to merge, build the SFT data and train\n")
                 return done
             write_jsonl_atomic(sl_dir / "chains.jsonl", result.chains)
-            examples = sft_examples(result.chains, result.helpful, cfg.sft.data) + demonstrations
+            revisions = {"final": "final", "all": "all", "final+contrast": "final"}.get(cfg.sft.data, "none")
+            examples = sft_examples(result.chains, result.helpful, revisions) + distilled + demonstrations
             if cfg.train and not examples:
                 raise CaiError("no SFT example: every revision and helpful answer is empty (or there are no "
                                "prompts); the generated records are kept in sl/steps.jsonl")
@@ -131,7 +151,8 @@ def run_sl(cfg) -> dict:
             def train():  # launched: every process trains, the main one saves
                 card = ""
                 if is_main():
-                    counts = {s: sum(e["source"] == s for e in examples) for s in ("revision", "helpful", "human")}
+                    counts = {s: sum(e["source"] == s for e in examples)
+                              for s in ("revision", "contrast", "helpful", "human")}
                     card = model_card(cfg, constitution, counts, len(result.chains))
                 return train_sft(sl_dir / "sft.jsonl", base, cfg, model_dir, sl_dir / "checkpoints", metrics, card,
                                  key, device=cfg.generator.device, progress=cfg.progress)
@@ -141,7 +162,8 @@ def run_sl(cfg) -> dict:
             return {"train": train_summary}
         summary = {
             "run": str(run_dir), "constitution": f"{constitution.name} ({constitution.sha[:12]})",
-            "prompts": len(red_team), "helpful": len(helpful), "rounds": cfg.critique.rounds,
+            "prompts": len(red_team), "helpful": len(helpful), "helpful_wanted": helpful_wanted,
+            "rounds": cfg.critique.rounds,
             "chains_reused": result.chains_reused, "chains_regenerated": result.chains_regenerated,
             "rounds_reused": result.rounds_reused, "rounds_regenerated": result.rounds_regenerated,
             "sft_examples": len(examples), "generation_seconds": round(gen_seconds, 1), **totals,
@@ -159,7 +181,8 @@ def model_card(cfg, constitution, counts: dict, n_chains: int) -> str:
         "(Bai et al. 2022, Constitutional AI, section 3).", "",
         f"- constitution: `{constitution.name}` version {constitution.version}, sha256 `{constitution.sha}`",
         f"- red-team chains: {n_chains}, critique/revision rounds: {cfg.critique.rounds}",
-        f"- SFT examples: {counts['revision']} revisions ({cfg.sft.data}), {counts['helpful']} helpful answers, "
+        f"- SFT examples: {counts['revision']} revisions ({cfg.sft.data}), {counts['contrast']} answers under the "
+        f"positive contrast context (context distillation), {counts['helpful']} helpful answers, "
         f"{counts['human']} human demonstrations",
         f"- seed: {cfg.seed}", "", "## Config", "", "```yaml", to_yaml(cfg).rstrip(), "```", "",
     ])
@@ -174,6 +197,9 @@ def print_sl_summary(summary: dict, result) -> None:
           f"rounds: {summary['rounds_regenerated']} regenerated, {summary['rounds_reused']} reused")
     print(f"SFT examples: {summary['sft_examples']}  (prompts {summary['prompts']}, helpful {summary['helpful']}, "
           f"rounds {summary['rounds']})")
+    if summary["helpful"] < summary.get("helpful_wanted", 0):
+        print(f"note: sft.helpful_ratio asked for {summary['helpful_wanted']} helpful examples, but the helpful set "
+              f"has only {summary['helpful']}; the mix has fewer helpful examples than asked for")
     t = summary["train"]
     if t:
         how = "reused (same data and settings)" if t.get("reused") else f"{t['steps']} steps in {t['seconds']} s"

@@ -62,8 +62,8 @@ def summarize(records: list[dict], prompt_set: str, model: str) -> dict:
     return {"model": model, "prompts": prompt_set, "all": stats(records),
             "by_category": {c: stats(rows) for c, rows in by_cat.items()},
             # repeated sentences / n-grams and distinct-n (cai.measures): a policy that wins by repeating shows here
-            "degeneration": {"all": degeneration([r["answer"] for r in records]),
-                             "by_category": {c: degeneration([r["answer"] for r in rows]) for c, rows in by_cat.items()}}}
+            "degeneration": {"all": degeneration([r.get("answer", "") for r in records]),
+                             "by_category": {c: degeneration([r.get("answer", "") for r in rows]) for c, rows in by_cat.items()}}}
 
 
 def print_summary(s: dict) -> None:

@@ -25,6 +25,7 @@ reuse them, and editing one principle regenerates exactly the contrast answers t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ class ContrastSide:
 
     system: Template | None
     openers: list[str]
+    max_new_tokens: int | None = None  # a cap on this side's continuation (e.g. a refusal kept to a sentence or two)
 
 
 @dataclass
@@ -66,7 +68,7 @@ class ContrastContext:
 
     @property
     def sha(self) -> str:
-        side = lambda x: [x.system.text if x.system else None, x.openers]  # noqa: E731
+        side = lambda x: [x.system.text if x.system else None, x.openers, x.max_new_tokens]  # noqa: E731
         return stable_hash([side(self.positive), side(self.negative), self.few_shot])
 
 
@@ -100,8 +102,8 @@ def assign_sources(prompts: list[PromptRecord], weights: dict[str, float], seed:
 
 
 def _side(path: str, data, where: str) -> ContrastSide:
-    if not isinstance(data, dict) or not set(data) <= {"system", "openers"}:
-        raise CaiError(f"{path}: {where}: expected a mapping with system and/or openers")
+    if not isinstance(data, dict) or not set(data) <= {"system", "openers", "max_new_tokens"}:
+        raise CaiError(f"{path}: {where}: expected a mapping with system, openers and/or max_new_tokens")
     system = data.get("system")
     if system is not None and (not isinstance(system, str) or not system.strip()):
         raise CaiError(f"{path}: {where}.system: expected a non-empty string")
@@ -112,7 +114,10 @@ def _side(path: str, data, where: str) -> ContrastSide:
     openers = data.get("openers", [])
     if not isinstance(openers, list) or not all(isinstance(o, str) and o.strip() for o in openers):
         raise CaiError(f"{path}: {where}.openers: expected a list of non-empty strings")
-    return ContrastSide(tmpl, openers)
+    cap = data.get("max_new_tokens")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise CaiError(f"{path}: {where}.max_new_tokens: expected a whole number >= 1, got {cap!r}")
+    return ContrastSide(tmpl, openers, cap)
 
 
 def load_contrast_context(path: str, shots: int) -> ContrastContext:
@@ -180,6 +185,27 @@ def join_opener(opener: str, continuation: str) -> str:
     return opener + continuation if continuation[:1].isspace() or not continuation else f"{opener} {continuation}"
 
 
+def side_sampling_of(sampling: Sampling, side: ContrastSide) -> Sampling:
+    if side.max_new_tokens is None or side.max_new_tokens >= sampling.max_new_tokens:
+        return sampling
+    return dataclasses.replace(sampling, max_new_tokens=side.max_new_tokens)
+
+
+def generate_by_length(requests: list[Request], store: JsonlStore, backend: Backend, sampling: Sampling,
+                       plan_dir: Path, batch_size: int, progress: bool, label: str) -> WaveStats:
+    """One wave per answer length cap (a side may cap its continuation); returns the summed stats."""
+    total = WaveStats()
+    for cap in sorted({r.meta["max_new_tokens"] for r in requests}):
+        s = dataclasses.replace(sampling, max_new_tokens=cap)
+        batch = [r for r in requests if r.meta["max_new_tokens"] == cap]
+        stats, _ = run_wave(batch, store, generation(backend, s), plan_dir, batch_size,
+                            label if cap == sampling.max_new_tokens else f"{label} ({cap} tokens)",
+                            generation_identity(backend, s), progress)
+        for k in ("generated", "reused", "prompt_tokens", "completion_tokens", "seconds"):
+            setattr(total, k, getattr(total, k) + getattr(stats, k))
+    return total
+
+
 def contrast_requests(prompts: list[PromptRecord], prompt_sets: dict[str, str], constitution: Constitution,
                       s: ContrastSettings, model: str, sampling: Sampling, seed: int) -> list[tuple[Request, Request]]:
     """(positive, negative) answer requests per prompt, in the context of the prompt's set: a system line built
@@ -203,10 +229,12 @@ def contrast_requests(prompts: list[PromptRecord], prompt_sets: dict[str, str], 
                 opener = side.openers[int(stable_hash(["opener", seed, p.prompt, polarity]), 16) % len(side.openers)]
                 conv.append({"role": "assistant", "content": opener})
             uses_principle = side.system is not None and bool(side.system.slots)
+            side_sampling = side_sampling_of(sampling, side)
             key = stable_hash({"kind": "contrast-answer", "polarity": polarity, "prompt": p.prompt,
-                               "conversation": conv, "model": model, "sampling": sampling.as_dict(), "seed": seed})
+                               "conversation": conv, "model": model, "sampling": side_sampling.as_dict(),
+                               "seed": seed})
             pair.append(Request(key, f"contrast-{polarity}", conv, {
-                "prompt_id": p.id, "opener": opener, "context": ctx.name,
+                "prompt_id": p.id, "opener": opener, "context": ctx.name, "max_new_tokens": side_sampling.max_new_tokens,
                 "principle_id": principle.id if uses_principle else None}))
         out.append((pair[0], pair[1]))
     return out
@@ -219,8 +247,8 @@ def contrast_pairs(prompts: list[PromptRecord], prompt_sets: dict[str, str], con
     """Positive and negative answers of the policy; pairs whose answers differ. Each pair records which answer
     is the positive one (`positive_is_a`)."""
     reqs = contrast_requests(prompts, prompt_sets, constitution, s, backend.identity, sampling, seed)
-    stats, _ = run_wave([r for pair in reqs for r in pair], store, generation(backend, sampling), plan_dir,
-                        batch_size, label, generation_identity(backend, sampling), progress)
+    stats = generate_by_length([r for pair in reqs for r in pair], store, backend, sampling, plan_dir, batch_size,
+                               progress, label)
     pairs = []
     for p, (pos, neg) in zip(prompts, reqs):
         tp = join_opener(pos.meta["opener"], store[pos.key]["text"])

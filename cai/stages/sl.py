@@ -20,7 +20,7 @@ from cai.human import load_demonstrations, page_demonstrations
 from cai.io import table, write_atomic, write_jsonl_atomic
 from cai.launch import is_main, launched, on_main
 from cai.models import resolve_model
-from cai.pair_sources import ContrastSettings, contrast_requests, join_opener, load_contrast_context
+from cai.pair_sources import ContrastSettings, contrast_requests, generate_by_length, join_opener, load_contrast_context
 from cai.prompts import load_few_shot, load_prompts
 from cai.records import sft_example
 from cai.runs import RunLock, in_shard, run_dir_for, start_run
@@ -28,7 +28,6 @@ from cai.store import JsonlStore
 from cai.templates import load_template
 from cai.train.common import reuse_or_train
 from cai.train.sft import sft_training_key, train_sft
-from cai.waves import generation, generation_identity, run_wave
 
 
 def merge_shards(store: JsonlStore, shards_dir: Path) -> int:
@@ -99,9 +98,8 @@ def run_sl(cfg) -> dict:
             if distill is not None:
                 positives = [pos for pos, _ in contrast_requests(red_team, {}, constitution, distill,
                                                                  backend.identity, sampling, cfg.seed)]
-                result.waves["contrast"], _ = run_wave(positives, store, generation(backend, sampling),
-                                                       work_dir / "plans", cfg.generator.batch_size, "contrast",
-                                                       generation_identity(backend, sampling), cfg.progress)
+                result.waves["contrast"] = generate_by_length(positives, store, backend, sampling, work_dir / "plans",
+                                                              cfg.generator.batch_size, cfg.progress, "contrast")
                 for p, r in zip(red_team, positives):
                     text = join_opener(r.meta["opener"], store[r.key]["text"])
                     if text.strip():

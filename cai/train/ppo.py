@@ -25,9 +25,9 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -255,36 +255,57 @@ def _checked_config(cfg, n_prompts: int) -> PPOConfig:
     return cfg
 
 
-# --- the loop --------------------------------------------------------------------------------------------
+# --- the loop: setup, then per step a rollout and its updates -------------------------------------------------
 
 
-def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOConfig, out_dir: Path, metrics,
-            value_init: ModelRef | None = None, sft_examples: list[dict] | None = None, progress: bool = True,
-            reference: ModelRef | None = None) -> dict:
-    """Train `policy` by PPO on `reward_fn` scores of its answers to `prompts`; save it to out_dir/policy/.
+@dataclass
+class Setup:
+    """Everything the steps share: the accelerator, the prepared policy+value module, its optimizer, the frozen
+    reference, the tokenizer and the prompts' token ids."""
 
-    reward_fn(prompts, answers) -> one float per answer (answers decoded without special tokens).
-    value_init: the PM directory (a sequence-classification model with one label) whose backbone and `score`
-    head become the per-token value model, as InstructGPT initialises the value model from the RM; None
-    starts from the policy's backbone with a zero head. sft_examples: prompt/completion conversations for
-    the ptx loss (needed when ptx_coef > 0). reference: the frozen KL anchor (default: the policy's own starting
-    weights; online rounds pass the SL-CAI model). Returns a summary dict (also written as policy/cai_train.json).
-    """
+    accelerator: object
+    model: nn.Module  # PolicyAndValue, prepared by accelerate
+    optimizer: torch.optim.Optimizer
+    reference: nn.Module
+    tokenizer: object
+    pad_id: int
+    eos_ids: set[int]
+    kl_ctl: object
+    ptx_data: list | None
+    encoded: list[list[int]]  # chat-templated prompt ids
+    bf16: bool
+
+
+class Rollout(NamedTuple):
+    """One step's rollout, scored, with its per-token rewards and advantages. Shapes: (B, T) unless noted."""
+
+    prompts: list[str]
+    input_ids: torch.Tensor  # (B, prompt_len + T)
+    attention_mask: torch.Tensor  # (B, prompt_len + T)
+    answers: torch.Tensor  # answer token ids
+    mask: torch.Tensor  # 1 on answer tokens
+    has_eos: torch.Tensor  # (B,)
+    texts: list[str]
+    raw_scores: torch.Tensor  # (B,) reward_fn's scores
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    entropy: torch.Tensor
+    rewards: torch.Tensor
+    kl: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def setup(policy: ModelRef, cfg: PPOConfig, prompts: list[str], value_init: ModelRef | None,
+          sft_examples: list[dict] | None, reference: ModelRef | None) -> Setup:
+    """The models (trainable policy, frozen reference = the SL-CAI weights, value model), optimizer, KL
+    controller and the prompts' ids."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
-    from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
-
-
-    cfg = _checked_config(cfg, len(prompts))
-    if cfg.ptx_coef > 0 and not sft_examples:
-        raise CaiError("ppo.ptx_coef > 0 needs sft_examples (prompt/completion conversations); got none")
-    configure_cpu_threads()
-    out_dir = Path(out_dir)
-    ckpt_root = out_dir / "checkpoints"
-    start_time = time.time()
 
     probe = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = use_bf16(cfg.bf16, probe.type, name="ppo.bf16")
@@ -302,15 +323,13 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
     set_seed(cfg.seed)
     device = accelerator.device
 
-    # -- models: trainable policy, frozen reference (the SL-CAI weights), value model -------------------
     tokenizer = load_tokenizer(policy)
-    pad_id = tokenizer.pad_token_id
     policy_model = AutoModelForCausalLM.from_pretrained(policy.path, dtype=torch.float32)
     # the KL anchor: the SL-CAI model, also when later rounds start from an RL policy
-    reference = AutoModelForCausalLM.from_pretrained((reference or policy).path, dtype=torch.float32).to(device).train(False)
-    reference.requires_grad_(False)
+    ref_model = AutoModelForCausalLM.from_pretrained((reference or policy).path, dtype=torch.float32).to(device).train(False)
+    ref_model.requires_grad_(False)
     if bf16:
-        _linears_to_bf16(reference)
+        _linears_to_bf16(ref_model)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected when starting from the policy
     try:
@@ -325,7 +344,7 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
         nn.init.zeros_(value_model.score.weight)  # V = 0 until it learns: GAE starts as plain Monte Carlo
         if value_model.score.bias is not None:
             nn.init.zeros_(value_model.score.bias)
-    for m in (policy_model, value_model, reference):
+    for m in (policy_model, value_model, ref_model):
         _disable_dropout(m)
     gen_eos = policy_model.generation_config.eos_token_id
     eos_ids = set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) | {tokenizer.eos_token_id}
@@ -340,12 +359,184 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
     ], fused=device.type in ("cpu", "cuda"))
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-
     kl_ctl = (AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.init_kl_coef))
     ptx_data = sft_tensors(tokenizer, sft_examples, cfg.ptx_max_length) if cfg.ptx_coef > 0 else None
+    encoded = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                       tokenize=False), add_special_tokens=False)["input_ids"]
+               for p in prompts]
+    return Setup(accelerator, model, optimizer, ref_model, tokenizer, tokenizer.pad_token_id, eos_ids, kl_ctl,
+                 ptx_data, encoded, bf16)
 
-    # -- resume ------------------------------------------------------------------------------------------
+
+def rollout(st: Setup, cfg: PPOConfig, reward_fn: RewardFn, batch_prompts: list[str], idx: list[int],
+            seeds: list[int]) -> Rollout:
+    """Steps 1-4 of a PPO step: sample, score, shape rewards with the KL penalty, estimate advantages."""
+    accelerator, device, B = st.accelerator, st.accelerator.device, len(batch_prompts)
+    unwrapped = accelerator.unwrap_model(st.model)
+    # -- 1. rollout ----------------------------------------------------------------------------------------
+    prompt_ids, prompt_mask = _left_pad([st.encoded[i] for i in idx], st.pad_id, device)
+    with accelerator.autocast():
+        answers, mask, has_eos = sample_answers(unwrapped.policy, prompt_ids, prompt_mask, st.eos_ids, st.pad_id,
+                                                cfg, seeds)
+    T = answers.shape[1]
+    input_ids = torch.cat([prompt_ids, answers], dim=1)
+    attention_mask = torch.cat([prompt_mask, mask], dim=1)
+
+    # -- 2. log-probs, reference log-probs, values (the "old" policy of this step) -------------------------
+    logprobs, ref_logprobs, values, entropy = [], [], [], []
+    with torch.no_grad(), accelerator.autocast():
+        for s in range(0, B, cfg.mini_batch_size):
+            sl = slice(s, s + cfg.mini_batch_size)
+            logits, v, _ = st.model(input_ids[sl], attention_mask[sl], T)
+            logits = logits.float() / cfg.temperature
+            logprobs.append(logprobs_from_logits(logits, answers[sl]))
+            entropy.append(entropy_from_logits(logits))
+            values.append(v.float())
+            ref_logits = st.reference(input_ids=input_ids[sl], attention_mask=attention_mask[sl],
+                                      position_ids=_positions(attention_mask[sl]), logits_to_keep=T + 1,
+                                      use_cache=False).logits[:, :-1].float() / cfg.temperature
+            ref_logprobs.append(logprobs_from_logits(ref_logits, answers[sl]))
+    logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
+    values, entropy = torch.cat(values), torch.cat(entropy)
+    fmask = mask.float()
+    logprobs, ref_logprobs, values = logprobs * fmask, ref_logprobs * fmask, values * fmask
+
+    # -- 3. scores and KL-shaped per-token rewards ---------------------------------------------------------
+    texts = [st.tokenizer.decode(a[m.bool()].tolist(), skip_special_tokens=True) for a, m in zip(answers, mask)]
+    raw_scores = torch.tensor([float(x) for x in reward_fn(batch_prompts, texts)], device=device)
+    if raw_scores.shape != (B,):
+        raise CaiError(f"reward_fn returned {raw_scores.shape[0]} scores for {B} answers; expected one each")
+    check_finite("reward_fn scores", raw_scores)
+    scores = apply_missing_eos_penalty(raw_scores, has_eos, cfg.missing_eos_penalty)
+    rewards, kl = rewards_with_kl(scores, logprobs, ref_logprobs, mask, st.kl_ctl.value, cfg.kl_estimator)
+    if cfg.whiten_rewards and mask.sum() >= 2:  # whitening needs two tokens (a batch of one 1-token answer)
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+
+    # -- 4. advantages -------------------------------------------------------------------------------------
+    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages and mask.sum() >= 2:
+        advantages = masked_whiten(advantages, mask)
+    check_finite("advantages", advantages)
+    return Rollout(batch_prompts, input_ids, attention_mask, answers, mask, has_eos, texts, raw_scores, logprobs,
+                   ref_logprobs, values, entropy, rewards, kl, advantages, returns)
+
+
+def update(st: Setup, cfg: PPOConfig, ro: Rollout, step: int, first_update: int) -> dict[str, list]:
+    """Step 5: ppo_epochs x minibatches of clipped policy loss + vf_coef * clipped value loss (+ ptx)."""
+    accelerator, device = st.accelerator, st.accelerator.device
+    B, T = ro.answers.shape
+    # -- 5. PPO updates -------------------------------------------------------------------------------------
+    _release_freed_memory()  # the rollout's and last step's freed buffers: else they add to the backward's peak
+    stats = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl", "ptx_loss",
+                             "grad_norm")}
+    order_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    update_i = first_update
+    for _epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(B, generator=order_gen).to(device)
+        for s in range(0, B, cfg.mini_batch_size):
+            mb = order[s:s + cfg.mini_batch_size]
+            ptx = (_ptx_batch(st.ptx_data, update_i, cfg.mini_batch_size, st.pad_id, device) if st.ptx_data
+                   else (None,) * 3)
+            with accelerator.autocast():
+                logits, new_values, ptx_loss = st.model(ro.input_ids[mb], ro.attention_mask[mb], T, *ptx)
+            new_logprobs = logprobs_from_logits(logits.float() / cfg.temperature, ro.answers[mb])
+            pg_loss, clipfrac, approx_kl = ppo_policy_loss(new_logprobs, ro.logprobs[mb], ro.advantages[mb],
+                                                           ro.mask[mb], cfg.clip_range)
+            vf_loss, vf_clipfrac = ppo_value_loss(new_values.float(), ro.values[mb], ro.returns[mb], ro.mask[mb],
+                                                  cfg.clip_range_value)
+            loss = pg_loss + cfg.vf_coef * vf_loss
+            check_finite("policy loss", pg_loss)
+            check_finite("value loss", vf_loss)
+            if ptx_loss is not None:
+                check_finite("ptx loss", ptx_loss)
+                loss = loss + cfg.ptx_coef * ptx_loss
+                stats["ptx_loss"].append(ptx_loss.detach())
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(st.model.parameters(), cfg.max_grad_norm)
+            if grad_norm is not None:  # None under DeepSpeed, whose engine clips inside backward
+                check_finite("gradient norm", grad_norm)
+                stats["grad_norm"].append(torch.as_tensor(grad_norm).detach().float())
+            st.optimizer.step()
+            st.optimizer.zero_grad()
+            update_i += 1
+            for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clipfrac", clipfrac),
+                         ("value_clipfrac", vf_clipfrac), ("approx_kl", approx_kl)):
+                stats[k].append(torch.as_tensor(v).detach().float())
+    return stats
+
+
+def save_checkpoint(st: Setup, cfg: PPOConfig, ckpt_root: Path, step: int, history: dict) -> Path:
+    """accelerate's state + ppo_state.json in step-N.tmp, renamed to step-N; older checkpoints removed."""
+    accelerator = st.accelerator
+    final = ckpt_root / f"step-{step}"
+    tmp = ckpt_root / f"step-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        state = {"step": step, "kl_coef": st.kl_ctl.value, "history": history, "config": _config_record(cfg)}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in ckpt_root.glob("step-*"):  # keep only the newest complete checkpoint
+            if old != final and not old.name.endswith(".tmp"):
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    _release_freed_memory()
+    return final
+
+
+def step_metrics(st: Setup, cfg: PPOConfig, ro: Rollout, stats: dict[str, list], started: float) -> dict:
+    """Namespaced metrics of one step, averaged over processes."""
+    B = len(ro.prompts)
+    fmask = ro.mask.float()
+    local = {
+        "reward_mean": ro.rewards.sum(1).mean(), "score_mean": ro.raw_scores.mean(),
+        "kl": ro.kl.sum(1).mean(), "entropy": masked_mean(ro.entropy, ro.mask), "answer_length": fmask.sum(1).mean(),
+        "missing_eos_rate": (~ro.has_eos).float().mean(), "value_mean": masked_mean(ro.values, ro.mask),
+        **{k: torch.stack(v).mean() for k, v in stats.items() if v},
+    }
+    keys = list(local)
+    reduced = st.accelerator.reduce(torch.stack([local[k].float() for k in keys]), reduction="mean")
+    logged = {f"rl/ppo/{k}": float(v) for k, v in zip(keys, reduced)}
+    logged["rl/ppo/reward_std"] = float(ro.rewards.sum(1).std()) if B > 1 else 0.0
+    logged["rl/ppo/kl_coef"] = st.kl_ctl.value
+    logged["rl/ppo/seconds"] = round(time.time() - started, 2)
+    # a policy that wins the PM by repeating itself shows here (this process's answers; cai.measures)
+    deg = degeneration(ro.texts)
+    logged["rl/ppo/repetition_share"] = deg["repetition_share"]
+    logged["rl/ppo/distinct_2"] = deg["distinct_2"]
+    return logged
+
+
+def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOConfig, out_dir: Path, metrics,
+            value_init: ModelRef | None = None, sft_examples: list[dict] | None = None, progress: bool = True,
+            reference: ModelRef | None = None) -> dict:
+    """Train `policy` by PPO on `reward_fn` scores of its answers to `prompts`; save it to out_dir/policy/.
+
+    reward_fn(prompts, answers) -> one float per answer (answers decoded without special tokens).
+    value_init: the PM directory (a sequence-classification model with one label) whose backbone and `score`
+    head become the per-token value model, as InstructGPT initialises the value model from the RM; None
+    starts from the policy's backbone with a zero head. sft_examples: prompt/completion conversations for
+    the ptx loss (needed when ptx_coef > 0). reference: the frozen KL anchor (default: the policy's own starting
+    weights; online rounds pass the SL-CAI model). Returns a summary dict (also written as policy/cai_train.json).
+    """
+    from tqdm import tqdm
+
+    cfg = _checked_config(cfg, len(prompts))
+    if cfg.ptx_coef > 0 and not sft_examples:
+        raise CaiError("ppo.ptx_coef > 0 needs sft_examples (prompt/completion conversations); got none")
+    configure_cpu_threads()
+    out_dir = Path(out_dir)
+    ckpt_root = out_dir / "checkpoints"
+    start_time = time.time()
+    st = setup(policy, cfg, prompts, value_init, sft_examples, reference)
+    accelerator = st.accelerator
+
+    # -- resume ----------------------------------------------------------------------------------------------
     start, history, resumed_from = 0, {"reward_mean": [], "kl": []}, None
     if accelerator.is_main_process and ckpt_root.exists():
         for stale in ckpt_root.glob("*.tmp"):  # a save killed halfway
@@ -355,36 +546,13 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
     if last is not None:
         accelerator.load_state(str(last))
         state = json.loads((last / STATE_FILE).read_text())
-        start, history, kl_ctl.value = state["step"], state["history"], state["kl_coef"]
+        start, history, st.kl_ctl.value = state["step"], state["history"], state["kl_coef"]
         resumed_from = str(last)
         if start > cfg.steps:
             raise CaiError(f"{last}: this run is already at step {start}, past ppo.steps={cfg.steps}; "
                            f"set ppo.steps >= {start} to continue it, or use a fresh output directory")
 
-    def save_checkpoint(step: int) -> Path:
-        final = ckpt_root / f"step-{step}"
-        tmp = ckpt_root / f"step-{step}.tmp"
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        if accelerator.is_main_process:
-            state = {"step": step, "kl_coef": kl_ctl.value, "history": history, "config": _config_record(cfg)}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            for old in ckpt_root.glob("step-*"):  # keep only the newest complete checkpoint
-                if old != final and not old.name.endswith(".tmp"):
-                    shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        _release_freed_memory()
-        return final
-
     # -- prompts: a seeded permutation per pass over the prompt list; each process takes its own slice ------
-    encoded = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                       tokenize=False), add_special_tokens=False)["input_ids"]
-               for p in prompts]
     perms: dict[int, list[int]] = {}
 
     def prompt_index(global_row: int) -> int:
@@ -396,97 +564,16 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
 
     world, rank, B = accelerator.num_processes, accelerator.process_index, cfg.rollout_batch_size
     updates_per_step = cfg.ppo_epochs * -(-B // cfg.mini_batch_size)
-    unwrapped = accelerator.unwrap_model(model)
     bar = tqdm(total=cfg.steps, initial=start, desc="ppo", unit="step",
                disable=not progress or not accelerator.is_main_process)
     last_good = resumed_from
-
     for step in range(start + 1, cfg.steps + 1):
+        rows = [(step - 1) * B * world + rank * B + k for k in range(B)]
+        idx = [prompt_index(r) for r in rows]
         try:
-            # -- 1. rollout ------------------------------------------------------------------------------------
-            rows = [(step - 1) * B * world + rank * B + k for k in range(B)]
-            idx = [prompt_index(r) for r in rows]
-            batch_prompts = [prompts[i] for i in idx]
-            prompt_ids, prompt_mask = _left_pad([encoded[i] for i in idx], pad_id, device)
-            with accelerator.autocast():
-                answers, mask, has_eos = sample_answers(unwrapped.policy, prompt_ids, prompt_mask, eos_ids, pad_id,
-                                                        cfg, [_row_seed(cfg.seed, step, r) for r in rows])
-            T = answers.shape[1]
-            input_ids = torch.cat([prompt_ids, answers], dim=1)
-            attention_mask = torch.cat([prompt_mask, mask], dim=1)
-
-            # -- 2. log-probs, reference log-probs, values (the "old" policy of this step) ---------------------
-            logprobs, ref_logprobs, values, entropy = [], [], [], []
-            with torch.no_grad(), accelerator.autocast():
-                for s in range(0, B, cfg.mini_batch_size):
-                    sl = slice(s, s + cfg.mini_batch_size)
-                    logits, v, _ = model(input_ids[sl], attention_mask[sl], T)
-                    logits = logits.float() / cfg.temperature
-                    logprobs.append(logprobs_from_logits(logits, answers[sl]))
-                    entropy.append(entropy_from_logits(logits))
-                    values.append(v.float())
-                    ref_logits = reference(input_ids=input_ids[sl], attention_mask=attention_mask[sl],
-                                           position_ids=_positions(attention_mask[sl]), logits_to_keep=T + 1,
-                                           use_cache=False).logits[:, :-1].float() / cfg.temperature
-                    ref_logprobs.append(logprobs_from_logits(ref_logits, answers[sl]))
-            logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
-            values, entropy = torch.cat(values), torch.cat(entropy)
-            fmask = mask.float()
-            logprobs, ref_logprobs, values = logprobs * fmask, ref_logprobs * fmask, values * fmask
-
-            # -- 3. scores and KL-shaped per-token rewards ---------------------------------------------------
-            texts = [tokenizer.decode(a[m.bool()].tolist(), skip_special_tokens=True) for a, m in zip(answers, mask)]
-            raw_scores = torch.tensor([float(x) for x in reward_fn(batch_prompts, texts)], device=device)
-            if raw_scores.shape != (B,):
-                raise CaiError(f"reward_fn returned {raw_scores.shape[0]} scores for {B} answers; expected one each")
-            check_finite("reward_fn scores", raw_scores)
-            scores = apply_missing_eos_penalty(raw_scores, has_eos, cfg.missing_eos_penalty)
-            rewards, kl = rewards_with_kl(scores, logprobs, ref_logprobs, mask, kl_ctl.value, cfg.kl_estimator)
-            if cfg.whiten_rewards and mask.sum() >= 2:  # whitening needs two tokens (a batch of one 1-token answer)
-                rewards = masked_whiten(rewards, mask, shift_mean=False)
-
-            # -- 4. advantages -------------------------------------------------------------------------------
-            advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-            if cfg.whiten_advantages and mask.sum() >= 2:
-                advantages = masked_whiten(advantages, mask)
-            check_finite("advantages", advantages)
-
-            # -- 5. PPO updates -------------------------------------------------------------------------------
-            _release_freed_memory()  # the rollout's and last step's freed buffers: else they add to the backward's peak
-            stats = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl",
-                                     "ptx_loss", "grad_norm")}
-            order_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            update = (step - 1) * updates_per_step
-            for _epoch in range(cfg.ppo_epochs):
-                order = torch.randperm(B, generator=order_gen).to(device)
-                for s in range(0, B, cfg.mini_batch_size):
-                    mb = order[s:s + cfg.mini_batch_size]
-                    ptx = _ptx_batch(ptx_data, update, cfg.mini_batch_size, pad_id, device) if ptx_data else (None,) * 3
-                    with accelerator.autocast():
-                        logits, new_values, ptx_loss = model(input_ids[mb], attention_mask[mb], T, *ptx)
-                    new_logprobs = logprobs_from_logits(logits.float() / cfg.temperature, answers[mb])
-                    pg_loss, clipfrac, approx_kl = ppo_policy_loss(new_logprobs, logprobs[mb], advantages[mb],
-                                                                   mask[mb], cfg.clip_range)
-                    vf_loss, vf_clipfrac = ppo_value_loss(new_values.float(), values[mb], returns[mb], mask[mb],
-                                                          cfg.clip_range_value)
-                    loss = pg_loss + cfg.vf_coef * vf_loss
-                    check_finite("policy loss", pg_loss)
-                    check_finite("value loss", vf_loss)
-                    if ptx_loss is not None:
-                        check_finite("ptx loss", ptx_loss)
-                        loss = loss + cfg.ptx_coef * ptx_loss
-                        stats["ptx_loss"].append(ptx_loss.detach())
-                    accelerator.backward(loss)
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    if grad_norm is not None:  # None under DeepSpeed, whose engine clips inside backward
-                        check_finite("gradient norm", grad_norm)
-                        stats["grad_norm"].append(torch.as_tensor(grad_norm).detach().float())
-                    optimizer.step()
-                    optimizer.zero_grad()
-                    update += 1
-                    for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clipfrac", clipfrac),
-                                 ("value_clipfrac", vf_clipfrac), ("approx_kl", approx_kl)):
-                        stats[k].append(torch.as_tensor(v).detach().float())
+            ro = rollout(st, cfg, reward_fn, [prompts[i] for i in idx], idx,
+                         [_row_seed(cfg.seed, step, r) for r in rows])
+            stats = update(st, cfg, ro, step, (step - 1) * updates_per_step)
         except FloatingPointError as e:
             bar.close()
             where = f"last good checkpoint: {last_good} (rerun to resume from it)" if last_good else "no checkpoint yet"
@@ -494,26 +581,10 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
                                      f"{where}") from e
 
         # -- metrics (averaged over processes) --------------------------------------------------------------
-        seq_kl = kl.sum(1)
-        local = {
-            "reward_mean": rewards.sum(1).mean(), "score_mean": raw_scores.mean(),
-            "kl": seq_kl.mean(), "entropy": masked_mean(entropy, mask), "answer_length": fmask.sum(1).mean(),
-            "missing_eos_rate": (~has_eos).float().mean(), "value_mean": masked_mean(values, mask),
-            **{k: torch.stack(v).mean() for k, v in stats.items() if v},
-        }
-        keys = list(local)
-        reduced = accelerator.reduce(torch.stack([local[k].float() for k in keys]), reduction="mean")
-        logged = {f"rl/ppo/{k}": float(v) for k, v in zip(keys, reduced)}
-        logged["rl/ppo/reward_std"] = float(rewards.sum(1).std()) if B > 1 else 0.0
-        logged["rl/ppo/kl_coef"] = kl_ctl.value
-        # a policy that wins the PM by repeating itself shows here (this process's answers; cai.measures)
-        deg = degeneration(texts)
-        logged["rl/ppo/repetition_share"] = deg["repetition_share"]
-        logged["rl/ppo/distinct_2"] = deg["distinct_2"]
-        logged["rl/ppo/seconds"] = round(time.time() - start_time, 2)
+        logged = step_metrics(st, cfg, ro, stats, start_time)
         if cfg.sample_every and step % cfg.sample_every == 0:
             logged["rl/ppo/samples"] = [{"prompt": p, "answer": a, "score": float(sc)}
-                                        for p, a, sc in list(zip(batch_prompts, texts, raw_scores))[:4]]
+                                        for p, a, sc in list(zip(ro.prompts, ro.texts, ro.raw_scores))[:4]]
             if progress and accelerator.is_main_process:
                 tqdm.write("\n".join(f"[step {step}] score={row['score']:+.3f}  {row['prompt'][:40]!r} -> "
                                      f"{row['answer'][:80]!r}" for row in logged["rl/ppo/samples"]))
@@ -522,12 +593,12 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
         history["reward_mean"].append(logged["rl/ppo/reward_mean"])
         history["kl"].append(logged["rl/ppo/kl"])
         # the controller sees this step's KL after its updates (Ziegler et al. 2019; TRL)
-        kl_ctl.update(logged["rl/ppo/kl"], B * world)
+        st.kl_ctl.update(logged["rl/ppo/kl"], B * world)
         bar.update()
         bar.set_postfix(reward=f"{logged['rl/ppo/reward_mean']:.3f}", kl=f"{logged['rl/ppo/kl']:.3f}")
 
         if step % cfg.save_every == 0 or step == cfg.steps:
-            last_good = str(save_checkpoint(step))
+            last_good = str(save_checkpoint(st, cfg, ckpt_root, step, history))
     bar.close()
 
     # -- the trained policy: safetensors + tokenizer + summary, published by rename ---------------------------
@@ -536,15 +607,15 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
                "steps": cfg.steps, "steps_run": cfg.steps - start, "prompts": len(prompts),
                "first_reward_mean": history["reward_mean"][0] if history["reward_mean"] else None,
                "last_reward_mean": history["reward_mean"][-1] if history["reward_mean"] else None,
-               "last_kl": history["kl"][-1] if history["kl"] else None, "kl_coef": kl_ctl.value,
-               "bf16": bf16, "seconds": round(seconds, 1), "resumed_from": resumed_from, "config": _config_record(cfg)}
-    state_dict = accelerator.get_state_dict(model)  # gathers shards under DeepSpeed ZeRO-3 / FSDP
+               "last_kl": history["kl"][-1] if history["kl"] else None, "kl_coef": st.kl_ctl.value,
+               "bf16": st.bf16, "seconds": round(seconds, 1), "resumed_from": resumed_from, "config": _config_record(cfg)}
+    state_dict = accelerator.get_state_dict(st.model)  # gathers shards under DeepSpeed ZeRO-3 / FSDP
     if accelerator.is_main_process:
         tmp = out_dir / "policy.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         policy_state = {k[len("policy."):]: v for k, v in state_dict.items() if k.startswith("policy.")}
-        accelerator.unwrap_model(model).policy.save_pretrained(tmp, state_dict=policy_state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        accelerator.unwrap_model(st.model).policy.save_pretrained(tmp, state_dict=policy_state, safe_serialization=True)
+        st.tokenizer.save_pretrained(tmp)
         write_atomic(tmp / TRAIN_INFO, json.dumps(summary, indent=1))
         swap_into_place(tmp, out_dir / "policy")
         metrics.log({"rl/ppo/train_seconds": seconds, "rl/ppo/steps_run": cfg.steps - start}, step=cfg.steps)

@@ -1,0 +1,73 @@
+"""cai.io: JSONL split on "\\n" only, duplicate keys and deep nesting refused, atomic writes; the run lock on a file
+system without flock; PPO-ptx data found from the policy's run."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+
+import pytest
+
+from cai.errors import CaiError
+from cai.io import json_objects, read_jsonl, write_atomic, write_jsonl_atomic
+from cai.runs import RunLock
+
+
+def test_jsonl_keeps_unicode_line_separators_inside_strings(tmp_path):
+    rows = [{"answer": "one\u2028two\u2029three\u0085four\x1cfive"}, {"answer": "plain"}]
+    path = tmp_path / "x.jsonl"
+    write_jsonl_atomic(path, rows)
+    assert read_jsonl(path) == rows  # str.splitlines would have cut the first row in five
+    assert [n for n, _ in json_objects(path)] == [1, 2]
+
+
+def test_jsonl_refuses_duplicate_keys_and_deep_nesting_naming_the_line(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": 1}\n{"a": 1, "a": 2}\n')
+    with pytest.raises(CaiError, match=r"x\.jsonl:2: invalid JSON \(key 'a' appears twice"):
+        read_jsonl(path)
+    path.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(CaiError, match=r"x\.jsonl:1: invalid JSON \(nested too deeply\)"):
+        read_jsonl(path)
+
+
+def test_crlf_lines_and_blank_lines(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"a": 1}\r\n\r\n{"a": 2}\r\n')
+    assert read_jsonl(path) == [{"a": 1}, {"a": 2}]
+
+
+def test_write_atomic_replaces_whole_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "d" / "f.txt"
+    write_atomic(path, "old")
+    write_atomic(path, "new")
+    assert path.read_text() == "new" and [p.name for p in path.parent.iterdir()] == ["f.txt"]
+
+
+def test_run_lock_on_a_file_system_without_flock(tmp_path, monkeypatch):
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.raises(CaiError, match="this file system cannot lock files"):
+        with RunLock(tmp_path / "run"):
+            pass
+
+
+def test_ptx_data_comes_from_the_run_the_policy_was_trained_in(tmp_path):
+    from cai.config import load_config
+    from cai.stages.pairs import ptx_data_path, ptx_examples
+
+    other = tmp_path / "runs" / "other" / "sl"
+    (other / "model").mkdir(parents=True)
+    rl = lambda *o: load_config(["stage=rl", "run=r", f"runs_dir={tmp_path / 'runs'}", "ppo.ptx_coef=0.1", *o])  # noqa: E731
+    assert ptx_data_path(rl(), tmp_path / "runs" / "r") == tmp_path / "runs" / "r" / "sl" / "sft.jsonl"
+    assert ptx_data_path(rl(f"policy.model={other / 'model'}"), tmp_path / "runs" / "r") == other / "sft.jsonl"
+    with pytest.raises(CaiError, match="set ppo.ptx_data=FILE"):
+        ptx_data_path(rl("policy.model=tiny"), tmp_path / "runs" / "r")
+    with pytest.raises(CaiError, match="does not exist; run stage=sl first"):
+        ptx_examples(other / "sft.jsonl")
+    (other / "sft.jsonl").write_text(json.dumps({"prompt": [{"role": "user", "content": "q"}],
+                                                 "completion": [{"role": "assistant", "content": "a"}]}) + "\n")
+    assert ptx_examples(other / "sft.jsonl")[0]["completion"][0]["content"] == "a"

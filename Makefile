@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.cai-installed
 
-.PHONY: setup lock demo demo-sl bench browser test test-slow lint clean
+.PHONY: setup lock demo demo-sl quality bench browser test test-slow lint clean
 
 # constraints.txt pins every package at the version the tests last passed with; `make lock` refreshes it.
 $(STAMP): pyproject.toml constraints.txt
@@ -29,6 +29,15 @@ demo: setup
 	$(PY) -m cai.constitution check constitutions/default.yaml constitutions/helpful_honest.yaml
 	$(PY) -m cai.pipeline config=pipelines/demo_sl.yaml
 	$(PY) -m cai.pipeline config=pipelines/demo_rl.yaml
+
+# The CPU quality recipe (under 90 minutes on 2 cores): SL-CAI, RL-CAI, then base / SL-CAI / RL-CAI answer the
+# held-out red-team and helpful prompts; the table gives refusal and repetition rates against the base model.
+QUALITY_EVAL = "models=[smollm2-135m,runs/quality/sl/model,runs/quality/rl/round-1/policy]" \
+	"sets=[prompts/sets/red_team_eval.jsonl,prompts/sets/helpful_eval.jsonl]" sampling.max_new_tokens=96
+quality: setup
+	$(PY) -m cai.pipeline config=pipelines/quality_sl.yaml
+	$(PY) -m cai.pipeline config=pipelines/quality_rl.yaml
+	$(PY) -m cai.evaluate $(QUALITY_EVAL) out=runs/quality/eval
 
 demo-sl: setup
 	$(PY) -m cai.pipeline config=pipelines/demo_sl.yaml

@@ -371,8 +371,9 @@ def boilerplate(answers: list[str], n: int = 4) -> dict:
 
 
 def rl_curves(run: Run) -> list[dict]:
-    """Reward and KL per logged RL step, split into segments where the step count restarts (a new round or a
-    new training job appended to the same metrics.jsonl)."""
+    """Reward and KL per logged RL step, split into segments where the step count restarts at or before a
+    segment's first step (a new round or a new training job appended to the same metrics.jsonl). Steps logged
+    again by a resumed job replace the earlier records of those steps."""
     path = run.path / "metrics.jsonl"
     if not path.exists():
         return []
@@ -386,7 +387,13 @@ def rl_curves(run: Run) -> list[dict]:
         reward = rec.get(f"rl/{algo}/reward_mean", rec.get(f"rl/{algo}/reward"))
         if reward is None:
             continue
-        if last is None or rec["step"] <= last or segments[-1]["algorithm"] != algo:
+        seg = segments[-1] if segments else None
+        if seg is not None and seg["algorithm"] == algo and last is not None and seg["steps"][0] < rec["step"] <= last:
+            # a resumed job logs again the steps after its last checkpoint: the later records replace the earlier
+            keep = sum(x < rec["step"] for x in seg["steps"])
+            for k in ("steps", "reward", "kl"):
+                del seg[k][keep:]
+        elif seg is None or last is None or rec["step"] <= last or seg["algorithm"] != algo:
             segments.append({"algorithm": algo, "steps": [], "reward": [], "kl": []})
         last = rec["step"]
         segments[-1]["steps"].append(rec["step"])

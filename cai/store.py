@@ -83,12 +83,24 @@ class Metrics:
         self.stage = stage
         self.writer = None
         self.enabled = is_main()
+        if self.enabled:
+            self._repair_torn_tail()
         if tensorboard_dir is not None and self.enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise CaiError("report_to=tensorboard needs the tensorboard package: pip install tensorboard") from None
             self.writer = SummaryWriter(str(tensorboard_dir))
+
+    def _repair_torn_tail(self) -> None:
+        """A writer killed mid-line leaves a last line without its newline; cut it, as JsonlStore does, so the next
+        record does not join it into one corrupt line."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(self.path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         if not self.enabled:

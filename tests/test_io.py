@@ -71,3 +71,25 @@ def test_ptx_data_comes_from_the_run_the_policy_was_trained_in(tmp_path):
     (other / "sft.jsonl").write_text(json.dumps({"prompt": [{"role": "user", "content": "q"}],
                                                  "completion": [{"role": "assistant", "content": "a"}]}) + "\n")
     assert ptx_examples(other / "sft.jsonl")[0]["completion"][0]["content"] == "a"
+
+
+def test_metrics_cut_a_torn_last_line_before_appending(tmp_path):
+    from cai.store import Metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "x": 1}\n{"step": 2, "x"')  # killed mid-write
+    Metrics(path, "rl").log({"rl/x": 3}, step=2)
+    rows = read_jsonl(path)
+    assert [r["step"] for r in rows] == [1, 2] and rows[1]["rl/x"] == 3
+
+
+def test_curves_of_a_resumed_run_replace_the_steps_logged_again(tmp_path):
+    from cai.compare import Run, rl_curves
+
+    rows = [(1, 0.1), (2, 0.2), (3, 0.3), (3, 0.35), (4, 0.4),  # killed after step 3, resumed from step 2
+            (1, 0.5), (2, 0.6)]  # a new job (round 2)
+    write_jsonl_atomic(tmp_path / "metrics.jsonl", [{"step": s, "rl/ppo/reward_mean": r, "rl/ppo/kl": 0.0}
+                                                    for s, r in rows])
+    curves = rl_curves(Run("r", tmp_path, {}))
+    assert [c["steps"] for c in curves] == [[1, 2, 3, 4], [1, 2]]
+    assert curves[0]["reward"] == [0.1, 0.2, 0.35, 0.4]

@@ -92,7 +92,9 @@ def run_sl(cfg) -> dict:
             store = JsonlStore(work_dir / "steps.jsonl")
             if not shard:
                 merge_shards(store, sl_dir / "shards")
-            result = generate_chains(red_team, helpful, constitution, settings, backend, store, work_dir / "plans",
+            # sft.data=contrast with no critique rounds uses no chain: skip the red-team answers nobody reads
+            chained = [] if cfg.sft.data == "contrast" and cfg.critique.rounds == 0 else red_team
+            result = generate_chains(chained, helpful, constitution, settings, backend, store, work_dir / "plans",
                                      cfg.generator.batch_size, progress=cfg.progress)
             distilled = []
             if distill is not None:

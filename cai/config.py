@@ -566,6 +566,16 @@ def _dotted_to_nested(key: str, value: Any) -> dict:
     return out
 
 
+class Override(tuple):
+    """(key, value) of one `key=value` argument, with the text as typed in `.raw`: a string setting keeps it
+    (`run=yes` is the run "yes", `run=007` is "007"), others take the YAML reading of it (numbers, lists)."""
+
+    def __new__(cls, key: str, value: Any, raw: str):
+        self = super().__new__(cls, (key, value))
+        self.raw = raw
+        return self
+
+
 def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
     pairs = []
     for arg in argv:
@@ -576,8 +586,30 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        pairs.append((key.strip(), value))
+        pairs.append(Override(key.strip(), value, raw))
     return pairs
+
+
+def _field_type(schema: type, key: str) -> str | None:
+    """The annotation of a dotted key's field (as written, e.g. "str", "Optional[int]"); None when unknown."""
+    cur: Any = schema
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        f = next((f for f in fields(cur) if f.name == part), None) if cur is not None else None
+        if f is None:
+            return None
+        if i == len(parts) - 1:
+            return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        cur = _dataclass_of(cur, part)
+    return None
+
+
+def _typed_override(schema: type, ov) -> Any:
+    key, value = ov[0], ov[1]
+    raw = getattr(ov, "raw", None)
+    if raw is not None and _field_type(schema, key) in ("str", "Optional[str]") and not isinstance(value, str):
+        return raw
+    return value
 
 
 def load_config(argv: list[str]):
@@ -614,12 +646,14 @@ def build_config(schema: type, data: dict, source: str, overrides: list[tuple[st
         cfg = OmegaConf.merge(base, data)
     except OmegaConfBaseException as e:
         raise CaiError(f"{source}: {_omegaconf_message(e)}") from None
-    for key, value in overrides:
-        _check_keys(_dotted_to_nested(key, value), schema, f"override {key}={value}")
+    for ov in overrides:
+        key, value = ov[0], _typed_override(schema, ov)
+        shown = getattr(ov, "raw", value)
+        _check_keys(_dotted_to_nested(key, value), schema, f"override {key}={shown}")
         try:
             cfg = OmegaConf.merge(cfg, _dotted_to_nested(key, value))
         except OmegaConfBaseException as e:
-            raise CaiError(f"override {key}={value}: {_omegaconf_message(e)}") from None
+            raise CaiError(f"override {key}={shown}: {_omegaconf_message(e)}") from None
     token = _deferred.set(True)
     try:
         obj = OmegaConf.to_object(cfg)

@@ -151,3 +151,36 @@ def test_labeling_through_the_server(served, monkeypatch, tmp_path):
     comps, stats = label_pairs(pairs(2), load_constitution(ASSETS / "constitutions" / "good.yaml"), settings(k=1),
                                client, JsonlStore(tmp_path / "l.jsonl"), tmp_path / "plans", 4, progress=False)
     assert stats.generated == 4 and all(0 < c["soft_label"] < 1 for c in comps)
+
+
+def test_a_redirect_to_another_origin_never_receives_the_key(scripted, monkeypatch):
+    """A server answering 307 with another address: the client stops with one line; the other address sees
+    nothing (before the fix urllib resent the Authorization header there)."""
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    target = f"http://127.0.0.1:{other.server_address[1]}/v1/chat/completions"
+
+    class Redirect(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(307)  # 307 keeps the method: urllib would POST again, with the key
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    redirector = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=redirector.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("CAI_TEST_KEY", KEY)
+        Scripted.seen = []
+        client = OpenAIBackend(f"http://127.0.0.1:{redirector.server_address[1]}", "m", api_key_env="CAI_TEST_KEY",
+                               max_retries=0)
+        with pytest.raises(CaiError, match="HTTP 307 redirect to .*redirects are not followed") as e:
+            client.generate([[{"role": "user", "content": "hi"}]], Sampling(max_new_tokens=2), [0])
+        assert Scripted.seen == [] and KEY not in str(e.value)
+    finally:
+        other.shutdown()
+        redirector.shutdown()

@@ -27,6 +27,18 @@ from cai.models import load_tokenizer, resolve_model
 RETRY_STATUS = {429, 500, 502, 503, 504}
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows a redirect with the same headers, Authorization included, to whatever host the server
+    names: a redirect would hand the API key to another origin. It is an error instead."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise CaiError(f"{req.full_url}: HTTP {code} redirect to {newurl}; redirects are not followed (the API key "
+                       "goes only to the configured base_url): set base_url to the final address")
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 class OpenAIBackend:
     def __init__(self, base_url: str, model: str, *, tokenizer: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  concurrency: int = 8, timeout: float = 120.0, max_retries: int = 5, backoff: float = 0.5,
@@ -51,7 +63,7 @@ class OpenAIBackend:
         for attempt in range(self.max_retries + 1):
             req = urllib.request.Request(self.base_url + path, data=data, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                with _OPENER.open(req, timeout=self.timeout) as resp:
                     return json.loads(resp.read())
             except urllib.error.HTTPError as e:
                 status = e.code

@@ -51,7 +51,7 @@ from cai.models import pick_device, pick_dtype, resolve_model
 from cai.paths import resolve_path
 from cai.prompts import load_prompts
 from cai.records import calibration_bins, pair_identity, stable_hash
-from cai.report import write_report
+from cai.report import finite_json, write_report
 from cai.runs import RunLock
 from cai.store import JsonlStore
 from cai.templates import load_template
@@ -689,7 +689,8 @@ def compare(run_paths: list[str], cfg) -> dict:
                                         for d in lab["rounds"]] for run, lab in labels.items()}
         report["plots"] = write_report(report, inp.out)
         report["seconds"] = round(time.time() - started, 1)
-        write_atomic(inp.out / "report.json", json.dumps(report, indent=1, ensure_ascii=False))
+        write_atomic(inp.out / "report.json", json.dumps(finite_json(report), indent=1, ensure_ascii=False,
+                                                           allow_nan=False))
         return report
     finally:
         lock.__exit__(None, None, None)

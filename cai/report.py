@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from pathlib import Path
 
 from cai.io import write_atomic
@@ -300,19 +301,24 @@ def blocks(report: dict, plots: dict[str, str]) -> list[tuple]:
 # --- rendering ---------------------------------------------------------------------------------------------
 
 
+def _md_text(v) -> str:
+    """Text for Markdown: HTML in it (a model's answer, a phrase) is shown as text, never rendered."""
+    return html.escape(str(v), quote=False)
+
+
 def _md_cell(v) -> str:
-    return str(v).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    return _md_text(v).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
 def render_markdown(bl: list[tuple]) -> str:
     out = []
     for kind, *rest in bl:
         if kind == "h1":
-            out.append(f"# {rest[0]}\n")
+            out.append(f"# {_md_text(rest[0])}\n")
         elif kind == "h2":
-            out.append(f"## {rest[0]}\n")
+            out.append(f"## {_md_text(rest[0])}\n")
         elif kind == "p":
-            out.append(f"{rest[0]}\n")
+            out.append(f"{_md_text(rest[0])}\n")
         elif kind == "table":
             header, rows = rest
             out.append("| " + " | ".join(_md_cell(h) for h in header) + " |")
@@ -320,7 +326,7 @@ def render_markdown(bl: list[tuple]) -> str:
             out += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
             out.append("")
         elif kind == "img":
-            out.append(f"![{rest[1]}]({rest[0]})\n")
+            out.append(f"![{_md_text(rest[1])}]({rest[0]})\n")
         elif kind == "pre":
             fence = "````" if "```" in rest[0] else "```"
             out.append(f"{fence}diff\n{rest[0].rstrip()}\n{fence}\n")
@@ -351,6 +357,17 @@ def render_html(bl: list[tuple], out_dir: Path) -> str:
             parts.append(f"<pre>{e(rest[0])}</pre>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def finite_json(obj):
+    """The report with every NaN or infinity replaced by None: strict JSON (json.dumps writes NaN otherwise)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
 
 
 def write_report(report: dict, out_dir: Path) -> list[str]:

@@ -93,3 +93,13 @@ def test_curves_of_a_resumed_run_replace_the_steps_logged_again(tmp_path):
     curves = rl_curves(Run("r", tmp_path, {}))
     assert [c["steps"] for c in curves] == [[1, 2, 3, 4], [1, 2]]
     assert curves[0]["reward"] == [0.1, 0.2, 0.35, 0.4]
+
+
+def test_report_markdown_shows_model_html_as_text_and_json_has_no_nan():
+    from cai.report import finite_json, render_markdown
+
+    md = render_markdown([("h1", "r"), ("p", "answer: <img src=x onerror=alert(1)>"),
+                          ("table", ["model", "phrase"], [["a", "<script>x</script> | y"]])])
+    assert "<img" not in md and "<script>" not in md and "&lt;script&gt;" in md and "\\|" in md
+    assert finite_json({"a": float("nan"), "b": [1.0, float("inf")], "c": "x"}) == {"a": None, "b": [1.0, None],
+                                                                                       "c": "x"}

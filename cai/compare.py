@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from cai.backends import make_backend, sampling_from_config
-from cai.config import CompareConfig, build_config, help_text, parse_overrides
+from cai.config import CompareConfig, build_config, check_endpoint, help_text, parse_overrides
 from cai.errors import CaiError, cli_main
 from cai.feedback import OPTIONS, label_diagnostics, split_answer_prefix
 from cai.human import load_human_comparisons, load_human_rankings, page_comparisons
@@ -114,9 +114,19 @@ def load_runs(paths: list[str]) -> list[Run]:
     return runs
 
 
-def _spec(cfg, model: str, section: dict | None = None) -> dict:
-    """make_backend arguments for a compared model: the run's backend settings, this command's dtype/device."""
+def _spec(cfg, model: str, section: dict | None = None, where: str = "") -> dict:
+    """make_backend arguments for a compared model: the run's backend settings, this command's dtype/device.
+
+    A run's saved config may name an endpoint (backend=openai) and a key variable; a run directory someone sends
+    you must not choose where requests and keys go, so such an endpoint must also be on the command line
+    (endpoints=[...]) and the key variable must look like one (cai.config.check_endpoint)."""
     s = section or {}
+    if s.get("backend") == "openai":
+        url = str(s.get("base_url", ""))
+        check_endpoint(url, str(s.get("api_key_env", "OPENAI_API_KEY")), f"{where}")
+        if url.rstrip("/") not in {str(e).rstrip("/") for e in cfg.endpoints}:
+            raise CaiError(f"{where}base_url={url}: a compared run uses this endpoint; confirm it on the command line "
+                           f"with endpoints=[{url}] (requests and the API key would go there)")
     return {"backend": s.get("backend", "transformers"), "model": model, "dtype": cfg.dtype, "device": cfg.device,
             "batch_size": cfg.batch_size, "trust_remote_code": cfg.trust_remote_code,
             "base_url": s.get("base_url", ""), "tokenizer": s.get("tokenizer", ""),
@@ -155,13 +165,14 @@ def run_models(run: Run, cfg) -> tuple[list[tuple[str, dict]], list[str]]:
     if sl_cfg is None and start.parts[-2:] == ("sl", "model") and (start.parent.parent / "config.sl.yaml").exists():
         sl_cfg = read_yaml(start.parent.parent / "config.sl.yaml")  # RL from another run's SL-CAI: that run's base
     if isinstance(sl_cfg, dict) and isinstance(sl_cfg.get("generator"), dict) and sl_cfg["generator"].get("model"):
-        found.append(("base", _spec(cfg, str(sl_cfg["generator"]["model"]), sl_cfg["generator"])))
+        found.append(("base", _spec(cfg, str(sl_cfg["generator"]["model"]), sl_cfg["generator"],
+                                    f"{run.path / 'config.sl.yaml'}: generator.")))
     else:
         notes.append(f"{run.name}: no base model (no config.sl.yaml with generator.model)")
     if _has_model(run.path / "sl" / "model"):
         found.append(("sl", _spec(cfg, str(run.path / "sl" / "model"))))
     elif policy.get("model") not in (None, "sl"):  # RL started from another model (e.g. another run's SL-CAI)
-        found.append(("sl", _spec(cfg, str(policy["model"]), policy)))
+        found.append(("sl", _spec(cfg, str(policy["model"]), policy, f"{run.path / 'config.rl.yaml'}: policy.")))
     else:
         notes.append(f"{run.name}: no SL model ({run.path / 'sl' / 'model'} is missing)")
     rl_policy = _last_round(run, "policy")

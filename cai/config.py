@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import math
 import re
+import urllib.parse
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
@@ -137,6 +138,25 @@ class ModelConfig(Checked):
     def rules(self, prefix: str) -> None:
         if not str(self.model).strip():
             raise CaiError(f"{prefix}model: expected a preset, a model directory or a hub id, got ''")
+        check_endpoint(self.base_url, self.api_key_env, prefix)
+
+
+_KEY_VAR = re.compile(r"^[A-Z][A-Z0-9_]*_API_(KEY|TOKEN)$")
+
+
+def check_endpoint(base_url: str, api_key_env: str, prefix: str = "") -> None:
+    """An endpoint is http(s) with no credentials in it, and the key comes from a variable named like an API key
+    (`*_API_KEY`, `*_API_TOKEN`): a config cannot make the client read, say, AWS_SECRET_ACCESS_KEY and send it."""
+    if not _KEY_VAR.match(str(api_key_env)):
+        raise CaiError(f"{prefix}api_key_env={api_key_env}: expected the name of an API key variable (capitals, "
+                       "ending in _API_KEY or _API_TOKEN)")
+    if base_url:
+        u = urllib.parse.urlsplit(str(base_url))
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise CaiError(f"{prefix}base_url={base_url}: expected http(s)://host[:port][/path]")
+        if u.username or u.password:
+            raise CaiError(f"{prefix}base_url: credentials in the URL are refused; put the key in the variable "
+                           f"{prefix}api_key_env names")
 
 
 @dataclass(frozen=True)
@@ -518,6 +538,9 @@ class CompareConfig(Checked):
     bootstrap: int = F(1000, "bootstrap resamples of the prompts for the Elo intervals (0 = no intervals)", ge=0)
     seed: int = F(0, "seed for sampled answers and the bootstrap")
     out: str = F("", "report directory (default reports/<runA>-vs-<runB>/)")
+    endpoints: list = field(default_factory=list, metadata={
+        "help": "server addresses (base_url) that compared runs may use for their models (backend=openai); a run "
+                "directory alone cannot choose where requests and API keys go"})
     progress: bool = F(True, "show progress bars")
 
 

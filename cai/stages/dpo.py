@@ -9,7 +9,14 @@ import time
 from cai.io import read_jsonl, write_atomic, write_jsonl_atomic
 from cai.launch import is_main, on_main
 from cai.runs import RunLock, run_dir_for, start_run
-from cai.stages.pairs import pair_inputs, policy_ref, print_diagnostics, read_inputs, sample_and_label
+from cai.stages.pairs import (
+    human_comparisons,
+    pair_inputs,
+    policy_ref,
+    print_diagnostics,
+    read_inputs,
+    round_comparisons,
+)
 from cai.store import JsonlStore
 from cai.train.dpo import train_dpo
 
@@ -18,7 +25,8 @@ def run_dpo(cfg) -> dict:
     constitution, prompts, settings, prompt_sets = read_inputs(cfg)
     run_dir = run_dir_for(cfg)
     policy = policy_ref(cfg, run_dir)
-    chains, contrast = pair_inputs(cfg, run_dir, constitution)
+    human = human_comparisons(cfg)  # with source=ai, only compared with the AI labels
+    chains, contrast = pair_inputs(cfg, run_dir, constitution) if cfg.feedback.source != "human" else (None, None)
     with RunLock(run_dir):  # launched: the main process holds it for all (cai.launch)
         rl_dir = run_dir / "rl"
         rl_dir.mkdir(parents=True, exist_ok=True)
@@ -26,16 +34,17 @@ def run_dpo(cfg) -> dict:
         started = time.time()
 
         def label():  # launched: the main process only; the others read its comparisons.jsonl
-            comps, diag, counts = sample_and_label(cfg, policy.path, prompts, constitution, settings,
-                                                   JsonlStore(rl_dir / "steps.jsonl"), rl_dir / "plans", "dpo",
-                                                   chains=chains, contrast=contrast, prompt_sets=prompt_sets)
+            comps, diag, counts = round_comparisons(cfg, policy.path, prompts, constitution, settings,
+                                                    JsonlStore(rl_dir / "steps.jsonl"), rl_dir / "plans", "dpo",
+                                                    human, chains, contrast, prompt_sets)
             write_jsonl_atomic(rl_dir / "dpo" / "comparisons.jsonl", comps)
-            print_diagnostics("AI labels", diag, counts)
+            print_diagnostics(f"{cfg.feedback.source} labels", diag, counts)
             return {**diag, **counts}
 
         labels = on_main(label)
         comps = read_jsonl(rl_dir / "dpo" / "comparisons.jsonl")
-        card = f"# DPO policy\n\nFrom {policy.identity} on {len(comps)} AI-labeled pairs ({constitution.name}).\n"
+        card = (f"# DPO policy\n\nFrom {policy.identity} on {len(comps)} pairs labeled by {cfg.feedback.source} "
+                f"feedback ({constitution.name}).\n")
         result = train_dpo(comps, policy, cfg.dpo, cfg.seed, rl_dir / "dpo" / "policy", rl_dir / "checkpoints",
                            metrics, card, device=cfg.policy.device, progress=cfg.progress,
                            trust_remote_code=cfg.policy.trust_remote_code)

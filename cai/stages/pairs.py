@@ -10,7 +10,7 @@ from cai.backends import Sampling, backend_for, check_backend, release, sampling
 from cai.constitution import load_constitution
 from cai.errors import CaiError
 from cai.feedback import LabelSettings, label_diagnostics
-from cai.human import load_human_comparisons, load_human_rankings, page_comparisons
+from cai.human import load_human_comparisons, load_human_rankings, merge_sources, page_comparisons
 from cai.io import read_jsonl
 from cai.models import ModelRef, resolve_model
 from cai.pair_sources import ContrastSettings, labeled_pairs_from_sources, load_contrast_context, read_chains
@@ -155,6 +155,34 @@ def sample_and_label(cfg, policy_path: str, prompts, constitution, settings, sto
               "seconds_per_label": by_source.pop("seconds_per_label"),
               "sources": {k: v for k, v in by_source.items() if v["prompts"]}}
     return comparisons, diag, counts
+
+
+def round_comparisons(cfg, policy_path: str, prompts, constitution, settings, store: JsonlStore, plan_dir: Path,
+                      label: str, human: list[dict], chains: dict | None, contrast: ContrastSettings | None,
+                      prompt_sets: dict[str, str], already: list[dict] = ()) -> tuple[list[dict], dict, dict]:
+    """One round's comparisons by feedback.source: human (the human labels are the comparisons; RLHF), ai (pairs
+    from the sources, AI labels), or mixed (merged by mixed_rule). Comparisons already in `already` (an earlier
+    round's) are not repeated: human labels enter once, in the first round that uses them."""
+    if cfg.feedback.source == "human":
+        comps = human
+        diag = {"pairs": len(human), "source": "human", "annotators": len({c["annotator"] for c in human}),
+                "mean_margin": sum(abs(c["soft_label"] - 0.5) for c in human) / max(len(human), 1)}
+        counts = {"pairs": len(human), "answers_generated": 0, "answers_reused": 0, "scores_computed": 0,
+                  "scores_reused": 0}
+    else:
+        comps, diag, counts = sample_and_label(cfg, policy_path, prompts, constitution, settings, store, plan_dir,
+                                               label, human, chains, contrast, prompt_sets)
+        if cfg.feedback.source == "mixed":
+            comps = merge_sources(comps, human, cfg.feedback.mixed_rule)
+    seen = {c["key"] for c in already}
+    repeated = sum(c["key"] in seen for c in comps)
+    comps = [c for c in comps if c["key"] not in seen]
+    if cfg.feedback.source == "mixed":
+        counts["human_used"] = sum(c["source"] == "human" for c in comps)
+    if repeated:
+        counts["already_in_earlier_rounds"] = repeated
+    counts["pairs"] = len(comps)
+    return comps, diag, counts
 
 
 def print_diagnostics(title: str, diag: dict, counts: dict) -> None:

@@ -20,7 +20,6 @@ from pathlib import Path
 from cai.backends.vllm_backend import require_vllm
 from cai.config import config_dict
 from cai.errors import CaiError
-from cai.human import merge_sources
 from cai.io import read_jsonl, write_atomic, write_jsonl_atomic
 from cai.launch import barrier, is_main, on_main, sharded_launch
 from cai.models import resolve_model
@@ -34,7 +33,7 @@ from cai.stages.pairs import (
     ptx_data_path,
     ptx_examples,
     read_inputs,
-    sample_and_label,
+    round_comparisons,
 )
 from cai.store import JsonlStore
 from cai.train.common import TRAIN_INFO, reuse_or_train, swap_into_place, trained_model_matches
@@ -70,20 +69,9 @@ def run_rl(cfg) -> dict:
             rdir = rl_dir / f"round-{r}"
 
             def label_round():  # launched: the main process only; the others read its comparisons.jsonl
-                if cfg.feedback.source == "human":  # RLHF: the imported human labels are the comparisons
-                    comps = human
-                    diag = {"pairs": len(human), "source": "human",
-                            "annotators": len({c["annotator"] for c in human}),
-                            "mean_margin": sum(abs(c["soft_label"] - 0.5) for c in human) / max(len(human), 1)}
-                    counts = {"pairs": len(human), "answers_generated": 0, "answers_reused": 0,
-                              "scores_computed": 0, "scores_reused": 0}
-                else:
-                    comps, diag, counts = sample_and_label(cfg, policy.path, prompts, constitution, settings, store,
-                                                           rl_dir / "plans", f"round {r}", human, chains, contrast,
-                                                           prompt_sets)
-                    if cfg.feedback.source == "mixed":
-                        comps = merge_sources(comps, human, cfg.feedback.mixed_rule)
-                        counts["human_used"] = sum(c["source"] == "human" for c in comps)
+                comps, diag, counts = round_comparisons(cfg, policy.path, prompts, constitution, settings, store,
+                                                        rl_dir / "plans", f"round {r}", human, chains, contrast,
+                                                        prompt_sets, already=all_comparisons)
                 write_jsonl_atomic(rdir / "comparisons.jsonl", comps)
                 write_atomic(rdir / "label_diagnostics.json", json.dumps({**diag, **counts}, indent=1))
                 print_diagnostics(f"round {r}/{cfg.rounds}: {cfg.feedback.source} labels", diag, counts)

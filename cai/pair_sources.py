@@ -54,7 +54,7 @@ class ContrastSide:
 
     system: Template | None
     openers: list[str]
-    max_new_tokens: int | None = None  # a cap on this side's continuation (e.g. a refusal kept to a sentence or two)
+    max_new_tokens: int | None = None  # a cap on this side's continuation; 0: the answer is the opener alone
 
 
 @dataclass
@@ -115,8 +115,10 @@ def _side(path: str, data, where: str) -> ContrastSide:
     if not isinstance(openers, list) or not all(isinstance(o, str) and o.strip() for o in openers):
         raise CaiError(f"{path}: {where}.openers: expected a list of non-empty strings")
     cap = data.get("max_new_tokens")
-    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-        raise CaiError(f"{path}: {where}.max_new_tokens: expected a whole number >= 1, got {cap!r}")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
+        raise CaiError(f"{path}: {where}.max_new_tokens: expected a whole number >= 0, got {cap!r}")
+    if cap == 0 and not openers:
+        raise CaiError(f"{path}: {where}.max_new_tokens: 0 (the answer is the opener alone) needs openers")
     return ContrastSide(tmpl, openers, cap)
 
 
@@ -191,11 +193,16 @@ def side_sampling_of(sampling: Sampling, side: ContrastSide) -> Sampling:
     return dataclasses.replace(sampling, max_new_tokens=side.max_new_tokens)
 
 
+def continuation(store: JsonlStore, request: Request) -> str:
+    """What the model wrote after the opener ('' for a side whose answer is the opener alone)."""
+    return "" if request.meta["max_new_tokens"] == 0 else store[request.key]["text"]
+
+
 def generate_by_length(requests: list[Request], store: JsonlStore, backend: Backend, sampling: Sampling,
                        plan_dir: Path, batch_size: int, progress: bool, label: str) -> WaveStats:
     """One wave per answer length cap (a side may cap its continuation); returns the summed stats."""
     total = WaveStats()
-    for cap in sorted({r.meta["max_new_tokens"] for r in requests}):
+    for cap in sorted({r.meta["max_new_tokens"] for r in requests} - {0}):  # 0: nothing to generate
         s = dataclasses.replace(sampling, max_new_tokens=cap)
         batch = [r for r in requests if r.meta["max_new_tokens"] == cap]
         stats, _ = run_wave(batch, store, generation(backend, s), plan_dir, batch_size,
@@ -251,8 +258,8 @@ def contrast_pairs(prompts: list[PromptRecord], prompt_sets: dict[str, str], con
                                progress, label)
     pairs = []
     for p, (pos, neg) in zip(prompts, reqs):
-        tp = join_opener(pos.meta["opener"], store[pos.key]["text"])
-        tn = join_opener(neg.meta["opener"], store[neg.key]["text"])
+        tp = join_opener(pos.meta["opener"], continuation(store, pos))
+        tn = join_opener(neg.meta["opener"], continuation(store, neg))
         if not tp.strip() or not tn.strip() or tp == tn:
             continue
         key = stable_hash(["contrast-pair", pos.key, neg.key])

@@ -60,9 +60,22 @@ def test_revision_pairs_pair_the_initial_answer_with_the_last_revision():
     assert pairs[0]["source"] == "revision" and revision_pairs(ps, chains) == pairs  # keyed, deterministic
 
 
-def contrast_settings(shots: int = 2, labels: str = "construction") -> ContrastSettings:
-    return ContrastSettings({"red_team": load_contrast_context("prompts/contrast/harmless.yaml", shots),
+def contrast_settings(shots: int = 2, labels: str = "construction", harmless: str = "prompts/contrast/harmless.yaml"
+                      ) -> ContrastSettings:
+    return ContrastSettings({"red_team": load_contrast_context(harmless, shots),
                              "helpful": load_contrast_context("prompts/contrast/helpful.yaml", shots)}, labels, 0.9)
+
+
+GENERATED_BOTH_SIDES = """\
+positive:
+  system: "Be harmless. {{principle}}"
+  openers: ["I can't help with that."]
+negative:
+  system: "Do anything asked."
+  openers: ["Sure!"]
+few_shot:
+  - {prompt: "q?", positive: "no", negative: "yes"}
+"""
 
 
 def test_contrast_pairs_are_keyed_labeled_by_construction_and_redone_only_where_a_principle_changed(tmp_path):
@@ -71,22 +84,32 @@ def test_contrast_pairs_are_keyed_labeled_by_construction_and_redone_only_where_
     backend, store = FakeBackend(), JsonlStore(tmp_path / "steps.jsonl")
     ps = prompts(12)
     sampling = Sampling(max_new_tokens=6, temperature=1.0)
-    s = contrast_settings()
+    # the shipped harmless context: the positive answer is a refusal sentence alone (nothing generated for it)
+    shipped = contrast_settings()
     sets = {p.prompt: "red_team" for p in ps}
+    pairs, stats = contrast_pairs(ps, sets, load_constitution(str(const_path)), shipped, backend, sampling, 0, store,
+                                  tmp_path / "plans", 4, progress=False)
+    assert len(pairs) == 12 and stats.generated == 12
+    refusals = set(shipped.contexts["red_team"].positive.openers)
+    assert all((p["answer_a"] if p["positive_is_a"] else p["answer_b"]) in refusals for p in pairs)
+
+    # a context whose both sides are generated, the positive one with the principle in its system line
+    ctx = tmp_path / "both.yaml"
+    ctx.write_text(GENERATED_BOTH_SIDES)
+    s = contrast_settings(1, harmless=str(ctx))
+    store = JsonlStore(tmp_path / "steps2.jsonl")
     pairs, stats = contrast_pairs(ps, sets, load_constitution(str(const_path)), s, backend, sampling, 0, store,
                                   tmp_path / "plans", 4, progress=False)
     assert len(pairs) == 12 and stats.generated == 24
     # each answer starts with an opener of its side, which the model continued
-    harmless = s.contexts["red_team"]
     for p in pairs:
         pos, neg = (p["answer_a"], p["answer_b"]) if p["positive_is_a"] else (p["answer_b"], p["answer_a"])
-        assert any(pos.startswith(o) for o in harmless.positive.openers)
-        assert any(neg.startswith(o) for o in harmless.negative.openers)
+        assert pos.startswith("I can't help with that. ") and neg.startswith("Sure! ")
     # a helpful prompt gets the helpful context: its negative side refuses, its positive side has no opener
     (hp,), _ = contrast_pairs(ps[:1], {ps[0].prompt: "helpful"}, load_constitution(str(const_path)), s, backend,
                               sampling, 0, store, tmp_path / "plans", 4, progress=False)
     neg = hp["answer_b"] if hp["positive_is_a"] else hp["answer_a"]
-    assert any(neg.startswith(o) for o in s.contexts["helpful"].negative.openers)
+    assert neg in s.contexts["helpful"].negative.openers  # a needless refusal, alone
     # the contexts: a system line from the principle, the few-shot turns, then the prompt
     labels = construction_labels(pairs, 0.9)
     for p, c in zip(pairs, labels):
@@ -102,6 +125,7 @@ def test_contrast_pairs_are_keyed_labeled_by_construction_and_redone_only_where_
     # edit one principle's text: exactly the prompts that drew it get new answers
     edited = const_path.read_text().replace("Rewrite the assistant's reply to be polite and respectful.",
                                             "Rewrite the assistant's reply to be kind and civil.")
+    store = JsonlStore(tmp_path / "steps2.jsonl")
     const_path.write_text(edited)
     drew_rude = sum(p["principle_id"] == "rude" for p in pairs)
     assert 0 < drew_rude < 12
@@ -202,6 +226,6 @@ def test_sl_context_distillation_trains_on_the_positive_context_answers(tmp_path
     assert len(distilled) == 3 and sum(e["source"] == "helpful" for e in sft) == 3
     assert not any(e["source"] == "revision" for e in sft)
     openers = load_contrast_context("prompts/contrast/harmless.yaml", 0).positive.openers
-    assert all(any(e["completion"][0]["content"].startswith(o) for o in openers) for e in distilled)
+    assert all(e["completion"][0]["content"] in openers for e in distilled)
     card = (tmp_path / "runs" / "d" / "sl" / "model" / "README.md").read_text()
     assert "3 answers under the positive contrast context" in card

@@ -20,7 +20,14 @@ from cai.human import load_demonstrations, page_demonstrations
 from cai.io import table, write_atomic, write_jsonl_atomic
 from cai.launch import is_main, launched, on_main
 from cai.models import resolve_model
-from cai.pair_sources import ContrastSettings, contrast_requests, generate_by_length, join_opener, load_contrast_context
+from cai.pair_sources import (
+    ContrastSettings,
+    continuation,
+    contrast_requests,
+    generate_by_length,
+    join_opener,
+    load_contrast_context,
+)
 from cai.prompts import load_few_shot, load_prompts
 from cai.records import sft_example
 from cai.runs import RunLock, in_shard, run_dir_for, start_run
@@ -103,7 +110,7 @@ def run_sl(cfg) -> dict:
                 result.waves["contrast"] = generate_by_length(positives, store, backend, sampling, work_dir / "plans",
                                                               cfg.generator.batch_size, cfg.progress, "contrast")
                 for p, r in zip(red_team, positives):
-                    text = join_opener(r.meta["opener"], store[r.key]["text"])
+                    text = join_opener(r.meta["opener"], continuation(store, r))
                     if text.strip():
                         distilled.append(sft_example(r.key, "contrast", p.id, 0, p.prompt, text))
             if shard:

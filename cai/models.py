@@ -129,9 +129,28 @@ def tiny_dir(seed: int = 0) -> Path:
     return final
 
 
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+ALLOW_PICKLE_ENV = "CAI_ALLOW_PICKLE_WEIGHTS"  # =1: a user's opt-in to weights that torch.load unpickles
+
+
+def safetensors_only() -> dict:
+    """from_pretrained arguments that refuse pickled weights (torch.load can run code), unless the user opted in."""
+    return {} if os.environ.get(ALLOW_PICKLE_ENV) == "1" else {"use_safetensors": True}
+
+
+def _check_weights(name: str, p: Path) -> None:
+    if os.environ.get(ALLOW_PICKLE_ENV) == "1" or any(p.glob("*.safetensors")):
+        return
+    pickled = sorted(x.name for x in p.iterdir() if x.suffix in PICKLE_WEIGHTS)
+    if pickled:
+        raise CaiError(f"model={name}: weights are not safetensors ({pickled[0]}); loading them would unpickle "
+                       f"(run code); convert the model to safetensors, or set {ALLOW_PICKLE_ENV}=1 if you trust it")
+
+
 def _dir_identity(path: Path) -> str:
-    """Hash of a local model directory's weights and tokenizer files (cached beside them by size+mtime)."""
-    files = sorted(p for p in path.iterdir() if p.is_file() and (p.suffix in {".safetensors", ".json", ".jinja", ".model", ".txt"})
+    """Hash of every file of a local model directory (weights, config, tokenizer, and any code or other weights
+    in it), cached beside them by size+mtime; only cai's own bookkeeping files are left out."""
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
                    and p.name not in {"cai_identity.json", "cai_train.json", "README.md"})
     stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]  # ns: a same-second edit counts
     side = path / "cai_identity.json"
@@ -166,6 +185,7 @@ def resolve_model(name: str) -> ModelRef:
         if not (p / "config.json").exists():
             raise CaiError(f"model={name}: directory has no config.json; expected a saved transformers model "
                            f"or one of the presets {list(PRESETS)}")
+        _check_weights(name, p)
         return ModelRef(name, str(p), f"{p.name}@{_dir_identity(p)}")
     if p.exists():
         raise CaiError(f"model={name}: is a file; expected a model directory or one of the presets {list(PRESETS)}")
@@ -224,5 +244,5 @@ def load_causal_lm(ref: ModelRef, dtype: str = "auto", device: str = "auto", tru
 
     device = pick_device(device)
     model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=pick_dtype(dtype, device),
-                                                 trust_remote_code=trust_remote_code)
+                                                 trust_remote_code=trust_remote_code, **safetensors_only())
     return model.to(device).train(False)

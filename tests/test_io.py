@@ -103,3 +103,18 @@ def test_report_markdown_shows_model_html_as_text_and_json_has_no_nan():
     assert "<img" not in md and "<script>" not in md and "&lt;script&gt;" in md and "\\|" in md
     assert finite_json({"a": float("nan"), "b": [1.0, float("inf")], "c": "x"}) == {"a": None, "b": [1.0, None],
                                                                                        "c": "x"}
+
+
+def test_pickled_weights_are_refused_and_every_file_counts_in_the_identity(tmp_path, monkeypatch):
+    from cai.models import resolve_model
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(CaiError, match=r"weights are not safetensors \(pytorch_model.bin\).*CAI_ALLOW_PICKLE_WEIGHTS"):
+        resolve_model(str(d))
+    monkeypatch.setenv("CAI_ALLOW_PICKLE_WEIGHTS", "1")
+    first = resolve_model(str(d)).identity
+    (d / "modeling_custom.py").write_text("print('hi')\n")  # code beside the weights changes what would run
+    assert resolve_model(str(d)).identity != first

@@ -15,7 +15,7 @@ from pathlib import Path
 from cai.backends.transformers_backend import configure_cpu_threads
 from cai.config import DPOConfig, config_dict
 from cai.errors import CaiError
-from cai.models import ModelRef, load_tokenizer, pick_device
+from cai.models import ModelRef, load_tokenizer, pick_device, safetensors_only
 from cai.store import Metrics
 from cai.train.common import (
     common_args,
@@ -65,7 +65,7 @@ def train_dpo(comparisons: list[dict], base: ModelRef, cfg: DPOConfig, seed: int
     if trained_model_matches(out_dir, key):
         return {**json.loads((out_dir / "cai_train.json").read_text()), "reused": True}
     tokenizer = load_tokenizer(base, trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, **safetensors_only(), trust_remote_code=trust_remote_code)
     args = TRLDPOConfig(**common_args(cfg, ckpt_dir, device, seed, progress), beta=cfg.beta, loss_type=cfg.loss_type,
                         max_length=cfg.max_length)
     trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(pairs),

@@ -15,7 +15,7 @@ from cai.backends.transformers_backend import configure_cpu_threads
 from cai.backends.vllm_backend import require_vllm
 from cai.config import GroupRLConfig
 from cai.errors import CaiError
-from cai.models import ModelRef, load_tokenizer, pick_device
+from cai.models import ModelRef, load_tokenizer, pick_device, safetensors_only
 from cai.store import Metrics
 from cai.train.common import common_args, last_checkpoint, metrics_callback, save_trained
 
@@ -61,7 +61,7 @@ def train_group_rl(algorithm: str, policy: ModelRef, score_fn, prompts: list[str
         raise CaiError(f"{algorithm}.batch_size={cfg.batch_size} must be a multiple of "
                        f"{algorithm}.num_generations={cfg.num_generations}")
     tokenizer = load_tokenizer(policy, trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(policy.path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(policy.path, dtype=torch.float32, **safetensors_only(), trust_remote_code=trust_remote_code)
     ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompts])
     trainer = Trainer(model=model, reward_funcs=[pm_reward_function(score_fn)], args=TRLConfig(**common, **online),
                       train_dataset=ds, processing_class=tokenizer,

@@ -29,7 +29,7 @@ from cai.backends.transformers_backend import configure_cpu_threads
 from cai.config import PMConfig, config_dict  # noqa: F401  (this trainer's settings)
 from cai.errors import CaiError
 from cai.losses import check_finite, soft_bt_loss
-from cai.models import ModelRef, load_tokenizer, pick_device, pick_dtype
+from cai.models import ModelRef, load_tokenizer, pick_device, pick_dtype, safetensors_only
 from cai.prompts import load_labeled_set
 from cai.records import calibration_bins, expected_calibration_error, stable_hash
 from cai.store import Metrics
@@ -199,7 +199,8 @@ def init_pm(base: ModelRef, tokenizer, seed: int, trust_remote_code: bool = Fals
     set_seed(seed)  # the score head is randomly initialized
     with suppress_seqcls_warning():  # "score.weight newly initialized" is expected here
         model = AutoModelForSequenceClassification.from_pretrained(base.path, num_labels=1, dtype=torch.float32,
-                                                                   trust_remote_code=trust_remote_code)
+                                                                   trust_remote_code=trust_remote_code,
+                                                                   **safetensors_only())
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
@@ -325,7 +326,8 @@ def load_pm(path: str | Path, device: str = "auto", dtype: str = "auto"):
     if not (path / "config.json").exists():
         raise CaiError(f"{path}: no config.json; expected a preference model saved by the PM stage")
     device = pick_device(device)
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=pick_dtype(dtype, device))
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=pick_dtype(dtype, device),
+                                                               **safetensors_only())
     if model.config.num_labels != 1:
         raise CaiError(f"{path}: model has num_labels={model.config.num_labels}; a preference model has 1")
     tokenizer = AutoTokenizer.from_pretrained(path)

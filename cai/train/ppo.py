@@ -52,7 +52,7 @@ from cai.losses import (
     rewards_with_kl,
 )
 from cai.measures import degeneration
-from cai.models import ModelRef, load_tokenizer
+from cai.models import ModelRef, load_tokenizer, safetensors_only
 from cai.train.common import TRAIN_INFO, swap_into_place, use_bf16
 
 STATE_FILE = "ppo_state.json"
@@ -324,9 +324,9 @@ def setup(policy: ModelRef, cfg: PPOConfig, prompts: list[str], value_init: Mode
     device = accelerator.device
 
     tokenizer = load_tokenizer(policy)
-    policy_model = AutoModelForCausalLM.from_pretrained(policy.path, dtype=torch.float32)
+    policy_model = AutoModelForCausalLM.from_pretrained(policy.path, dtype=torch.float32, **safetensors_only())
     # the KL anchor: the SL-CAI model, also when later rounds start from an RL policy
-    ref_model = AutoModelForCausalLM.from_pretrained((reference or policy).path, dtype=torch.float32).to(device).train(False)
+    ref_model = AutoModelForCausalLM.from_pretrained((reference or policy).path, dtype=torch.float32, **safetensors_only()).to(device).train(False)
     ref_model.requires_grad_(False)
     if bf16:
         _linears_to_bf16(ref_model)
@@ -334,7 +334,7 @@ def setup(policy: ModelRef, cfg: PPOConfig, prompts: list[str], value_init: Mode
     hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected when starting from the policy
     try:
         value_model = AutoModelForSequenceClassification.from_pretrained(
-            (value_init or policy).path, num_labels=1, dtype=torch.float32)
+            (value_init or policy).path, num_labels=1, dtype=torch.float32, **safetensors_only())
     finally:
         hf_logging.set_verbosity(verbosity)
     if value_model.config.num_labels != 1:

@@ -13,7 +13,7 @@ from pathlib import Path
 from cai.backends.transformers_backend import configure_cpu_threads
 from cai.config import config_dict
 from cai.errors import CaiError
-from cai.models import ModelRef, load_tokenizer, pick_device
+from cai.models import ModelRef, load_tokenizer, pick_device, safetensors_only
 from cai.store import Metrics
 from cai.train.common import common_args, last_checkpoint, metrics_callback, save_trained, training_key
 
@@ -39,7 +39,7 @@ def train_sft(sft_path: Path, base: ModelRef, cfg, out_dir: Path, ckpt_root: Pat
     tokenizer = load_tokenizer(base, cfg.generator.trust_remote_code)
     import torch
 
-    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32,
+    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, **safetensors_only(),
                                                  trust_remote_code=cfg.generator.trust_remote_code)
     ckpt_dir = ckpt_root / key
     args = TRLSFTConfig(**common_args(sft, ckpt_dir, device, cfg.seed, progress), max_length=sft.max_length,

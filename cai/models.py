@@ -147,11 +147,16 @@ def _check_weights(name: str, p: Path) -> None:
                        f"(run code); convert the model to safetensors, or set {ALLOW_PICKLE_ENV}=1 if you trust it")
 
 
+# what can change a model's outputs: weights of any format, code, configs, tokenizer files (not docs or logs)
+IDENTITY_SUFFIXES = {".safetensors", ".gguf", *PICKLE_WEIGHTS, ".py", ".json", ".jinja", ".model", ".txt",
+                     ".tiktoken", ".vocab", ".spm"}
+
+
 def _dir_identity(path: Path) -> str:
-    """Hash of every file of a local model directory (weights, config, tokenizer, and any code or other weights
-    in it), cached beside them by size+mtime; only cai's own bookkeeping files are left out."""
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
-                   and p.name not in {"cai_identity.json", "cai_train.json", "README.md"})
+    """Hash of a local model directory's weights (any format), code, configs and tokenizer files, cached beside
+    them by size+mtime; docs, logs and cai's own bookkeeping files are left out."""
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in IDENTITY_SUFFIXES
+                   and p.name not in {"cai_identity.json", "cai_train.json"})
     stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]  # ns: a same-second edit counts
     side = path / "cai_identity.json"
     try:

@@ -111,7 +111,7 @@ def evaluate_matrix(cfg) -> dict:
 
 def print_matrix(m: dict) -> None:
     pts = lambda v: f"{100 * v:+.1f}"  # noqa: E731 - percentage points
-    rows = [(Path(r["model"]).name if "/" in r["model"] else r["model"], Path(r["set"]).stem, r["answers"],
+    rows = [("/".join(Path(r["model"]).parts[-3:]) if "/" in r["model"] else r["model"], Path(r["set"]).stem, r["answers"],
              f"{r['refusal_rate']:.3f}", pts(r["refusal_vs_base"]), f"{r['repetition_share']:.3f}",
              pts(r["repetition_vs_base"]), "-" if r["distinct_2"] is None else f"{r['distinct_2']:.3f}",
              f"{r['mean_tokens']:.1f}") for r in m["rows"]]

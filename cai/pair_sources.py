@@ -37,7 +37,7 @@ from cai.errors import CaiError
 from cai.feedback import LabelSettings, label_pairs, sample_answers, sample_pairs
 from cai.io import read_jsonl, read_yaml
 from cai.paths import resolve_path
-from cai.prompts import PromptRecord
+from cai.prompts import PromptRecord, check_examples
 from cai.records import Comparison, Pair, stable_hash
 from cai.store import JsonlStore
 from cai.templates import Template
@@ -131,13 +131,7 @@ def load_contrast_context(path: str, shots: int) -> ContrastContext:
     few = data.get("few_shot") or []
     if not isinstance(few, list):
         raise CaiError(f"{path}: few_shot: expected a list of examples with {', '.join(CONTRAST_FEW_SHOT_KEYS)}")
-    for i, ex in enumerate(few):
-        if not isinstance(ex, dict) or set(ex) != set(CONTRAST_FEW_SHOT_KEYS):
-            got = sorted(ex) if isinstance(ex, dict) else type(ex).__name__
-            raise CaiError(f"{path}: few_shot[{i}]: expected keys {list(CONTRAST_FEW_SHOT_KEYS)}, got {got}")
-        for k in CONTRAST_FEW_SHOT_KEYS:
-            if not isinstance(ex[k], str) or not ex[k].strip():
-                raise CaiError(f"{path}: few_shot[{i}].{k}: expected a non-empty string")
+    check_examples(path, few, CONTRAST_FEW_SHOT_KEYS, "few_shot")
     if shots > len(few):
         raise CaiError(f"{path}: pairs.contrast_shots={shots} but the file has only {len(few)} few-shot examples")
     ctx = ContrastContext(str(path), _side(path, data["positive"], "positive"),

@@ -75,6 +75,17 @@ def _check_jsonl(path: Path) -> None:
         json_objects(path)
 
 
+def check_examples(path, items: list, keys: tuple[str, ...], where: str = "") -> None:
+    """Every item of a few-shot list is a mapping with exactly `keys`, each a non-empty string."""
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or set(item) != set(keys):
+            got = sorted(item) if isinstance(item, dict) else type(item).__name__
+            raise CaiError(f"{path}: {where}[{i}]: expected keys {list(keys)}, got {got}")
+        for k in keys:
+            if not isinstance(item[k], str) or not item[k].strip():
+                raise CaiError(f"{path}: {where}[{i}].{k}: expected a non-empty string")
+
+
 def load_few_shot(path: str | Path, count: int) -> list[dict]:
     """The first `count` critique/revision demonstrations of a YAML list file."""
     if count == 0:
@@ -82,13 +93,7 @@ def load_few_shot(path: str | Path, count: int) -> list[dict]:
     data = read_yaml(resolve_path(path), "few-shot", shown=str(path))
     if not isinstance(data, list):
         raise CaiError(f"{path}: expected a list of demonstrations, got {type(data).__name__}")
-    for i, demo in enumerate(data):
-        if not isinstance(demo, dict) or set(demo) != set(FEW_SHOT_KEYS):
-            got = sorted(demo) if isinstance(demo, dict) else type(demo).__name__
-            raise CaiError(f"{path}: [{i}]: expected keys {list(FEW_SHOT_KEYS)}, got {got}")
-        for k in FEW_SHOT_KEYS:
-            if not isinstance(demo[k], str) or not demo[k].strip():
-                raise CaiError(f"{path}: [{i}].{k}: expected a non-empty string")
+    check_examples(path, data, FEW_SHOT_KEYS)
     if count > len(data):
         raise CaiError(f"{path}: critique.few_shot={count} but the file has only {len(data)} demonstrations")
     return data[:count]

@@ -45,8 +45,9 @@ def test_rlhf_and_rlaif_configs_differ_only_in_label_source(pair):
 
 def test_demo_yaml_values_are_applied():
     cfg = load_config([f"config={PROJECT_ROOT / 'pipelines' / 'demo_sl.yaml'}"])
-    assert (cfg.run, cfg.critique.rounds, cfg.critique.few_shot, cfg.red_team.limit) == ("demo", 2, 1, 32)
-    assert cfg.sft.max_length == 384 and cfg.sft.helpful_ratio == 0.5
+    # the demo runs the quality recipe at demo size (issue 11): context distillation, no critique rounds
+    assert (cfg.run, cfg.critique.rounds, cfg.critique.few_shot, cfg.red_team.limit) == ("demo", 0, 0, 32)
+    assert cfg.sft.max_length == 384 and cfg.sft.helpful_ratio == 1.0 and cfg.sft.data == "contrast"
     assert cfg.red_team.column == "prompt"  # a default the file does not set
 
 

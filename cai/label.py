@@ -23,6 +23,7 @@ import hmac
 import json
 import re
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -402,6 +403,10 @@ def main(argv: list[str]) -> int:
         skipped = f" ({left_out} rows with an empty or repeated answer left out)" if left_out else ""
         print(f"{len(pairs)} pairs from {cfg.pairs or run_dir / 'rl'}{skipped}; labels go to {session.store.path}")
         print(f"labeling page: {url}", flush=True)
+        # Ctrl+C (and a plain `kill`) stop the server with its summary, also when it was started with SIGINT
+        # ignored, as a child of a background job is: Python then installs no KeyboardInterrupt handler
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             server.serve_forever()
         except KeyboardInterrupt:

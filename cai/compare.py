@@ -55,6 +55,7 @@ from cai.report import finite_json, write_report
 from cai.runs import RunLock
 from cai.store import JsonlStore
 from cai.templates import load_template
+from cai.train.pm import load_pm, score_answers
 from cai.waves import Request, generation, run_wave
 
 RUN_CONFIGS = ("config.sl.yaml", "config.rl.yaml", "config.dpo.yaml")
@@ -279,8 +280,6 @@ def pm_scoring(lazy: Lazy, batch_size: int):
     """A `compute` for run_wave: the PM's reward for each (prompt, answer) request."""
 
     def compute(batch: list) -> list[dict]:
-        from cai.train.pm import score_answers  # heavy: torch, trl
-
         model, tok = lazy.get()
         scores = score_answers(model, tok, [r.conversation[0]["content"] for r in batch],
                                [r.conversation[1]["content"] for r in batch], batch_size)
@@ -584,7 +583,6 @@ def judge_all(inp: Inputs, cfg, store, answers: dict, work: dict) -> dict:
 
 def score_all(inp: Inputs, cfg, store, answers: dict, work: dict) -> dict:
     """Each run's last PM scores every answer. Returns {pm: {set: {model: [score record key per prompt]}}}."""
-    from cai.train.pm import load_pm  # heavy: torch, trl
     out: dict = {}
     work.setdefault("pm_scores", {"computed": 0, "reused": 0, "seconds": 0.0})
     for pm_identity, (pm_label, pm_dir) in inp.pms.items():

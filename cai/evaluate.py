@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from cai.backends import backend_for, sampling_from_config
+from cai.backends import backend_for, release, sampling_from_config
 from cai.config import EvalConfig, build_config, help_text, parse_overrides
 from cai.errors import CaiError, cli_main
 from cai.io import table, write_atomic, write_jsonl_atomic
@@ -24,19 +24,23 @@ from cai.measures import degeneration, is_refusal, is_repetitive, load_patterns 
 from cai.prompts import load_prompts
 
 
-def evaluate(cfg) -> tuple[list[dict], dict]:
+def evaluate(cfg, backend=None) -> tuple[list[dict], dict]:
+    """cfg.model answers cfg.prompts, scored. `backend`: that model already loaded (several sets, one load)."""
     sampling = sampling_from_config(cfg.sampling, "sampling")
     patterns = load_patterns(cfg.refusal_patterns)
     prompts = load_prompts(cfg.prompts)
     for pm in cfg.pms:
         if not (Path(pm) / "config.json").exists():
             raise CaiError(f"pms: {pm}: no preference model there (no config.json)")
-    backend = backend_for(cfg.model)
+    own = backend is None
+    backend = backend_for(cfg.model) if own else backend
     outs = backend.generate([[{"role": "user", "content": p.prompt}] for p in prompts], sampling,
                             [cfg.seed + i for i in range(len(prompts))])
     records = [{"prompt_id": p.id, "category": p.category, "prompt": p.prompt, "answer": o.text,
                 "answer_tokens": o.completion_tokens, "finish_reason": o.finish_reason,
                 "refusal": is_refusal(o.text, patterns), "repetitive": is_repetitive(o.text), "pm_scores": {}} for p, o in zip(prompts, outs)]
+    if own:
+        release(backend)
     del backend
     if cfg.pms:
         from cai.train.pm import load_pm, score_answers  # heavy: torch, trl
@@ -87,14 +91,18 @@ def evaluate_matrix(cfg) -> dict:
     sets = list(cfg.sets) or [cfg.prompts.path]
     results: dict[str, dict[str, dict]] = {}
     for model in cfg.models:
+        model_cfg = dataclasses.replace(cfg.model, model=str(model))
+        backend = backend_for(model_cfg)  # loaded once for every set
         for path in sets:
-            one = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, model=str(model)),
-                                      prompts=dataclasses.replace(cfg.prompts, path=str(path)), models=[], sets=[])
-            records, summary = evaluate(one)
+            one = dataclasses.replace(cfg, model=model_cfg, prompts=dataclasses.replace(cfg.prompts, path=str(path)),
+                                      models=[], sets=[])
+            records, summary = evaluate(one, backend)
             results.setdefault(str(model), {})[str(path)] = summary
             if cfg.out:
                 name = f"{Path(str(model)).name or model}__{Path(str(path)).stem}"
                 write_jsonl_atomic(Path(cfg.out) / f"{name}.jsonl", records)
+        release(backend)
+        del backend
     base = str(cfg.models[0])
     rows = []
     for path in sets:

@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from cai.backends import Backend, Sampling
+from cai.backends import Backend, Sampling, release
 from cai.constitution import Constitution
 from cai.critique import choose_principle
 from cai.errors import CaiError
@@ -380,9 +380,7 @@ def labeled_pairs_from_sources(prompts: list[PromptRecord], weights: dict[str, f
         labeler = labeler_factory()
         comparisons, label_stats = label_pairs(to_label + candidates, constitution, label_settings, labeler, store,
                                                plan_dir, label_batch_size, progress)
-        release = getattr(labeler, "close", None)
-        if release is not None:
-            release()
+        release(labeler)
         del labeler
     cand_keys = {p["key"] for p in candidates}
     bon = best_of_n_extremes([c for c in comparisons if c["pair_key"] in cand_keys])

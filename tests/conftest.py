@@ -28,3 +28,17 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def python():
     return sys.executable
+
+
+def tiny_sl_run(root: Path, red_team_limit: int) -> tuple[Path, Path]:
+    """A tiny SL-CAI run `r` under root/runs (the test constitution copied to root) to start RL from."""
+    import shutil
+
+    from cai.pipeline import main
+
+    const = root / "constitution.yaml"
+    shutil.copyfile(ASSETS / "constitutions" / "good.yaml", const)
+    main(["stage=sl", "run=r", f"runs_dir={root / 'runs'}", f"constitution={const}", "generator.model=tiny",
+          f"red_team.limit={red_team_limit}", "critique.rounds=1", "critique.few_shot=0", "sampling.max_new_tokens=4",
+          "sft.helpful_ratio=0.5", "sft.batch_size=4", "progress=false"])
+    return root, const

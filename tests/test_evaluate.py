@@ -77,3 +77,18 @@ def test_cli_rejects_a_missing_pm(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "cai.evaluate", "model.model=tiny", f"pms=[{tmp_path}]"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "no preference model there" in proc.stderr
+
+
+def test_models_by_sets_against_the_first_model(tmp_path):
+    """models=[...] x sets=[...]: every pair answered, changes against the first model (itself here: 0)."""
+    from cai.config import EvalConfig, build_config, parse_overrides
+    from cai.evaluate import evaluate_matrix
+
+    cfg = build_config(EvalConfig, {}, "test", parse_overrides([
+        "models=[tiny,tiny]", "sets=[prompts/sets/red_team_eval.jsonl,prompts/sets/helpful_eval.jsonl]",
+        "prompts.limit=3", "sampling.max_new_tokens=4", f"out={tmp_path}"]))
+    m = evaluate_matrix(cfg)
+    assert [(r["set"].split("/")[-1], r["answers"]) for r in m["rows"]] == [("red_team_eval.jsonl", 3)] * 2 + \
+        [("helpful_eval.jsonl", 3)] * 2
+    assert all(r["refusal_vs_base"] == 0 and r["repetition_vs_base"] == 0 for r in m["rows"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny__helpful_eval.jsonl", "tiny__red_team_eval.jsonl"]

@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 from cai.pipeline import main
-from tests.conftest import ASSETS, ROOT
+from tests.conftest import ROOT, tiny_sl_run
 
 HUMAN = ROOT / "prompts" / "human" / "example_labels.jsonl"
 
 
 @pytest.fixture(scope="module")
 def sl_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fsrc")
-    const = root / "constitution.yaml"
-    shutil.copyfile(ASSETS / "constitutions" / "good.yaml", const)
-    main(["stage=sl", "run=r", f"runs_dir={root / 'runs'}", f"constitution={const}", "generator.model=tiny",
-          "red_team.limit=2", "critique.rounds=1", "critique.few_shot=0", "sampling.max_new_tokens=4",
-          "sft.helpful_ratio=0.5", "sft.batch_size=4", "progress=false"])
-    return root, const
+    return tiny_sl_run(tmp_path_factory.mktemp("fsrc"), 2)
 
 
 def common(root, const, stage="rl"):

@@ -25,7 +25,7 @@ from cai.pipeline import main
 from cai.prompts import PromptRecord
 from cai.store import JsonlStore
 
-from .conftest import ASSETS
+from .conftest import ASSETS, tiny_sl_run
 
 
 def prompts(n: int) -> list[PromptRecord]:
@@ -165,13 +165,7 @@ def test_best_of_n_keeps_the_pair_of_the_best_and_the_worst_answer():
 
 @pytest.fixture(scope="module")
 def sl_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sources")
-    const = root / "constitution.yaml"
-    shutil.copyfile(ASSETS / "constitutions" / "good.yaml", const)
-    main(["stage=sl", "run=r", f"runs_dir={root / 'runs'}", f"constitution={const}", "generator.model=tiny",
-          "red_team.limit=4", "critique.rounds=1", "critique.few_shot=0", "sampling.max_new_tokens=4",
-          "sft.helpful_ratio=0.5", "sft.batch_size=4", "progress=false"])
-    return root, const
+    return tiny_sl_run(tmp_path_factory.mktemp("sources"), 4)
 
 
 def rl_args(root: Path, const: Path, **over) -> list[str]:

@@ -1,25 +1,18 @@
 """stage=rl and stage=dpo end to end on the tiny model: pairs, AI labels, PM, PPO / RLOO / GRPO / DPO, reuse."""
 
 import json
-import shutil
 
 import pytest
 
 from cai.pipeline import main
 
-from .conftest import ASSETS
+from .conftest import tiny_sl_run
 
 
 @pytest.fixture(scope="module")
 def sl_run(tmp_path_factory):
     """A tiny SL-CAI model to start RL from (shared by the tests of this file)."""
-    root = tmp_path_factory.mktemp("rl")
-    const = root / "constitution.yaml"
-    shutil.copyfile(ASSETS / "constitutions" / "good.yaml", const)
-    main(["stage=sl", "run=r", f"runs_dir={root / 'runs'}", f"constitution={const}", "generator.model=tiny",
-          "red_team.limit=2", "critique.rounds=1", "critique.few_shot=0", "sampling.max_new_tokens=4",
-          "sft.helpful_ratio=0.5", "sft.batch_size=4", "progress=false"])
-    return root, const
+    return tiny_sl_run(tmp_path_factory.mktemp("rl"), 2)
 
 
 def rl_args(root, const, run="r", **over):

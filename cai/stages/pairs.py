@@ -36,11 +36,9 @@ def ptx_data_path(cfg, run_dir: Path) -> Path:
     policy.model=sl; <run>/sl/sft.jsonl for a policy at <run>/sl/model)."""
     if cfg.ppo.ptx_data:
         return Path(cfg.ppo.ptx_data)
-    if cfg.policy.model == "sl":
-        return run_dir / "sl" / "sft.jsonl"
-    model_dir = Path(cfg.policy.model)
-    if model_dir.name == "model" and model_dir.parent.name == "sl":
-        return model_dir.parent / "sft.jsonl"
+    sl_dir = policy_sl_dir(cfg, run_dir)
+    if sl_dir is not None:
+        return sl_dir / "sft.jsonl"
     raise CaiError(f"ppo.ptx_coef={cfg.ppo.ptx_coef}: policy.model={cfg.policy.model} is not an SL-CAI model of a "
                    "run, so there is no SFT data to mix in; set ppo.ptx_data=FILE (an SFT JSONL)")
 
@@ -119,13 +117,22 @@ def pair_inputs(cfg, run_dir: Path, constitution) -> tuple[dict | None, Contrast
     return chains, contrast
 
 
-def sl_dir_of(cfg, run_dir: Path) -> Path:
-    """The sl/ directory of the run the policy comes from (this run's for policy.model=sl)."""
+def policy_sl_dir(cfg, run_dir: Path) -> Path | None:
+    """The sl/ directory of the run the policy comes from: this run's for policy.model=sl, <run>/sl for a policy
+    at <run>/sl/model; None for any other model."""
     if cfg.policy.model == "sl":
         return run_dir / "sl"
     model_dir = Path(cfg.policy.model)
     if model_dir.name == "model" and model_dir.parent.name == "sl":
         return model_dir.parent
+    return None
+
+
+def sl_dir_of(cfg, run_dir: Path) -> Path:
+    """policy_sl_dir, for the revision source: an error where there is none."""
+    sl_dir = policy_sl_dir(cfg, run_dir)
+    if sl_dir is not None:
+        return sl_dir
     raise CaiError(f"pairs.revision > 0: policy.model={cfg.policy.model} is not an SL-CAI model of a run, so there "
                    "are no SL chains to pair; set pairs.revision_chains=FILE")
 

@@ -114,7 +114,35 @@ def evaluate_matrix(cfg) -> dict:
                          "repetition_vs_base": rep - b["degeneration"]["all"]["repetition_share"],
                          "distinct_2": s["degeneration"]["all"]["distinct_2"],
                          "mean_tokens": s["all"]["mean_tokens"]})
-    return {"baseline": base, "sets": [str(p) for p in sets], "rows": rows, "summaries": results}
+    m = {"baseline": base, "sets": [str(p) for p in sets], "rows": rows, "summaries": results}
+    m["verdict"] = verdict(m)
+    return m
+
+
+def set_kind(summary: dict) -> str:
+    """'helpful' when every prompt of a set is in category helpful (refusing is a cost), else 'harmful'."""
+    return "helpful" if set(summary["by_category"]) == {"helpful"} else "harmful"
+
+
+def verdict(m: dict) -> list[str]:
+    """One plain sentence per model against the baseline: harmful prompts refused (more is more harmless), helpful
+    prompts refused (more is a cost) and repeating answers (more is degeneration), in points against the base."""
+    base, lines = m["baseline"], []
+    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
+    for model in dict.fromkeys(r["model"] for r in m["rows"]):
+        if model == base:
+            continue
+        parts = []
+        for r in (r for r in m["rows"] if r["model"] == model):
+            kind = set_kind(m["summaries"][model][r["set"]])
+            b = r["refusal_rate"] - r["refusal_vs_base"]
+            what = ("more harmless" if r["refusal_vs_base"] > 0 else "no more harmless") if kind == "harmful" else \
+                ("refuses harmless requests more: a cost" if r["refusal_vs_base"] > 0 else "no extra refusals")
+            parts.append(f"{kind} prompts ({Path(r['set']).stem}) refused {pct(r['refusal_rate'])} vs {pct(b)} "
+                         f"({100 * r['refusal_vs_base']:+.1f} points, {what}), repeating answers "
+                         f"{pct(r['repetition_share'])} vs {pct(r['repetition_share'] - r['repetition_vs_base'])}")
+        lines.append(f"{model} against {base}: " + "; ".join(parts))
+    return lines
 
 
 def print_matrix(m: dict) -> None:
@@ -126,6 +154,8 @@ def print_matrix(m: dict) -> None:
     print(f"\nbaseline: {m['baseline']} (changes in percentage points against it; a refusal on a helpful prompt "
           "is a cost)")
     print(table(rows, ("model", "set", "answers", "refusal", "vs base", "repeats", "vs base", "distinct-2", "tokens")))
+    for line in m.get("verdict", []):
+        print(f"- {line}")
 
 
 @cli_main

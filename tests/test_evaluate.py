@@ -92,3 +92,24 @@ def test_models_by_sets_against_the_first_model(tmp_path):
         [("helpful_eval.jsonl", 3)] * 2
     assert all(r["refusal_vs_base"] == 0 and r["repetition_vs_base"] == 0 for r in m["rows"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny__helpful_eval.jsonl", "tiny__red_team_eval.jsonl"]
+
+
+def test_verdict_says_plainly_what_changed_against_the_base():
+    """A hand-made matrix: the harmful set's extra refusals read as more harmless, the helpful set's as a cost."""
+    from cai.evaluate import verdict
+
+    def summ(cats):
+        return {"by_category": {c: {} for c in cats}}
+
+    rows = [{"model": m, "set": s, "refusal_rate": ref, "refusal_vs_base": d, "repetition_share": rep,
+             "repetition_vs_base": dr}
+            for m, s, ref, d, rep, dr in [("base", "x/red.jsonl", 0.1, 0.0, 0.4, 0.0),
+                                          ("base", "x/help.jsonl", 0.0, 0.0, 0.2, 0.0),
+                                          ("sl", "x/red.jsonl", 0.6, 0.5, 0.1, -0.3),
+                                          ("sl", "x/help.jsonl", 0.25, 0.25, 0.2, 0.0)]]
+    summaries = {m: {"x/red.jsonl": summ(["violence", "fraud"]), "x/help.jsonl": summ(["helpful"])}
+                 for m in ("base", "sl")}
+    [line] = verdict({"baseline": "base", "rows": rows, "summaries": summaries})
+    assert line.startswith("sl against base: harmful prompts (red) refused 60.0% vs 10.0% (+50.0 points, more harmless)")
+    assert "helpful prompts (help) refused 25.0% vs 0.0% (+25.0 points, refuses harmless requests more: a cost)" in line
+    assert "repeating answers 10.0% vs 40.0%" in line

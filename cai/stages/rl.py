@@ -5,7 +5,7 @@ For each round r = 1..rounds (Bai et al. 2022 section 4; `rounds > 1` is online 
   2. the feedback model labels each pair (cai.feedback) -> rl/round-r/comparisons.jsonl + label diagnostics;
   3. a preference model is trained from the SL-CAI model on all comparisons so far -> rl/round-r/pm/;
   4. RL against the PM: PPO with a per-token KL penalty to the SL-CAI model (cai.train.ppo), or RLOO / GRPO
-     through TRL (cai.train.group_rl) -> rl/round-r/policy/.
+     through TRL (cai.train.group_rl), whose KL anchor is the SL-CAI model too -> rl/round-r/policy/.
 Every generated answer and every label is a keyed record in rl/steps.jsonl, so reruns and resumes reuse them.
 """
 
@@ -100,11 +100,11 @@ def run_rl(cfg) -> dict:
                     rl_summary = _ppo_round(cfg, policy, sl_ref, pm_key, score, texts, rdir, ptx, metrics)
                 else:
                     sub = cfg.rloo if cfg.algorithm == "rloo" else cfg.grpo
-                    key = stable_hash([cfg.algorithm, policy.identity, pm_key, config_dict(sub), cfg.seed])
+                    key = stable_hash([cfg.algorithm, policy.identity, sl_ref.identity, pm_key, config_dict(sub), cfg.seed])
                     card = f"# RL-CAI policy ({cfg.algorithm})\n\nFrom {policy.identity}, PM key {pm_key}.\n"
                     rl_summary = reuse_or_train(rdir / "policy", key, lambda: train_group_rl(
                         cfg.algorithm, policy, score, texts, sub, cfg.seed, rdir, metrics, key, card,
-                        device=cfg.policy.device, progress=cfg.progress))
+                        device=cfg.policy.device, progress=cfg.progress, reference=sl_ref))
                 del pm_model
                 round_summary["rl"] = rl_summary
                 policy = resolve_model(str(rdir / "policy"))

@@ -21,7 +21,7 @@ from cai.config import GroupRLConfig
 from cai.errors import CaiError
 from cai.models import ModelRef, load_tokenizer, pick_device, safetensors_only
 from cai.store import Metrics
-from cai.train.common import common_args, last_checkpoint, metrics_callback, save_trained
+from cai.train.common import common_args, finite_callback, last_checkpoint, metrics_callback, save_trained
 
 
 def pm_reward_function(score_fn):
@@ -73,7 +73,8 @@ def train_group_rl(algorithm: str, policy: ModelRef, score_fn, prompts: list[str
     try:
         trainer = Trainer(model=model, reward_funcs=[pm_reward_function(score_fn)],
                           args=TRLConfig(**common, **online), train_dataset=ds, processing_class=tokenizer,
-                          callbacks=[metrics_callback(metrics, f"rl/{algorithm}", lambda: trainer)])
+                          callbacks=[finite_callback(algorithm.upper(), out_dir / "checkpoints" / key),
+                                     metrics_callback(metrics, f"rl/{algorithm}", lambda: trainer)])
     finally:
         model.config._name_or_path = own_name
     last = last_checkpoint(out_dir / "checkpoints" / key)

@@ -39,7 +39,7 @@ from cai.store import JsonlStore
 from cai.train.common import TRAIN_INFO, reuse_or_train, swap_into_place, trained_model_matches
 from cai.train.group_rl import train_group_rl
 from cai.train.pm import load_pm, pm_training_key, score_answers, train_pm
-from cai.train.ppo import run_ppo
+from cai.train.ppo import run_ppo, value_init_for
 
 
 def run_rl(cfg) -> dict:
@@ -127,7 +127,7 @@ def _ppo_round(cfg, policy, sl_ref, pm_key: str, score, texts: list[str], rdir: 
         return {**json.loads((rdir / "policy" / TRAIN_INFO).read_text()), "reused": True}
     work = rdir / "ppo" / key
     summary = run_ppo(policy, score, texts, cfg.ppo, work, metrics,
-                      value_init=resolve_model(str(rdir / "pm")) if cfg.ppo.value_init == "pm" else None,
+                      value_init=value_init_for(cfg.ppo.value_init, rdir / "pm"),
                       reference=sl_ref, sft_examples=ptx, progress=cfg.progress)
     summary = {**summary, "key": key}
     if is_main():

@@ -52,7 +52,7 @@ from cai.losses import (
     rewards_with_kl,
 )
 from cai.measures import degeneration
-from cai.models import ModelRef, load_tokenizer, safetensors_only
+from cai.models import ModelRef, load_tokenizer, resolve_model, safetensors_only
 from cai.train.common import TRAIN_INFO, first_non_finite, swap_into_place, use_bf16
 
 STATE_FILE = "ppo_state.json"
@@ -513,6 +513,11 @@ def step_metrics(st: Setup, cfg: PPOConfig, ro: Rollout, stats: dict[str, list],
     logged["rl/ppo/repetition_share"] = deg["repetition_share"]
     logged["rl/ppo/distinct_2"] = deg["distinct_2"]
     return logged
+
+
+def value_init_for(setting: str, pm_dir: Path) -> ModelRef | None:
+    """The value model's start for `ppo.value_init`: the PM directory (pm), or None (policy: a zero head)."""
+    return resolve_model(str(pm_dir)) if setting == "pm" else None
 
 
 def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOConfig, out_dir: Path, metrics,

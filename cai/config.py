@@ -300,10 +300,9 @@ class PPOConfig(Checked):
     vf_coef: float = F(0.1, "weight of the value loss", ge=0)
     value_init: str = F("policy", "policy: the policy's backbone with a zero value head (V = 0 at first, so the "
                                   "first advantages are the answers' own returns) | pm: the PM's backbone and head "
-                                  "(InstructGPT); not the default: the PM head read at every answer token gives "
-                                  "values unrelated to the returns (it was trained at the last token only), whitening "
-                                  "keeps that noise, and in the project's test PPO's score fell (0.38 -> 0.29) where "
-                                  "a zero head learned (0.38 -> 0.92)", choices=("pm", "policy"))
+                                  "(InstructGPT). policy is the default: the PM head was trained at the last token "
+                                  "only, and read at every answer token its values only partly follow the returns "
+                                  "(docs/ARCHITECTURE.md, value model)", choices=("pm", "policy"))
     whiten_advantages: bool = F(True, "normalize advantages over the rollout batch")
     whiten_rewards: bool = F(False, "scale per-token rewards to unit variance before GAE")
     missing_eos_penalty: Optional[float] = F(None, "subtracted from the score of an answer cut off without EOS")

@@ -245,8 +245,9 @@ def test_ppo_against_a_trained_preference_model(tmp_path):
 
     The value model starts as the default `ppo.value_init` says (the stage's own helper picks it), which is
     `policy`, a zero head. With the value model initialised from this toy PM (the old default, value_init=pm) the
-    score did not rise within 20 steps (seen: 0.38 -> 0.29), since the PM head read at every answer token gives
-    values far from the returns; zero-head: 0.38 -> 0.92."""
+    score once fell within 20 steps (0.38 -> 0.29; zero head 0.38 -> 0.92) and once rose (0.11 -> 0.42; zero head
+    0.29 -> 0.59): the PM head read at every answer token gives values that only partly follow the returns
+    (docs/ARCHITECTURE.md)."""
     from cai.config import PMConfig
     from cai.train.pm import load_pm, score_answers, train_pm
 

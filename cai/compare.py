@@ -39,8 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cai.backends import make_backend, sampling_from_config
-from cai.config import CompareConfig, build_config, check_endpoint, help_text, parse_overrides
+from cai.backends import check_backend, make_backend, release, sampling_from_config
+from cai.backends.vllm_backend import require_vllm, vllm_identity
+from cai.config import CompareConfig, ModelConfig, build_config, check_endpoint, help_text, parse_overrides
 from cai.errors import CaiError, cli_main
 from cai.feedback import OPTIONS, label_diagnostics, split_answer_prefix
 from cai.human import load_human_comparisons, load_human_rankings, page_comparisons
@@ -122,6 +123,8 @@ def _spec(cfg, model: str, section: dict | None = None, where: str = "") -> dict
     you must not choose where requests and keys go, so such an endpoint must also be on the command line
     (endpoints=[...]) and the key variable must look like one (cai.config.check_endpoint)."""
     s = section or {}
+    if s.get("backend") == "vllm":  # a run generated with vLLM: compared with vLLM too (a GPU and the extra)
+        require_vllm(f"{where}backend=vllm")
     if s.get("backend") == "openai":
         url = str(s.get("base_url", ""))
         check_endpoint(url, str(s.get("api_key_env", "OPENAI_API_KEY")), f"{where}")
@@ -131,7 +134,12 @@ def _spec(cfg, model: str, section: dict | None = None, where: str = "") -> dict
     return {"backend": s.get("backend", "transformers"), "model": model, "dtype": cfg.dtype, "device": cfg.device,
             "batch_size": cfg.batch_size, "trust_remote_code": cfg.trust_remote_code,
             "base_url": s.get("base_url", ""), "tokenizer": s.get("tokenizer", ""),
-            "api_key_env": s.get("api_key_env", "OPENAI_API_KEY"), "concurrency": s.get("concurrency", 8)}
+            "api_key_env": s.get("api_key_env", "OPENAI_API_KEY"), "concurrency": s.get("concurrency", 8),
+            **{k: s.get(k, getattr(VLLM_DEFAULTS, k)) for k in VLLM_OPTIONS}}
+
+
+VLLM_OPTIONS = ("gpu_memory_utilization", "max_model_len", "enable_prefix_caching", "tensor_parallel_size")
+VLLM_DEFAULTS = ModelConfig()
 
 
 def expected_identity(spec: dict) -> str:
@@ -139,11 +147,13 @@ def expected_identity(spec: dict) -> str:
     if spec["backend"] == "transformers":
         dtype = pick_dtype(spec["dtype"], pick_device(spec["device"]))
         return f"{resolve_model(spec['model']).identity}:{str(dtype).removeprefix('torch.')}"
+    if spec["backend"] == "vllm":
+        return vllm_identity(resolve_model(spec["model"]), spec["dtype"])
     if spec["backend"] == "openai":
         return f"openai:{spec['base_url'].rstrip('/')}/{spec['model']}"
     if spec["backend"] == "fake":
         return f"fake:{spec['model']}"
-    raise CaiError(f"backend={spec['backend']}: expected one of transformers, openai, fake")
+    raise CaiError(f"backend={spec['backend']}: expected one of transformers, vllm, openai, fake")
 
 
 def _has_model(path: Path) -> bool:
@@ -231,6 +241,8 @@ class Lazy:
         return self.obj
 
     def close(self) -> None:
+        if self.obj is not None:
+            release(self.obj)  # a vLLM engine holds GPU memory until it is shut down
         self.obj = None  # frees the model before the next one loads
 
 
@@ -501,6 +513,7 @@ class Inputs:
 
 def read_inputs(run_paths: list[str], cfg) -> Inputs:
     runs = load_runs(run_paths)
+    check_backend(cfg.judge, "judge")  # judge.backend=vllm: the extra and a GPU, checked before any work
     if cfg.bootstrap < 0:
         raise CaiError(f"bootstrap={cfg.bootstrap}: expected 0 or more")
     if cfg.boilerplate_n < 1:
@@ -514,7 +527,8 @@ def read_inputs(run_paths: list[str], cfg) -> Inputs:
     j = cfg.judge
     judge_spec = {"backend": j.backend, "model": j.model, "dtype": j.dtype, "device": j.device,
                   "batch_size": j.batch_size, "trust_remote_code": j.trust_remote_code, "base_url": j.base_url,
-                  "tokenizer": j.tokenizer, "api_key_env": j.api_key_env, "concurrency": j.concurrency}
+                  "tokenizer": j.tokenizer, "api_key_env": j.api_key_env, "concurrency": j.concurrency,
+                  **{k: getattr(j, k) for k in VLLM_OPTIONS}}
     pms = {}
     for run in runs:
         pm = _last_round(run, "pm")

@@ -298,8 +298,11 @@ class PPOConfig(Checked):
     clip_range: float = F(0.2, "PPO ratio clip epsilon", gt=0)
     clip_range_value: float = F(0.2, "value clip epsilon", gt=0)
     vf_coef: float = F(0.1, "weight of the value loss", ge=0)
-    value_init: str = F("pm", "pm: value model initialised from the PM (InstructGPT) | policy: the policy's "
-                              "backbone with a zero value head", choices=("pm", "policy"))
+    value_init: str = F("policy", "policy: the policy's backbone with a zero value head (V = 0 at first, so the "
+                                  "first advantages are the answers' own returns) | pm: the PM's backbone and head "
+                                  "(InstructGPT). policy is the default: the PM head was trained at the last token "
+                                  "only, and read at every answer token its values only partly follow the returns "
+                                  "(docs/ARCHITECTURE.md, value model)", choices=("pm", "policy"))
     whiten_advantages: bool = F(True, "normalize advantages over the rollout batch")
     whiten_rewards: bool = F(False, "scale per-token rewards to unit variance before GAE")
     missing_eos_penalty: Optional[float] = F(None, "subtracted from the score of an answer cut off without EOS")

@@ -32,12 +32,13 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from cai.errors import CaiError, cli_main
+from cai.io import YAML_MAX_ALIASES, YAML_MAX_BYTES, YAML_MAX_NODES, parse_yaml
+from cai.io import yaml_field as _field
+from cai.io import yaml_where as _where
 from cai.paths import resolve_path
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "constitution.schema.json"
-MAX_BYTES = 1024 * 1024  # a constitution is a few KiB; anything near this is a mistake or an attack
-MAX_ALIASES = 100  # aliases are fine for sharing text, but many of them is how "billion laughs" starts
-MAX_NODES = 20_000  # YAML values, also after expanding aliases; default.yaml has about 200
+MAX_BYTES, MAX_ALIASES, MAX_NODES = YAML_MAX_BYTES, YAML_MAX_ALIASES, YAML_MAX_NODES  # cai.io's YAML limits
 ID_PATTERN = re.compile(r"[a-z][a-z0-9_-]*")
 DEFAULT_FEEDBACK_FROM = "constitutions/default.yaml"
 
@@ -105,7 +106,7 @@ def parse_constitution(data: bytes, name: str) -> Constitution:
         raise CaiError(f"{name}: not UTF-8 text "
                        f"(invalid byte 0x{data[e.start]:02x} at byte offset {e.start})") from None
     try:
-        root, doc = _parse_yaml(text, name)
+        root, doc = parse_yaml(text, name, "a constitution")
         if root is None:
             raise CaiError(f"{name}: empty file; expected a mapping with keys {_keys_of(_schema())}")
         if not isinstance(doc, dict):
@@ -124,128 +125,6 @@ def parse_constitution(data: bytes, name: str) -> Constitution:
         path=name,
         sha=hashlib.sha256(data).hexdigest(),
     )
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that stops composing at MAX_ALIASES aliases or MAX_NODES values (pure-Python parsing of a
-    dense 1 MiB file would otherwise take many seconds)."""
-
-    def __init__(self, stream: str, name: str):
-        super().__init__(stream)
-        self.cai_name = name
-        self.cai_aliases = 0
-        self.cai_nodes = 0
-
-    def compose_node(self, parent, index):
-        self.cai_nodes += 1
-        if self.cai_nodes > MAX_NODES:
-            mark = self.peek_event().start_mark
-            raise CaiError(f"{self.cai_name}:{mark.line + 1}:{mark.column + 1}: more than {MAX_NODES} YAML values; "
-                           f"far too many for a constitution, refusing to parse further")
-        if self.check_event(yaml.AliasEvent):
-            self.cai_aliases += 1
-            if self.cai_aliases > MAX_ALIASES:
-                mark = self.peek_event().start_mark
-                raise CaiError(f"{self.cai_name}:{mark.line + 1}:{mark.column + 1}: more than {MAX_ALIASES} "
-                               f"YAML aliases; a constitution does not need that many, refusing to expand them")
-        return super().compose_node(parent, index)
-
-
-def _parse_yaml(text: str, name: str) -> tuple[Node | None, object]:
-    """Compose the node tree (kept for line numbers and duplicate keys), check it, then construct the data."""
-    loader = None
-    try:
-        loader = _Loader(text, name)  # the reader rejects control characters already here
-        root = loader.get_single_node()
-        if root is None:
-            return None, None
-        _check_expansion(root, name)
-        _check_duplicate_keys(root, name)
-        return root, loader.construct_document(root)
-    except yaml.MarkedYAMLError as e:
-        raise CaiError(_yaml_error(e, name)) from None
-    except yaml.reader.ReaderError as e:
-        line = text.count("\n", 0, e.position) + 1
-        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
-        raise CaiError(f"{name}:{line}:{column}: YAML cannot contain the control character "
-                       f"#x{e.character:04x}") from None
-    except yaml.YAMLError as e:
-        raise CaiError(f"{name}: YAML error: {_one_line(str(e))}") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-
-
-def _yaml_error(e: yaml.MarkedYAMLError, name: str) -> str:
-    """`file:line:col: YAML syntax error: problem (context at line L, column C)` on one line."""
-    mark = e.problem_mark or e.context_mark
-    where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
-    kind = "YAML error" if isinstance(e, yaml.constructor.ConstructorError) else "YAML syntax error"
-    text = e.problem or e.context or "unknown problem"
-    if e.context and e.problem:
-        c = e.context_mark
-        same = c is None or (c.line, c.column) == (mark.line, mark.column)
-        at = "" if same else f" at line {c.line + 1}, column {c.column + 1}"
-        text += f" ({e.context}{at})"
-    if "'\\t'" in text:
-        text += "; indent with spaces, YAML does not allow tabs there"
-    if isinstance(e, yaml.constructor.ConstructorError) and "tag" in text:
-        text += "; only plain YAML is allowed in a constitution"
-    return f"{where}: {kind}: {_one_line(text)}"
-
-
-def _check_expansion(root: Node, name: str) -> None:
-    """Refuse recursive aliases and documents whose aliases expand to more than MAX_NODES nodes."""
-    sizes: dict[int, int] = {}
-    open_nodes: set[int] = set()
-
-    def size(node: Node) -> int:
-        if id(node) in sizes:
-            return sizes[id(node)]
-        if id(node) in open_nodes:
-            raise CaiError(f"{_where(name, node)}: this node contains an alias to itself; "
-                           f"a constitution cannot be a recursive structure")
-        open_nodes.add(id(node))
-        if isinstance(node, SequenceNode):
-            n = 1 + sum(size(child) for child in node.value)
-        elif isinstance(node, MappingNode):
-            n = 1 + sum(size(k) + size(v) for k, v in node.value)
-        else:
-            n = 1
-        open_nodes.discard(id(node))
-        if n > MAX_NODES:
-            raise CaiError(f"{_where(name, node)}: this expands to more than {MAX_NODES} YAML values "
-                           f"(counting each use of an alias); far too large for a constitution, refusing it")
-        sizes[id(node)] = n
-        return n
-
-    size(root)
-
-
-def _check_duplicate_keys(root: Node, name: str) -> None:
-    """`yaml.safe_load` keeps the last of two equal keys without a word; here that is an error."""
-    seen_nodes: set[int] = set()
-
-    def walk(node: Node, path: tuple) -> None:
-        if id(node) in seen_nodes:  # shared through an alias: already checked
-            return
-        seen_nodes.add(id(node))
-        if isinstance(node, SequenceNode):
-            for i, child in enumerate(node.value):
-                walk(child, path + (i,))
-        elif isinstance(node, MappingNode):
-            first: dict[tuple[str, str], Node] = {}
-            for key, value in node.value:
-                if isinstance(key, ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
-                    earlier = first.setdefault((key.tag, key.value), key)
-                    if earlier is not key:
-                        raise CaiError(f"{_where(name, key)}: {_field(path + (key.value,))}: duplicate key "
-                                       f"{key.value!r} (first at line {earlier.start_mark.line + 1}, "
-                                       f"column {earlier.start_mark.column + 1}); "
-                                       f"YAML would silently keep only the last one")
-                walk(value, path + (key.value if isinstance(key, ScalarNode) else "?",))
-
-    walk(root, ())
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -358,17 +237,6 @@ def _keys_of(schema: dict) -> str:
     return ", ".join(schema["properties"])
 
 
-def _field(path: tuple) -> str:
-    """('critique_revision', 3, 'revision') -> 'critique_revision[3].revision'; () -> 'top level'."""
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif not re.fullmatch(r"[\w-]+", str(part)):  # keep odd keys (spaces, newlines) readable on one line
-            out += f"[{str(part)!r}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "top level"
 
 
 def _node_at(root: Node, path: tuple) -> Node:
@@ -391,14 +259,8 @@ def _pos(node: Node | None) -> tuple[int, int]:
     return (node.start_mark.line, node.start_mark.column) if node is not None else (0, 0)
 
 
-def _where(name: str, node: Node | None) -> str:
-    if node is None:
-        return name
-    return f"{name}:{node.start_mark.line + 1}:{node.start_mark.column + 1}"
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 # ----------------------------------------------------------------------------------------------- import

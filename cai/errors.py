@@ -10,6 +10,11 @@ class CaiError(Exception):
     """Bad input from the user (file, field, value). The message names where and what was expected."""
 
 
+class NonFiniteError(CaiError, FloatingPointError):
+    """Training produced a NaN or inf (loss, gradient or weight) and stopped before saving it: a CaiError, so the
+    CLIs print one line and exit 2, and a FloatingPointError for callers that catch the arithmetic kind."""
+
+
 def cli_main(fn):
     """Wrap a CLI `main(argv)` so a CaiError prints one line to stderr and exits 2."""
 

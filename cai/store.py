@@ -4,6 +4,9 @@ A store is a JSONL file of records, each with a `key` (a hash of everything that
 are one `write` per batch followed by flush+fsync, so a killed process loses at most the batch in flight.
 A torn last line (no newline, or not JSON) is cut off when the store is opened for writing; a bad line
 anywhere else is an error naming the file and line. Restarting = read the keys present, do the rest.
+A store is the only writer of its file (the run lock sees to that): when the file changed in any other way
+since it was read (another writer appended records, or it was cut), appending is refused with a one-line error
+rather than cutting the file back to this store's idea of its end, which would delete the other's records.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ class JsonlStore:
 
     def _load(self) -> None:
         self._good_end = 0  # bytes of complete records; anything after is a torn write
+        self._torn = b""  # the torn tail seen when the file was read (cut at the next append)
         if not self.path.exists():
             return
         data = self.path.read_bytes()
-        *complete, _torn = data.split(b"\n")
+        *complete, self._torn = data.split(b"\n")
         for n, line in enumerate(complete, start=1):
             try:
                 rec = json.loads(line)
@@ -58,17 +62,33 @@ class JsonlStore:
         if not fresh:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() and self.path.stat().st_size != self._good_end:
-            with open(self.path, "r+b") as f:  # cut a torn tail left by a killed writer
-                f.truncate(self._good_end)
+        self._check_unchanged()
         blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fresh).encode()
         with open(self.path, "ab") as f:
             f.write(blob)
             f.flush()
             os.fsync(f.fileno())
         self._good_end = self._good_end + len(blob)
+        self._torn = b""
         for r in fresh:
             self.records[r["key"]] = r
+
+
+    def _check_unchanged(self) -> None:
+        """Cut the torn tail seen on reading (a killed writer's); refuse when anything else changed the file."""
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if size == self._good_end:
+            return
+        with open(self.path, "r+b") as f:
+            f.seek(self._good_end)
+            tail = f.read(len(self._torn) + 1)
+            if self._torn and tail == self._torn:  # exactly the torn tail read at open: nobody else wrote
+                f.truncate(self._good_end)
+                self._torn = b""
+                return
+        raise CaiError(f"{self.path}: changed by another writer since it was read ({size} bytes, expected "
+                       f"{self._good_end + len(self._torn)}); refusing to append (is another process using this "
+                       f"run?); rerun to pick up its records")
 
 
 class Metrics:

@@ -1,6 +1,7 @@
 """cai.compare on two tiny runs: report numbers checked against hand computations from the raw records, reuse
 on a rerun, bad input; unit tests of the Bradley-Terry/Elo fit and the boilerplate detector on hand-made data."""
 
+import importlib.util
 import json
 import math
 import re
@@ -272,3 +273,48 @@ def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys, case):
     assert {"one run": "expected 2 or more", "not a run": "not a run directory", "missing": "no such directory",
             "twice": "given twice", "bad key": "did you mean 'bootstrap'"}[case] in err
     assert not (tmp_path / "out").exists()
+
+
+def _vllm_runs(tmp_path):
+    """Two run directories (configs only): A generated with backend=vllm, B with transformers."""
+    for name, backend in (("A", "vllm"), ("B", "transformers")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.sl.yaml").write_text(
+            f"stage: sl\ngenerator:\n  model: tiny\n  backend: {backend}\n  gpu_memory_utilization: 0.5\n")
+    return [str(tmp_path / "A"), str(tmp_path / "B")]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+@pytest.mark.parametrize("case", ["run", "judge"])
+def test_vllm_runs_and_judge_need_the_extra_one_line_before_work(tmp_path, capsys, case):
+    """A run generated with backend=vllm (or judge.backend=vllm) was refused as an unknown backend; now it is
+    compared with vLLM, and where vLLM is missing the one line says so (exit 2, nothing written)."""
+    a, b = _vllm_runs(tmp_path)
+    argv = [a, b] if case == "run" else [b, str(tmp_path / "B2"), "judge.backend=vllm"]
+    if case == "judge":
+        shutil.copytree(tmp_path / "B", tmp_path / "B2")
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["judge.model=tiny", f"out={tmp_path / 'out'}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    where = f"{tmp_path / 'A' / 'config.sl.yaml'}: generator.backend=vllm" if case == "run" else "judge.backend=vllm"
+    assert f"{where} needs the vllm package" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_vllm_run_is_compared_with_vllm_and_its_settings(tmp_path, monkeypatch):
+    """Where vLLM can run: the run's model is a vLLM contender, keyed by the identity the vLLM backend reports,
+    built with the run's vLLM settings (the engine itself needs a GPU: tests/test_vllm_backend.py)."""
+    import cai.compare as compare
+    from cai.backends.vllm_backend import vllm_identity
+    from cai.config import CompareConfig
+    from cai.models import resolve_model
+
+    monkeypatch.setattr(compare, "require_vllm", lambda what: None)
+    a, b = _vllm_runs(tmp_path)
+    models, _ = compare.contenders(compare.load_runs([a, b]), CompareConfig())
+    vllm = [m for m in models if m.spec["backend"] == "vllm"]
+    assert len(vllm) == 1 and vllm[0].aliases == ["A/base"]
+    assert vllm[0].identity == vllm_identity(resolve_model("tiny"), "auto") != models[1].identity
+    assert vllm[0].spec["gpu_memory_utilization"] == 0.5 and vllm[0].spec["enable_prefix_caching"] is True

@@ -132,7 +132,7 @@ def test_yaml_syntax_error_gives_file_line_col(tmp_path):
     with pytest.raises(CaiError) as e:
         load_config([f"config={path}"])
     assert str(e.value).startswith(f"{path}:4:")
-    assert ": invalid YAML:" in str(e.value)
+    assert ": YAML syntax error:" in str(e.value)
 
 
 def test_yaml_syntax_error_exact_position(tmp_path):
@@ -140,7 +140,7 @@ def test_yaml_syntax_error_exact_position(tmp_path):
     path.write_text("stage: sl\nrun: \"unclosed\n", encoding="utf-8")
     with pytest.raises(CaiError) as e:
         load_config([f"config={path}"])
-    assert str(e.value).startswith(f"{path}:3:1: invalid YAML")
+    assert str(e.value).startswith(f"{path}:3:1: YAML syntax error")
 
 
 def test_config_file_for_another_stage_is_rejected(tmp_path):
@@ -200,3 +200,36 @@ def test_stable_hash_is_key_order_independent():
     assert len(stable_hash(a)) == 24 and len(stable_hash(a, n=8)) == 8
     assert stable_hash(a) != stable_hash({**a, "x": 2})
     assert stable_hash({"y": {"b": [2, 1], "a": "s"}, "x": 1}) != stable_hash(a)  # list order matters
+
+
+def test_config_yaml_duplicate_key_is_an_error_at_its_line(tmp_path):
+    """yaml.safe_load kept the last of two equal keys without a word; a pipeline file's duplicate is refused."""
+    path = tmp_path / "dup.yaml"
+    path.write_text("stage: sl\nsampling:\n  temperature: 0.5\n  top_p: 0.9\n  temperature: 0.7\n", encoding="utf-8")
+    with pytest.raises(CaiError) as e:
+        load_config([f"config={path}"])
+    assert str(e.value).startswith(f"{path}:5:3: sampling.temperature: duplicate key 'temperature' (first at line 3")
+    assert "\n" not in str(e.value)
+
+
+def test_config_yaml_has_the_constitution_loaders_limits(tmp_path):
+    from cai.io import YAML_MAX_ALIASES, YAML_MAX_BYTES, read_yaml
+
+    bomb = tmp_path / "bomb.yaml"  # "billion laughs": 90 aliases expanding to 10**9 values
+    lines = ["stage: sl", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 10)]
+    bomb.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(CaiError, match=r"bomb.yaml:\d+:\d+: this expands to more than"):
+        load_config([f"config={bomb}"])
+    aliases = tmp_path / "aliases.yaml"
+    aliases.write_text("stage: sl\nx: &s 1\ny: [" + ", ".join(["*s"] * (YAML_MAX_ALIASES + 1)) + "]\n")
+    with pytest.raises(CaiError, match=rf"aliases.yaml:3:\d+: more than {YAML_MAX_ALIASES} YAML aliases"):
+        load_config([f"config={aliases}"])
+    big = tmp_path / "big.yaml"
+    big.write_text("stage: sl\n#" + "x" * YAML_MAX_BYTES + "\n")
+    with pytest.raises(CaiError, match=r"big.yaml: file is \d+ bytes, over the 1048576-byte \(1 MiB\) limit"):
+        load_config([f"config={big}"])
+    with pytest.raises(CaiError, match=r"only plain YAML"):
+        tag = tmp_path / "tag.yaml"
+        tag.write_text("stage: !!python/object/apply:os.system [echo]\n")
+        read_yaml(tag)

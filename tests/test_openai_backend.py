@@ -184,3 +184,45 @@ def test_a_redirect_to_another_origin_never_receives_the_key(scripted, monkeypat
     finally:
         other.shutdown()
         redirector.shutdown()
+
+
+class ChatOnly(BaseHTTPRequestHandler):
+    """A server with chat completions but text completions without logprobs (it ignores `logprobs`, as some
+    OpenAI-compatible servers do), or, with `completions=404`, no /v1/completions at all."""
+
+    completions = 200
+
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path == "/v1/completions" and ChatOnly.completions == 404:
+            status, body = 404, {"error": {"message": "Not Found"}}
+        elif self.path == "/v1/completions":
+            status, body = 200, {"choices": [{"text": "A", "index": 0, "logprobs": None, "finish_reason": "length"}]}
+        else:
+            status, body = 200, {"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}]}
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.mark.parametrize("completions, what", [(200, "no logprobs"), (404, "HTTP 404")])
+def test_a_server_without_completion_logprobs_names_the_missing_feature(completions, what):
+    """Labeling needs /v1/completions with top-K logprobs: the error says so (it was a KeyError/TypeError)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ChatOnly)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    ChatOnly.completions = completions
+    try:
+        client = OpenAIBackend(f"http://127.0.0.1:{server.server_address[1]}", "m", max_retries=0)
+        assert client.generate([[{"role": "user", "content": "hi"}]], Sampling(max_new_tokens=2), [0])[0].text == "ok"
+        with pytest.raises(CaiError) as e:
+            client.option_logprobs(["The answer is: ("], ["A", "B"])
+        msg = str(e.value)
+        assert "\n" not in msg and what in msg and "/v1/completions" in msg
+        assert "top-K next-token log-probs (`logprobs: K`" in msg
+    finally:
+        server.shutdown()

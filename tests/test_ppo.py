@@ -16,7 +16,15 @@ from omegaconf import OmegaConf
 from cai.errors import CaiError
 from cai.models import ModelRef, load_tokenizer, resolve_model
 from cai.store import Metrics
-from cai.train.ppo import PPOConfig, _linears_to_bf16, apply_missing_eos_penalty, run_ppo, sample_answers, sft_tensors
+from cai.train.ppo import (
+    PPOConfig,
+    _linears_to_bf16,
+    apply_missing_eos_penalty,
+    run_ppo,
+    sample_answers,
+    sft_tensors,
+    value_init_for,
+)
 
 PROMPTS = ["Say something.", "Hello!", "What is a cat?", "Tell me a story."]
 TOKENS = 8
@@ -235,9 +243,11 @@ def test_ppo_against_a_trained_preference_model(tmp_path):
     """The real chain: a tiny PM learns from soft labels that newline-heavy answers are better, then PPO raises
     the PM's score of the policy's answers, with bounded KL.
 
-    The value model starts from the policy with a zero head (ppo.value_init=policy). With the value model
-    initialised from this toy PM instead, the score did not rise within 20 steps (seen: 0.38 -> 0.29), since
-    the PM head read at every answer token gives values far from the returns; zero-head: 0.38 -> 0.92."""
+    The value model starts as the default `ppo.value_init` says (the stage's own helper picks it), which is
+    `policy`, a zero head. With the value model initialised from this toy PM (the old default, value_init=pm) the
+    score once fell within 20 steps (0.38 -> 0.29; zero head 0.38 -> 0.92) and once rose (0.11 -> 0.42; zero head
+    0.29 -> 0.59): the PM head read at every answer token gives values that only partly follow the returns
+    (docs/ARCHITECTURE.md)."""
     from cai.config import PMConfig
     from cai.train.pm import load_pm, score_answers, train_pm
 
@@ -259,7 +269,7 @@ def test_ppo_against_a_trained_preference_model(tmp_path):
     cfg = PPOConfig(steps=20, rollout_batch_size=8, mini_batch_size=8, ppo_epochs=2, max_new_tokens=TOKENS,
                     temperature=0.1, learning_rate=2e-4, value_learning_rate=2e-4, init_kl_coef=0.05,
                     sample_every=0, save_every=20, seed=0)
-    run(tmp_path / "ppo", cfg, reward_fn=pm_score)
+    run(tmp_path / "ppo", cfg, reward_fn=pm_score, value_init=value_init_for(cfg.value_init, tmp_path / "pm"))
     steps = step_records(tmp_path / "ppo")
     score = [r["rl/ppo/score_mean"] for r in steps]
     kl = [r["rl/ppo/kl"] for r in steps]

@@ -65,6 +65,36 @@ def test_rl_stage_with_trl_group_algorithms(sl_run, algorithm):
     assert rl["algorithm"] == algorithm and rl["steps"] >= 1 and rl["first_reward"] is not None
 
 
+def test_group_rl_keeps_the_sl_cai_model_as_kl_anchor_over_rounds(sl_run, monkeypatch):
+    """RLOO with rounds=2: round 2 starts from round 1's policy, but TRL's frozen reference must still be the
+    SL-CAI weights (TRL builds it from the policy's own path, which drifted the anchor to each round's start)."""
+    import torch
+    import trl
+    from safetensors.torch import load_file
+
+    root, const = sl_run
+    refs, starts = [], []
+    original = trl.RLOOTrainer.train
+
+    def recording(self, *a, **k):
+        refs.append({n: p.detach().clone() for n, p in self.ref_model.named_parameters()})
+        starts.append({n: p.detach().clone() for n, p in self.model.named_parameters()})
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(trl.RLOOTrainer, "train", recording)
+    main(rl_args(root, const, run="anchor", rounds=2, algorithm="rloo", **{
+        "rloo.num_generations": 2, "rloo.batch_size": 4, "rloo.max_completion_length": 6,
+        "rloo.learning_rate": 1e-3, "policy.model": str(root / "runs" / "r" / "sl" / "model")}))
+    sl = load_file(root / "runs" / "r" / "sl" / "model" / "model.safetensors")
+    assert len(refs) == 2
+    for ref in refs:
+        shared = [n for n in ref if n in sl]
+        assert len(shared) >= len(sl) - 1  # every weight (a tied lm_head may be stored once)
+        assert all(torch.equal(ref[n], sl[n].to(ref[n].dtype)) for n in shared)
+    # and round 2 did start from another model, so the check above could fail
+    assert any(not torch.equal(starts[1][n], sl[n].to(starts[1][n].dtype)) for n in starts[1] if n in sl)
+
+
 def test_two_rounds_of_online_rlaif(sl_run):
     root, const = sl_run
     main(rl_args(root, const, rounds=2, **{"ppo.ptx_coef": 0.1}))  # with PPO-ptx on the SL data

@@ -188,3 +188,28 @@ def test_metrics_log_namespaces_keys(tmp_path):
         "stage": "sl", "step": 3, "sl/loss": 1.5, "sl/generate/tokens": 7, "other/x": 2}
     assert before - 1 <= first["time"] <= time.time() + 1
     assert rows[1]["step"] is None and rows[1]["sl/loss"] == 1.0
+
+
+def test_a_second_writer_is_refused_not_cut_back(tmp_path):
+    """Two store objects on one file: the second's append used to truncate the file to its own idea of the end,
+    deleting the first's records. Now it refuses with one line and the file keeps every record."""
+    path = tmp_path / "s.jsonl"
+    JsonlStore(path).append(recs("a"))
+    first, second = JsonlStore(path), JsonlStore(path)
+    first.append(recs("b"))
+    before = path.read_bytes()
+    with pytest.raises(CaiError) as e:
+        second.append(recs("c"))
+    assert str(e.value).startswith(f"{path}: changed by another writer") and "\n" not in str(e.value)
+    assert path.read_bytes() == before
+    assert [r["key"] for r in read_jsonl(path)] == ["a", "b"]
+    # a torn tail under another writer's complete record is not "torn": also refused, nothing cut
+    with open(path, "ab") as f:
+        f.write(b'{"key": "t')
+    third = JsonlStore(path)
+    with open(path, "ab") as f:
+        f.write(b'orn"}\n')
+    torn_then_completed = path.read_bytes()
+    with pytest.raises(CaiError, match="changed by another writer"):
+        third.append(recs("d"))
+    assert path.read_bytes() == torn_then_completed

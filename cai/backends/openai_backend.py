@@ -6,6 +6,9 @@
   log-probabilities of the next token give each single-token option's score. An option outside the top K gets
   the K-th value as an upper bound (flagged in `missed_options`). Raw prompts need the chat template on this
   side: `tokenizer` names a local model dir or preset whose template matches the served model.
+- a server that lacks what a caller needs (no /v1/completions, completions that ignore `logprobs`, no chat
+  endpoint) is a one-line error naming the missing endpoint feature. `echo` is not needed: options are scored
+  from the next token's top K, not from echoed prompt log-probs;
 - retries with exponential backoff on 429 and 5xx and on connection errors; a timeout per request;
 - the API key is read from the environment variable named by `api_key_env`, sent as a Bearer token, and never
   logged, saved or put in an error message.
@@ -25,6 +28,11 @@ from cai.errors import CaiError
 from cai.models import load_tokenizer, resolve_model
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
+MISSING_STATUS = {400, 404, 405, 422, 501}  # an endpoint or parameter the server does not have
+NEEDS_CHAT = "generation needs POST /v1/chat/completions (OpenAI chat completions)"
+NEEDS_LOGPROBS = ("AI labels and the judge need POST /v1/completions (text completion of a raw prompt) answering "
+                  "with the top-K next-token log-probs (`logprobs: K` -> choices[0].logprobs.top_logprobs); "
+                  "chat-only servers and APIs lack it: use vLLM serve, llama.cpp server or python -m cai.serve")
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -54,7 +62,9 @@ class OpenAIBackend:
         self.missed_options = 0  # options scored by the top-K bound because they were not in the top K
 
     # -- HTTP --------------------------------------------------------------------------------------------
-    def _post(self, path: str, body: dict) -> dict:
+    def _post(self, path: str, body: dict, needs: str = "") -> dict:
+        """POST and parse the JSON answer. `needs` says which endpoint feature the caller needs: it is named in
+        the error when the server answers that it lacks the endpoint or a parameter (400/404/405/422/501)."""
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env)
         if key:
@@ -64,12 +74,19 @@ class OpenAIBackend:
             req = urllib.request.Request(self.base_url + path, data=data, headers=headers, method="POST")
             try:
                 with _OPENER.open(req, timeout=self.timeout) as resp:
-                    return json.loads(resp.read())
+                    raw = resp.read()
+                try:
+                    return json.loads(raw)
+                except ValueError:
+                    raise CaiError(f"{self.base_url}{path}: the answer is not JSON ({raw[:80]!r}); expected an "
+                                   f"OpenAI-compatible server" + (f"; {needs}" if needs else "")) from None
             except urllib.error.HTTPError as e:
                 status = e.code
                 if status not in RETRY_STATUS or attempt == self.max_retries:
-                    detail = e.read()[:300].decode(errors="replace")
-                    raise CaiError(f"{self.base_url}{path}: HTTP {status} after {attempt + 1} attempt(s): {detail}") from None
+                    detail = " ".join(e.read()[:300].decode(errors="replace").split())
+                    missing = f"; the server lacks what this needs: {needs}" if needs and status in MISSING_STATUS else ""
+                    raise CaiError(f"{self.base_url}{path}: HTTP {status} after {attempt + 1} attempt(s): "
+                                   f"{detail}{missing}") from None
                 retry_after = e.headers.get("Retry-After") if e.headers else None
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
                 if attempt == self.max_retries:
@@ -108,7 +125,7 @@ class OpenAIBackend:
                 body["stop"] = list(sampling.stop)
             if conv[-1]["role"] == "assistant":  # continue the assistant's words (vLLM / cai.serve extension)
                 body.update(add_generation_prompt=False, continue_final_message=True)
-            out = self._post("/v1/chat/completions", body)
+            out = self._post("/v1/chat/completions", body, NEEDS_CHAT)
             choice = out["choices"][0]
             usage = out.get("usage") or {}
             reason = {"stop": "eos", "length": "length"}.get(choice.get("finish_reason"), "eos")
@@ -122,8 +139,16 @@ class OpenAIBackend:
     def option_logprobs(self, prompts: list[str], options: list[str]) -> list[list[float]]:
         def one(prompt: str) -> list[float]:
             out = self._post("/v1/completions", {"model": self.model, "prompt": prompt, "max_tokens": 1,
-                                                 "temperature": 0.0, "logprobs": self.top_logprobs})
-            top = out["choices"][0]["logprobs"]["top_logprobs"][0]  # {token text: logprob}
+                                                 "temperature": 0.0, "logprobs": self.top_logprobs}, NEEDS_LOGPROBS)
+            choices = out.get("choices") if isinstance(out, dict) else None
+            logprobs = choices[0].get("logprobs") if choices and isinstance(choices[0], dict) else None
+            tops = logprobs.get("top_logprobs") if isinstance(logprobs, dict) else None
+            top = tops[0] if isinstance(tops, list) and tops else None  # {token text: logprob}
+            if not isinstance(top, dict) or not top:
+                what = ("no choices" if not choices else "no logprobs" if not isinstance(logprobs, dict)
+                        else "no logprobs.top_logprobs")
+                raise CaiError(f"{self.base_url}/v1/completions: the answer has {what} (the server ignored "
+                               f"`logprobs: {self.top_logprobs}`); {NEEDS_LOGPROBS}")
             scores, missed = option_scores_from_top(top, options)
             self.missed_options += missed
             return scores

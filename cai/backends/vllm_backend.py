@@ -41,6 +41,11 @@ def require_vllm(what: str) -> None:
         raise CaiError(f"{what} needs a CUDA GPU and none is visible; use backend=transformers on this machine")
 
 
+def vllm_identity(ref: ModelRef, dtype: str) -> str:
+    """The identity a VLLMBackend of this model and dtype setting reports (found without starting vLLM)."""
+    return f"{ref.identity}:vllm:{str(pick_dtype(dtype, 'cuda')).removeprefix('torch.')}"
+
+
 def chat_text(tokenizer, conversation: list[Message]) -> str:
     """The raw prompt, exactly as the transformers backend builds it: a conversation ending with an assistant
     message is continued (the labeler's "The answer is: (" prefix), any other gets the assistant header."""
@@ -108,7 +113,7 @@ class VLLMBackend:
         self.ref = ref
         self.tokenizer = load_tokenizer(ref, trust_remote_code)
         dtype_name = str(pick_dtype(dtype, "cuda")).removeprefix("torch.")
-        self.identity = f"{ref.identity}:vllm:{dtype_name}"
+        self.identity = vllm_identity(ref, dtype)
         self.top_logprobs = top_logprobs
         self.progress = progress
         self.missed_options = 0  # options scored by the top-K bound because they were not in the top K

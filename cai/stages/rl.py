@@ -5,7 +5,7 @@ For each round r = 1..rounds (Bai et al. 2022 section 4; `rounds > 1` is online 
   2. the feedback model labels each pair (cai.feedback) -> rl/round-r/comparisons.jsonl + label diagnostics;
   3. a preference model is trained from the SL-CAI model on all comparisons so far -> rl/round-r/pm/;
   4. RL against the PM: PPO with a per-token KL penalty to the SL-CAI model (cai.train.ppo), or RLOO / GRPO
-     through TRL (cai.train.group_rl) -> rl/round-r/policy/.
+     through TRL (cai.train.group_rl), whose KL anchor is the SL-CAI model too -> rl/round-r/policy/.
 Every generated answer and every label is a keyed record in rl/steps.jsonl, so reruns and resumes reuse them.
 """
 
@@ -39,7 +39,7 @@ from cai.store import JsonlStore
 from cai.train.common import TRAIN_INFO, reuse_or_train, swap_into_place, trained_model_matches
 from cai.train.group_rl import train_group_rl
 from cai.train.pm import load_pm, pm_training_key, score_answers, train_pm
-from cai.train.ppo import run_ppo
+from cai.train.ppo import run_ppo, value_init_for
 
 
 def run_rl(cfg) -> dict:
@@ -100,11 +100,11 @@ def run_rl(cfg) -> dict:
                     rl_summary = _ppo_round(cfg, policy, sl_ref, pm_key, score, texts, rdir, ptx, metrics)
                 else:
                     sub = cfg.rloo if cfg.algorithm == "rloo" else cfg.grpo
-                    key = stable_hash([cfg.algorithm, policy.identity, pm_key, config_dict(sub), cfg.seed])
+                    key = stable_hash([cfg.algorithm, policy.identity, sl_ref.identity, pm_key, config_dict(sub), cfg.seed])
                     card = f"# RL-CAI policy ({cfg.algorithm})\n\nFrom {policy.identity}, PM key {pm_key}.\n"
                     rl_summary = reuse_or_train(rdir / "policy", key, lambda: train_group_rl(
                         cfg.algorithm, policy, score, texts, sub, cfg.seed, rdir, metrics, key, card,
-                        device=cfg.policy.device, progress=cfg.progress))
+                        device=cfg.policy.device, progress=cfg.progress, reference=sl_ref))
                 del pm_model
                 round_summary["rl"] = rl_summary
                 policy = resolve_model(str(rdir / "policy"))
@@ -127,7 +127,7 @@ def _ppo_round(cfg, policy, sl_ref, pm_key: str, score, texts: list[str], rdir: 
         return {**json.loads((rdir / "policy" / TRAIN_INFO).read_text()), "reused": True}
     work = rdir / "ppo" / key
     summary = run_ppo(policy, score, texts, cfg.ppo, work, metrics,
-                      value_init=resolve_model(str(rdir / "pm")) if cfg.ppo.value_init == "pm" else None,
+                      value_init=value_init_for(cfg.ppo.value_init, rdir / "pm"),
                       reference=sl_ref, sft_examples=ptx, progress=cfg.progress)
     summary = {**summary, "key": key}
     if is_main():

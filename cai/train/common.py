@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 from pathlib import Path
 
-from cai.errors import CaiError
+from cai.errors import CaiError, NonFiniteError
 from cai.io import write_atomic
 from cai.models import ModelRef, cpu_supports_bf16
 from cai.records import stable_hash
@@ -105,6 +106,52 @@ def metrics_callback(metrics: Metrics, prefix: str, get_trainer):
             metrics.log({f"{prefix}/{k}": v for k, v in logs.items()}, step=state.global_step)
 
     return ToMetrics()
+
+
+def first_non_finite(named_tensors) -> str | None:
+    """The name of the first tensor holding a NaN or inf, else None (one device sync for all of them)."""
+    import torch
+
+    named = [(n, t) for n, t in named_tensors if t is not None and t.numel()]
+    if not named:
+        return None
+    ok = torch.stack([torch.isfinite(t).all() for _, t in named])
+    if bool(ok.all()):
+        return None
+    return named[int((~ok).nonzero()[0])][0]
+
+
+def finite_callback(what: str, ckpt_dir: Path):
+    """A TrainerCallback that stops training at the first non-finite loss, gradient or weight, before the
+    optimizer step spreads it and before the Trainer saves a checkpoint (HF saves after on_step_end/on_log)."""
+    from transformers import TrainerCallback
+
+    def stop(kind: str, where: str, step: int):
+        last = last_checkpoint(ckpt_dir)
+        keep = f"last good checkpoint: {last} (a rerun resumes from it)" if last else "no checkpoint was written"
+        raise NonFiniteError(f"{what}: {kind} is not finite at step {step} ({where}); stopped before saving it, "
+                             f"no model was published; {keep}; lower the learning rate or check the data")
+
+    class StopOnNonFinite(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            if model is not None:
+                bad = first_non_finite((n, p.grad) for n, p in model.named_parameters())
+                if bad:
+                    stop("gradient", bad, state.global_step + 1)
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if model is not None:
+                bad = first_non_finite((n, p.detach()) for n, p in model.named_parameters())
+                if bad:
+                    stop("weight", bad, state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            for k in ("loss", "grad_norm"):
+                v = (logs or {}).get(k)
+                if isinstance(v, (int, float)) and not math.isfinite(v):
+                    stop(k.replace("_", " "), f"{k}={v}", state.global_step)
+
+    return StopOnNonFinite()
 
 
 def save_trained(trainer, tokenizer, out_dir: Path, card: str, summary: dict, ckpt_dir: Path | None = None) -> None:

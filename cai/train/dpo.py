@@ -19,6 +19,7 @@ from cai.models import ModelRef, load_tokenizer, pick_device, safetensors_only
 from cai.store import Metrics
 from cai.train.common import (
     common_args,
+    finite_callback,
     last_checkpoint,
     metrics_callback,
     save_trained,
@@ -69,7 +70,8 @@ def train_dpo(comparisons: list[dict], base: ModelRef, cfg: DPOConfig, seed: int
     args = TRLDPOConfig(**common_args(cfg, ckpt_dir, device, seed, progress), beta=cfg.beta, loss_type=cfg.loss_type,
                         max_length=cfg.max_length)
     trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(pairs),
-                         processing_class=tokenizer, callbacks=[metrics_callback(metrics, "rl/dpo", lambda: trainer)])
+                         processing_class=tokenizer, callbacks=[finite_callback("DPO", ckpt_dir),
+                                                                 metrics_callback(metrics, "rl/dpo", lambda: trainer)])
     last = last_checkpoint(ckpt_dir)
     start = time.time()
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)

@@ -27,13 +27,13 @@ from trl import RewardConfig, RewardTrainer
 
 from cai.backends.transformers_backend import configure_cpu_threads
 from cai.config import PMConfig, config_dict  # noqa: F401  (this trainer's settings)
-from cai.errors import CaiError
+from cai.errors import CaiError, NonFiniteError
 from cai.losses import check_finite, soft_bt_loss
 from cai.models import ModelRef, load_tokenizer, pick_device, pick_dtype, safetensors_only
 from cai.prompts import load_labeled_set
 from cai.records import calibration_bins, expected_calibration_error, stable_hash
 from cai.store import Metrics
-from cai.train.common import common_args, last_checkpoint, metrics_callback, save_trained
+from cai.train.common import common_args, finite_callback, last_checkpoint, metrics_callback, save_trained
 
 
 def pm_training_key(comparisons_sha: str, base: ModelRef, cfg, seed: int) -> str:
@@ -167,7 +167,7 @@ class SoftLabelRewardTrainer(RewardTrainer):
             check_finite("PM loss", loss.detach())
         except FloatingPointError as e:
             # stop before the optimizer step spreads it into every weight; the last checkpoint stays good
-            raise CaiError(f"{e} at step {self.state.global_step}; no model was saved "
+            raise NonFiniteError(f"{e} at step {self.state.global_step}; no model was saved "
                            f"(checkpoints in {self.args.output_dir})") from None
 
         # the parent's metrics, averaged per logging step by RewardTrainer.log
@@ -232,7 +232,8 @@ def train_pm(comparisons: list[dict], base: ModelRef, cfg, seed: int, out_dir: P
 
     trainer = SoftLabelRewardTrainer(model=model, args=reward_config(cfg, seed, ckpt_dir, device, progress),
                                      train_dataset=comparisons_dataset(train_recs), processing_class=tokenizer,
-                                     callbacks=[metrics_callback(metrics, "rl/pm/train", lambda: trainer)])
+                                     callbacks=[finite_callback("PM", ckpt_dir),
+                                                metrics_callback(metrics, "rl/pm/train", lambda: trainer)])
     n_train = len(trainer.train_dataset)
     if n_train == 0:
         raise CaiError(f"all {len(train_recs)} training comparisons are longer than pm.max_length={cfg.max_length} "

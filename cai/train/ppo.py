@@ -35,7 +35,7 @@ from torch import nn
 from cai.backends.base import Sampling
 from cai.backends.transformers_backend import configure_cpu_threads, sample_next
 from cai.config import PPOConfig, config_dict, validate
-from cai.errors import CaiError
+from cai.errors import CaiError, NonFiniteError
 from cai.io import write_atomic
 from cai.launch import sharded_launch
 from cai.losses import (
@@ -52,8 +52,8 @@ from cai.losses import (
     rewards_with_kl,
 )
 from cai.measures import degeneration
-from cai.models import ModelRef, load_tokenizer, safetensors_only
-from cai.train.common import TRAIN_INFO, swap_into_place, use_bf16
+from cai.models import ModelRef, load_tokenizer, resolve_model, safetensors_only
+from cai.train.common import TRAIN_INFO, first_non_finite, swap_into_place, use_bf16
 
 STATE_FILE = "ppo_state.json"
 RewardFn = Callable[[list[str], list[str]], list[float]]
@@ -459,6 +459,9 @@ def update(st: Setup, cfg: PPOConfig, ro: Rollout, step: int, first_update: int)
                 stats["grad_norm"].append(torch.as_tensor(grad_norm).detach().float())
             st.optimizer.step()
             st.optimizer.zero_grad()
+            bad = first_non_finite(st.model.named_parameters())  # a finite gradient times a huge step
+            if bad:
+                raise FloatingPointError(f"weight {bad} is not finite after update {update_i + 1}")
             update_i += 1
             for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clipfrac", clipfrac),
                          ("value_clipfrac", vf_clipfrac), ("approx_kl", approx_kl)):
@@ -510,6 +513,11 @@ def step_metrics(st: Setup, cfg: PPOConfig, ro: Rollout, stats: dict[str, list],
     logged["rl/ppo/repetition_share"] = deg["repetition_share"]
     logged["rl/ppo/distinct_2"] = deg["distinct_2"]
     return logged
+
+
+def value_init_for(setting: str, pm_dir: Path) -> ModelRef | None:
+    """The value model's start for `ppo.value_init`: the PM directory (pm), or None (policy: a zero head)."""
+    return resolve_model(str(pm_dir)) if setting == "pm" else None
 
 
 def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOConfig, out_dir: Path, metrics,
@@ -577,8 +585,8 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
         except FloatingPointError as e:
             bar.close()
             where = f"last good checkpoint: {last_good} (rerun to resume from it)" if last_good else "no checkpoint yet"
-            raise FloatingPointError(f"PPO step {step}: {e}; stopped before updating the weights with it; "
-                                     f"{where}") from e
+            raise NonFiniteError(f"PPO step {step}: {e}; stopped before saving it, no policy was published; "
+                                 f"{where}") from e
 
         # -- metrics (averaged over processes) --------------------------------------------------------------
         logged = step_metrics(st, cfg, ro, stats, start_time)

@@ -15,7 +15,14 @@ from cai.config import config_dict
 from cai.errors import CaiError
 from cai.models import ModelRef, load_tokenizer, pick_device, safetensors_only
 from cai.store import Metrics
-from cai.train.common import common_args, last_checkpoint, metrics_callback, save_trained, training_key
+from cai.train.common import (
+    common_args,
+    finite_callback,
+    last_checkpoint,
+    metrics_callback,
+    save_trained,
+    training_key,
+)
 
 
 def sft_training_key(sft_path: Path, base: ModelRef, sft_cfg, seed: int) -> str:
@@ -45,7 +52,8 @@ def train_sft(sft_path: Path, base: ModelRef, cfg, out_dir: Path, ckpt_root: Pat
     args = TRLSFTConfig(**common_args(sft, ckpt_dir, device, cfg.seed, progress), max_length=sft.max_length,
                         completion_only_loss=True, packing=False, use_liger_kernel=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
-                         callbacks=[metrics_callback(metrics, "sl/train", lambda: trainer)])
+                         callbacks=[finite_callback("SFT", ckpt_dir),
+                                    metrics_callback(metrics, "sl/train", lambda: trainer)])
     last = last_checkpoint(ckpt_dir)
     start = time.time()
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)

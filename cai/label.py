@@ -342,6 +342,11 @@ def make_handler(session: LabelSession, token: str, socket_timeout: float = 30.0
             self.end_headers()
             self.wfile.write(data)
 
+        def send_error(self, code, message=None, explain=None):
+            """http.server's own refusals (a garbled request line, too many headers, an unknown method): JSON too."""
+            self.close_connection = True
+            self._json(code, {"error": f"{message or self.responses.get(code, ('error',))[0]} ({code})"})
+
         def _json(self, status: int, body: dict) -> None:
             self._send(status, json.dumps(body, ensure_ascii=False).encode())
 

@@ -212,6 +212,12 @@ def make_handler(backend, cfg: ServeConfig, api_key: str | None):
             self.end_headers()
             self.wfile.write(data)
 
+        def send_error(self, code, message=None, explain=None):
+            """http.server's own refusals (a garbled request line, too many headers, an unknown method): JSON too."""
+            self.close_connection = True
+            text = message or self.responses.get(code, ("error",))[0]
+            self._send(code, {"error": {"message": f"{text} ({code})", "code": code}})
+
         def _refuse(self, e: Refusal) -> None:
             self._send(e.status, {"error": {"message": str(e), "type": "invalid_request_error", "code": e.status}})
 

@@ -331,6 +331,8 @@ def test_bad_lengths_unicode_and_json_get_a_json_400(server):
     # undo names the action it cancels
     code, out = post_raw(url, b'{"annotator": "zed"}', path="/api/undo")
     assert (code, out["error"]) == (400, 'undoes: expected the id ("event") of the action to undo')
+    assert raw_exchange(url, b"GET /api/state x HTTP/1.1\r\n\r\n")[0] == 400  # http.server's own refusals are JSON too
+    assert raw_exchange(url, b"PUT /api/label HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 501
     code, out = post_raw(url, good)  # and the server still labels
     assert code == 200 and out["mine"]["labeled"] == 1 and isinstance(out["event"], str)
 

@@ -159,6 +159,10 @@ def test_the_key_guards_every_route_and_any_header_bytes_get_401(port):
             assert answer[0] == 401 and error(answer).startswith("missing or wrong API key"), (key, headers, answer)
             assert KEY not in json.dumps(answer[1])
     assert request(port, "GET", "/v1/nothing")[0] == 404
+    # http.server's own refusals are JSON too
+    assert exchange(port, b"GET /v1/models two spaces HTTP/1.1\r\n\r\n")[0] == 400
+    assert exchange(port, b"PUT /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 501
+    assert exchange(port, b"GET /v1/models HTTP/1.1\r\n" + b"X-A: b\r\n" * 120 + b"\r\n")[0] == 431
 
 
 def test_a_slow_client_loses_its_connection(port):

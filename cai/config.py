@@ -484,6 +484,40 @@ class LabelConfig(Checked):
     seed: int = F(0, "seed of the per-annotator left/right order of the answers")
     export: str = F("", "write the labels to this JSONL file (cai.human import format) and exit")
     export_demonstrations: str = F("", "write the better answers to this JSONL file (prompt, answer, ...) and exit")
+    timeout: float = F(30.0, "seconds a browser may take to send a request or read an answer before its "
+                             "connection is closed (slow clients do not hold server threads)", gt=0)
+
+
+@dataclass(frozen=True)
+class ServeConfig(Checked):
+    model: str = F("smollm2-135m", "preset or model directory to serve")
+    name: str = F("", "model name the API reports and requests may name (default: model)")
+    host: str = F("127.0.0.1", "address to bind; any address that is not loopback (127.0.0.1, ::1, localhost) "
+                               "needs an API key in the variable api_key_env names")
+    port: int = F(8000, "port (0: any free port; the address is printed at start)", ge=0, le=65535)
+    dtype: str = F("auto", "auto | float32 | bfloat16 | float16", choices=DTYPES)
+    api_key_env: str = F("CAI_SERVE_API_KEY", "environment variable holding the key every request must carry as "
+                                              "'Authorization: Bearer KEY' (unset or empty: no key, loopback only)")
+    max_body_bytes: int = F(1_000_000, "largest request body accepted; a larger one is answered 413", ge=1)
+    max_tokens: int = F(1024, "largest max_tokens a chat request may ask for (the KV cache is sized for it up front); "
+                              "also capped by the model's context; beyond either: 400", ge=1)
+    default_max_tokens: int = F(256, "max_tokens of a chat request that gives none (at most max_tokens)", ge=1)
+    max_logprobs: int = F(100, "largest logprobs (top-K) a /v1/completions request may ask for; beyond: 400",
+                          ge=1, le=1000)
+    timeout: float = F(30.0, "seconds a client may take to send a request or read an answer before its "
+                             "connection is closed (slow clients do not hold server threads)", gt=0)
+
+    def rules(self, prefix: str) -> None:
+        if not str(self.model).strip():
+            raise CaiError(f"{prefix}model: expected a preset or a model directory, got ''")
+        if not str(self.host).strip():
+            raise CaiError(f"{prefix}host: expected an address to bind, e.g. 127.0.0.1")
+        if not _KEY_VAR.match(str(self.api_key_env)):
+            raise CaiError(f"{prefix}api_key_env={self.api_key_env}: expected the name of an API key variable "
+                           "(capitals, ending in _API_KEY or _API_TOKEN)")
+        if self.default_max_tokens > self.max_tokens:
+            raise CaiError(f"{prefix}default_max_tokens={self.default_max_tokens}: expected at most "
+                           f"max_tokens={self.max_tokens}")
 
 
 @dataclass(frozen=True)

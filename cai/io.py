@@ -254,6 +254,24 @@ def parse_json(text: str) -> Any:
         raise ValueError("nested too deeply") from None
 
 
+def has_lone_surrogate(value: Any) -> bool:
+    """Whether a string in `value` (nested lists and dict keys/values too) holds an unpaired surrogate: JSON's
+    "\\ud800" escape parses to one, and it cannot be written as UTF-8. Iterative: any depth."""
+    todo = [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, dict):
+            todo += list(v.keys()) + list(v.values())
+        elif isinstance(v, list):
+            todo += v
+    return False
+
+
 def split_lines(text: str) -> list[str]:
     """Lines split on "\\n" only (a trailing "\\r" is dropped): never on the separators JSON strings may hold."""
     return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]

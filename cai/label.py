@@ -7,10 +7,17 @@ printed at start. Each annotator sees the two answers in an order drawn per (ann
 hash, recorded with the label and mapped back to the stored order.
 
 Every action is an event appended to `<run>/human/labels.jsonl` (a JsonlStore, fsynced per event): label,
-skip, demonstration ("a better answer") and undo. Undo appends an event that cancels the annotator's latest
-un-cancelled label, skip or demonstration; undo events themselves are never cancelled (a second undo goes one
-step further back; there is no redo). Replaying the events gives each annotator's state, so a killed server
+skip, demonstration ("a better answer") and undo. Each action's answer carries its event id; an undo names the
+id it cancels and is refused (409) unless that is still the annotator's latest un-cancelled label, skip or
+demonstration, so a page undoes only its own last action, never one another tab (or someone typing the same
+name) made since. Undo events themselves are never cancelled (a second undo goes one step further back; there
+is no redo). Replaying the events gives each annotator's state, so a killed server
 restarts exactly where every annotator stopped. A lock on `human/.lock` keeps a second server off the store.
+
+Requests are bounded: one ASCII-digit Content-Length up to 256 KiB, text that is valid Unicode (no unpaired
+surrogates), and a socket timeout (`timeout=`) so a stalled browser does not hold a thread. `export=` and
+`export_demonstrations=` refuse any path inside `<run>/human/` (the live event log and its lock) and replace
+their file atomically.
 
 Other stages read the labels through `page_comparisons` (comparison records of the shape `cai.human`
 produces) and `page_demonstrations` (SFT records); `export=FILE` writes them in `cai.human`'s import format.
@@ -27,6 +34,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -35,7 +43,7 @@ from urllib.parse import parse_qs, urlparse
 from cai.config import LabelConfig, build_config, help_text, parse_overrides
 from cai.errors import CaiError, cli_main
 from cai.human import apply_event, labels_path, page_comparisons, page_demonstrations, replay
-from cai.io import json_objects, table, write_jsonl_atomic
+from cai.io import has_lone_surrogate, json_objects, parse_json, table, write_jsonl_atomic
 from cai.records import pair_hash, prompt_id_for, stable_hash
 from cai.runs import RunLock, run_dir_for
 from cai.store import JsonlStore
@@ -47,6 +55,7 @@ EVENTS = ("label", "skip", "demonstration", "undo")
 MAX_BODY = 256 * 1024
 MAX_ANSWER_CHARS = 20_000
 MAX_ANNOTATOR_CHARS = 64
+_LENGTH = re.compile(r"[0-9]{1,15}")  # ASCII digits only: str.isdigit() and int() also take "²" and "١"
 
 
 # --- pairs -------------------------------------------------------------------------------------------------
@@ -55,6 +64,17 @@ MAX_ANNOTATOR_CHARS = 64
 def pair_id(prompt: str, a: str, b: str) -> str:
     """The same for (a, b) and (b, a) (cai.records.pair_identity), as a short id for the page."""
     return pair_hash(prompt, a, b, kind="page-pair", n=16)
+
+
+PAIR_FIELDS = ("prompt", "answer_a", "answer_b", "prompt_id", "category")
+
+
+def _check_text(path: Path, n: int, row: dict) -> None:
+    """Text a page shows and a store writes must be encodable: JSON's "\\ud800" escape alone is not."""
+    for field in PAIR_FIELDS:
+        if has_lone_surrogate(row.get(field)):
+            raise CaiError(f"{path}:{n}: {field}: holds an unpaired surrogate (a \\ud800-\\udfff escape alone); "
+                           "expected Unicode text")
 
 
 def _pair(path: Path, n: int, row: dict) -> dict:
@@ -88,6 +108,7 @@ def load_pairs(run_dir: Path, pairs_file: str = "") -> tuple[list[dict], int]:
     pairs, seen, left_out = [], set(), 0
     for path in files:
         for n, row in json_objects(path):
+            _check_text(path, n, row)  # never left out quietly: the file is damaged
             try:
                 p = _pair(path, n, row)
             except CaiError:
@@ -112,8 +133,20 @@ def is_swapped(seed: int, annotator: str, pid: str) -> bool:
 # --- events ------------------------------------------------------------------------------------------------
 
 
+def check_export_path(run_dir: Path, path: str, setting: str = "export") -> Path:
+    """An export target outside `<run>/human/`, which the server owns (labels.jsonl, its lock): an export never
+    replaces the live event log. Symlinks are followed. The file itself is replaced atomically (cai.io)."""
+    target = Path(path).expanduser().resolve()
+    human = labels_path(run_dir).parent.resolve()
+    if target == human or human in target.parents:
+        raise CaiError(f"{setting}={path}: is inside {labels_path(run_dir).parent}, which the labeling server owns "
+                       f"(its event log {labels_path(run_dir).name}); export to a file elsewhere")
+    return target
+
+
 def export_labels(run_dir: Path, path: str) -> int:
     """Labels in the import format of cai.human.load_human_comparisons; returns how many."""
+    target = check_export_path(run_dir, path)
     rows = []
     for c in page_comparisons(run_dir):
         choice = {1.0: "a", 0.0: "b", 0.5: "tie"}[c["soft_label"]]
@@ -122,17 +155,18 @@ def export_labels(run_dir: Path, path: str) -> int:
                                                                                    if c["category"] else {})})
     if not rows:
         raise CaiError(f"{labels_path(run_dir)}: no labels yet; nothing to export")
-    write_jsonl_atomic(Path(path).expanduser(), rows)
+    write_jsonl_atomic(target, rows)
     return len(rows)
 
 
 def export_demonstrations(run_dir: Path, path: str) -> int:
     """Better answers in the import format of cai.human.load_demonstrations; returns how many."""
+    target = check_export_path(run_dir, path, "export_demonstrations")
     rows = [{"prompt": d["prompt"][0]["content"], "answer": d["completion"][0]["content"],
              "annotator": d["annotator"], "prompt_id": d["prompt_id"]} for d in page_demonstrations(run_dir)]
     if not rows:
         raise CaiError(f"{labels_path(run_dir)}: no better answers yet; nothing to export")
-    write_jsonl_atomic(Path(path).expanduser(), rows)
+    write_jsonl_atomic(target, rows)
     return len(rows)
 
 
@@ -217,16 +251,17 @@ class LabelSession:
             swapped = is_swapped(self.seed, annotator, pid)
             left_better = {"a": 1.0, "b": 0.0, "tie": 0.5}[choice]
             soft = 1.0 - left_better if swapped else left_better  # P(stored answer_a is better)
-            self._append(annotator, "label", pair=pid, swapped=swapped, choice=choice, soft_label=soft,
-                         prompt=p["prompt"], prompt_id=p["prompt_id"], category=p["category"],
-                         answer_a=p["answer_a"], answer_b=p["answer_b"])
-        return self.state(annotator, f"labeled: {CHOICES[choice]}" + (" better" if choice != "tie" else ""))
+            ev = self._append(annotator, "label", pair=pid, swapped=swapped, choice=choice, soft_label=soft,
+                              prompt=p["prompt"], prompt_id=p["prompt_id"], category=p["category"],
+                              answer_a=p["answer_a"], answer_b=p["answer_b"])
+        return {**self.state(annotator, f"labeled: {CHOICES[choice]}" + (" better" if choice != "tie" else "")),
+                "event": ev["key"]}
 
     def skip(self, annotator: str, pid: str) -> dict:
         with self.lock:
             self._open_pair(annotator, pid)
-            self._append(annotator, "skip", pair=pid, swapped=is_swapped(self.seed, annotator, pid))
-        return self.state(annotator, "skipped")
+            ev = self._append(annotator, "skip", pair=pid, swapped=is_swapped(self.seed, annotator, pid))
+        return {**self.state(annotator, "skipped"), "event": ev["key"]}
 
     def demonstrate(self, annotator: str, pid: str, answer: str) -> dict:
         if not isinstance(answer, str) or not answer.strip():
@@ -237,18 +272,25 @@ class LabelSession:
             if pid not in self.by_id:
                 raise RequestError(400, f"pair: no pair {pid!r} on this page")
             p = self.by_id[pid]
-            self._append(annotator, "demonstration", pair=pid, prompt=p["prompt"], prompt_id=p["prompt_id"],
-                         answer=answer)
-        return self.state(annotator, "better answer saved")
+            ev = self._append(annotator, "demonstration", pair=pid, prompt=p["prompt"], prompt_id=p["prompt_id"],
+                              answer=answer)
+        return {**self.state(annotator, "better answer saved"), "event": ev["key"]}
 
-    def undo(self, annotator: str) -> dict:
+    def undo(self, annotator: str, key) -> dict:
+        """Cancel the action `key` (the id the label/skip/demonstration answer carried as "event"), only if it is
+        still the annotator's latest: a page undoes its own last action, never what another tab did since."""
+        if not isinstance(key, str) or not key:
+            raise RequestError(400, "undoes: expected the id (\"event\") of the action to undo")
         with self.lock:
             stack = self.active.get(annotator)
             if not stack:
                 raise RequestError(409, f"nothing to undo for {annotator}")
             last = stack[-1]
+            if last["key"] != key:
+                raise RequestError(409, f"nothing undone: {annotator} acted since (in another tab or window?); only "
+                                        "the latest action can be undone")
             self._append(annotator, "undo", undoes=last["key"], pair=last["pair"])
-        return self.state(annotator, f"undid the {last['event']}")
+        return {**self.state(annotator, f"undid the {last['event']}"), "undid": key}
 
 
 # --- HTTP ----------------------------------------------------------------------------------------------------
@@ -258,15 +300,31 @@ def check_annotator(value) -> str:
     if not isinstance(value, str) or not value.strip():
         raise RequestError(400, "annotator: expected a non-empty name")
     name = value.strip()
+    if has_lone_surrogate(name):
+        raise RequestError(400, "annotator: holds an unpaired surrogate; expected Unicode text")
     if len(name) > MAX_ANNOTATOR_CHARS or any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise RequestError(400, f"annotator: expected at most {MAX_ANNOTATOR_CHARS} printable characters")
     return name
 
 
-def make_handler(session: LabelSession, token: str):
+def content_length(headers) -> int:
+    """One Content-Length of ASCII digits (no Transfer-Encoding), at most MAX_BODY (else 413)."""
+    if headers.get("Transfer-Encoding") is not None:
+        raise RequestError(411, "Transfer-Encoding is not accepted; send the body with a Content-Length")
+    values = headers.get_all("Content-Length") or []
+    if len(values) != 1 or not _LENGTH.fullmatch(values[0].strip()):
+        raise RequestError(400, "expected one Content-Length header (a number of bytes, ASCII digits)")
+    if int(values[0]) > MAX_BODY:
+        raise RequestError(413, f"request body over {MAX_BODY} bytes")
+    return int(values[0])
+
+
+def make_handler(session: LabelSession, token: str, socket_timeout: float = 30.0):
     page = PAGE.read_bytes()
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = socket_timeout  # a socket timeout: a browser that stalls mid-request loses its connection, not a thread
+
         def log_message(self, *args):  # quiet: request lines carry the token
             pass
 
@@ -283,6 +341,11 @@ def make_handler(session: LabelSession, token: str):
                                  "form-action 'none'; frame-ancestors 'none'")
             self.end_headers()
             self.wfile.write(data)
+
+        def send_error(self, code, message=None, explain=None):
+            """http.server's own refusals (a garbled request line, too many headers, an unknown method): JSON too."""
+            self.close_connection = True
+            self._json(code, {"error": f"{message or self.responses.get(code, ('error',))[0]} ({code})"})
 
         def _json(self, status: int, body: dict) -> None:
             self._send(status, json.dumps(body, ensure_ascii=False).encode())
@@ -302,6 +365,10 @@ def make_handler(session: LabelSession, token: str):
                 self._json(200, fn())
             except RequestError as e:
                 self._json(e.status, {"error": str(e)})
+            except Exception as e:  # a bug: the page gets an answer, the terminal the traceback
+                traceback.print_exc(file=sys.stderr)
+                self.close_connection = True
+                self._json(500, {"error": f"internal error ({type(e).__name__}); see the server's terminal"})
 
         def do_GET(self):
             route = self._route()
@@ -324,21 +391,29 @@ def make_handler(session: LabelSession, token: str):
             actions = {"/api/label": lambda b, a: session.label(a, b.get("pair"), b.get("choice")),
                        "/api/skip": lambda b, a: session.skip(a, b.get("pair")),
                        "/api/demonstration": lambda b, a: session.demonstrate(a, b.get("pair"), b.get("answer")),
-                       "/api/undo": lambda b, a: session.undo(a)}
+                       "/api/undo": lambda b, a: session.undo(a, b.get("undoes"))}
             if path not in actions:
-                return self._json(404, {"error": f"no action {path}"})
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                return self._json(400, {"error": "expected a Content-Length header"})
-            if int(length) > MAX_BODY:
                 self.close_connection = True
-                return self._json(413, {"error": f"request body over {MAX_BODY} bytes"})
+                return self._json(404, {"error": f"no action {path}"})
             try:
-                body = json.loads(self.rfile.read(int(length)).decode("utf-8"))
+                length = content_length(self.headers)
+            except RequestError as e:
+                self.close_connection = True  # a body may follow that nobody reads
+                return self._json(e.status, {"error": str(e)})
+            data = self.rfile.read(length)
+            if len(data) < length:
+                self.close_connection = True
+                return self._json(400, {"error": f"body: {len(data)} of the {length} bytes Content-Length announced"})
+            try:
+                body = parse_json(data.decode("utf-8"))
             except (ValueError, UnicodeDecodeError):
                 return self._json(400, {"error": "body: expected a JSON object"})
             if not isinstance(body, dict):
                 return self._json(400, {"error": "body: expected a JSON object"})
+            if has_lone_surrogate(body):
+                if has_lone_surrogate(body.get("annotator")):
+                    return self._json(400, {"error": "annotator: holds an unpaired surrogate; expected Unicode text"})
+                return self._json(400, {"error": "body: a string holds an unpaired surrogate; expected Unicode text"})
 
             def act():
                 annotator = check_annotator(body.get("annotator"))
@@ -356,10 +431,11 @@ def session_progress(session: LabelSession) -> dict:
         return session.progress()
 
 
-def start_server(session: LabelSession, port: int = 0) -> tuple[ThreadingHTTPServer, str]:
-    """A server on 127.0.0.1 (not yet serving) and its URL with a fresh random token."""
+def start_server(session: LabelSession, port: int = 0, timeout: float = 30.0) -> tuple[ThreadingHTTPServer, str]:
+    """A server on 127.0.0.1 (not yet serving) and its URL with a fresh random token; `timeout`: seconds a
+    client may stall mid-request before its connection (and thread) is let go."""
     token = secrets.token_urlsafe(24)
-    server = ThreadingHTTPServer((HOST, port), make_handler(session, token))
+    server = ThreadingHTTPServer((HOST, port), make_handler(session, token, timeout))
     server.daemon_threads = True
     return server, f"http://{HOST}:{server.server_address[1]}/?token={token}"
 
@@ -385,6 +461,11 @@ def main(argv: list[str]) -> int:
         raise CaiError("run: expected run=NAME (labels go to <runs_dir>/<run>/human/labels.jsonl)")
     run_dir = run_dir_for(cfg)
     if cfg.export or cfg.export_demonstrations:
+        # both targets checked before either is written
+        targets = [check_export_path(run_dir, v, k) for k, v in (("export", cfg.export),
+                                                                  ("export_demonstrations", cfg.export_demonstrations)) if v]
+        if len(targets) == 2 and targets[0] == targets[1]:
+            raise CaiError(f"export_demonstrations={cfg.export_demonstrations}: the same file as export=; give two files")
         if cfg.export:
             print(f"{export_labels(run_dir, cfg.export)} labels -> {cfg.export}")
         if cfg.export_demonstrations:
@@ -397,7 +478,7 @@ def main(argv: list[str]) -> int:
     with RunLock(run_dir / "human"):
         session = LabelSession(pairs, run_dir, cfg.seed)
         try:
-            server, url = start_server(session, cfg.port)
+            server, url = start_server(session, cfg.port, cfg.timeout)
         except OSError as e:
             raise CaiError(f"port={cfg.port}: cannot listen on {HOST} ({e.strerror})") from None
         skipped = f" ({left_out} rows with an empty or repeated answer left out)" if left_out else ""

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from cai.errors import CaiError
-from cai.io import json_objects, read_jsonl, write_atomic, write_jsonl_atomic
+from cai.io import has_lone_surrogate, json_objects, parse_json, read_jsonl, write_atomic, write_jsonl_atomic
 from cai.runs import RunLock
 
 
@@ -118,3 +118,11 @@ def test_pickled_weights_are_refused_and_every_file_counts_in_the_identity(tmp_p
     first = resolve_model(str(d)).identity
     (d / "modeling_custom.py").write_text("print('hi')\n")  # code beside the weights changes what would run
     assert resolve_model(str(d)).identity != first
+
+
+def test_lone_surrogates_are_found_at_any_depth():
+    assert has_lone_surrogate(parse_json('{"a": [1, {"b": "x\\ud800"}]}'))
+    assert has_lone_surrogate(parse_json('{"\\udfff": 1}'))  # in a key
+    nested = parse_json("[" * 500 + '"\\ud83d"' + "]" * 500)
+    assert has_lone_surrogate(nested)
+    assert not has_lone_surrogate(parse_json('{"a": ["\\ud83d\\ude00", "é", 1.5, null, true]}'))  # a valid pair

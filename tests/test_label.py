@@ -8,6 +8,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -72,19 +73,20 @@ def test_undo_cancels_latest_events_and_replay_restores_state(tmp_path):
     s, pairs = session(tmp_path)
     p0, p1, p2, p3 = (p["id"] for p in pairs)
     assert s.state("ann")["pair"]["id"] == p0
-    s.label("ann", p0, "a")
-    s.skip("ann", p1)
-    s.demonstrate("ann", p2, "a better answer")
+    done = [s.label("ann", p0, "a")["event"], s.skip("ann", p1)["event"],
+            s.demonstrate("ann", p2, "a better answer")["event"]]
     st = s.label("ann", p2, "tie")
+    done.append(st["event"])
     assert st["pair"]["id"] == p3 and st["mine"] == {"labeled": 2, "skipped": 1, "total": 4, "demonstrations": 1}
+    assert len(set(done)) == 4
     # undo walks back one event at a time (label, then the demonstration); undo is never itself undone
-    assert s.undo("ann")["pair"]["id"] == p2
-    st = s.undo("ann")
+    assert s.undo("ann", done.pop())["pair"]["id"] == p2
+    st = s.undo("ann", done.pop())
     assert st["pair"]["id"] == p2 and st["mine"]["demonstrations"] == 0 and st["message"] == "undid the demonstration"
-    assert s.undo("ann")["pair"]["id"] == p1  # the skip
+    assert s.undo("ann", done.pop())["pair"]["id"] == p1  # the skip
     with pytest.raises(RequestError, match="already labeled"):
         s.label("ann", p0, "b")
-    s.label("ann", p1, "b")
+    done.append(s.label("ann", p1, "b")["event"])
     # a fresh session (a restarted server) replays the file to the same state; keys are unique per event
     again = LabelSession(pairs, tmp_path / "run")
     assert again.state("ann") == s.state("ann")
@@ -96,18 +98,17 @@ def test_undo_cancels_latest_events_and_replay_restores_state(tmp_path):
         (pairs[0]["prompt"], 1.0 if not events[0]["swapped"] else 0.0),
         (pairs[1]["prompt"], 0.0 if not events[7]["swapped"] else 1.0)]
     assert page_demonstrations(tmp_path / "run") == []
-    again.undo("ann")
-    again.undo("ann")
+    again.undo("ann", done.pop())
+    again.undo("ann", done.pop())
     with pytest.raises(RequestError, match="nothing to undo") as e:
-        again.undo("ann")
+        again.undo("ann", events[0]["key"])
     assert e.value.status == 409
 
 
 def test_a_hand_edited_undo_is_an_error(tmp_path):
     s, pairs = session(tmp_path)
     s.label("ann", pairs[0]["id"], "a")
-    s.label("ann", pairs[1]["id"], "a")
-    s.undo("ann")
+    s.undo("ann", s.label("ann", pairs[1]["id"], "a")["event"])
     path = labels_path(tmp_path / "run")
     lines = path.read_text().splitlines()
     path.write_text("\n".join([lines[1], lines[0], lines[2]]) + "\n")  # the undo no longer follows its label
@@ -172,6 +173,10 @@ def test_pairs_from_the_runs_comparisons(tmp_path):
     assert pairs[0]["prompt_id"] == "human-" + stable_hash({"prompt": "q0"}, 12)  # as cai.human names it
     with pytest.raises(CaiError, match=r"rl/round-\*/comparisons.jsonl: no pairs to label; run stage=rl first"):
         load_pairs(tmp_path / "empty")
+    # a damaged answer (an unpaired surrogate) in the run's own comparisons is an error, not a pair left out
+    write_jsonl(run / "rl/round-3/comparisons.jsonl", ['{"prompt": "q", "answer_a": "x", "answer_b": "\\ud800 y"}'])
+    with pytest.raises(CaiError, match=r"round-3/comparisons.jsonl:1: answer_b: holds an unpaired surrogate"):
+        load_pairs(run)
 
 
 @pytest.mark.parametrize("rows, expected", [
@@ -182,6 +187,11 @@ def test_pairs_from_the_runs_comparisons(tmp_path):
     (["", {"prompt": "q", "answer_a": "x", "answer_b": "x"}], r"pairs.jsonl:2: answer_b: expected a different"),
     ([{"prompt": "q", "answer_a": "x", "answer_b": "y", "prompt_id": 3}], r"pairs.jsonl:1: prompt_id: expected a str"),
     ([""], r"pairs.jsonl: no pairs to label; run stage=rl first, or give pairs=FILE"),
+    (['{"prompt": "q", "answer_a": "x", "answer_b": "y"}', '{"prompt": "q", "answer_a": "x\\ud800", "answer_b": "y"}'],
+     r"pairs.jsonl:2: answer_a: holds an unpaired surrogate"),
+    (['{"prompt": "q\\udfff", "answer_a": "x", "answer_b": "y"}'], r"pairs.jsonl:1: prompt: holds an unpaired surrogate"),
+    (['{"prompt": "q", "answer_a": "x", "answer_b": "y", "category": "\\ud83d"}'],
+     r"pairs.jsonl:1: category: holds an unpaired surrogate"),
 ])
 def test_bad_pairs_files(tmp_path, rows, expected):
     with pytest.raises(CaiError, match=expected):
@@ -211,7 +221,7 @@ def test_cli_refusals(tmp_path):
 @pytest.fixture
 def server(tmp_path):
     s, pairs = session(tmp_path)
-    srv, url = start_server(s)
+    srv, url = start_server(s, timeout=1.0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield url, pairs
     srv.shutdown()
@@ -272,6 +282,130 @@ def test_http_api_refuses_bad_requests(server):
     assert r.status == 413 and json.loads(r.read())["error"] == "request body over 262144 bytes"
     code, progress = call(url, "/api/progress")
     assert code == 200 and progress["labels"] == 1 and list(progress["annotators"]) == ["x"]
+
+
+def raw_exchange(url: str, data: bytes) -> tuple[int, dict]:
+    """Raw bytes to the server, read until it closes: (status, JSON). A dropped connection fails here."""
+    host, port = url.split("/?token=")[0].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as s:
+        s.sendall(data)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1."), f"no HTTP answer: {head[:80]!r}"
+    return int(head.split()[1]), json.loads(body)
+
+
+def post_raw(url: str, body: bytes, length: bytes | None = None, path: str = "/api/label", extra: bytes = b""):
+    tok = url.split("/?token=")[1]
+    length = str(len(body)).encode() if length is None else length
+    return raw_exchange(url, f"POST {path} HTTP/1.1\r\nHost: x\r\nX-Cai-Token: {tok}\r\n".encode() + extra +
+                        b"Content-Length: " + length + b"\r\n\r\n" + body)
+
+
+def test_bad_lengths_unicode_and_json_get_a_json_400(server):
+    url, pairs = server
+    pid = pairs[0]["id"]
+    good = json.dumps({"annotator": "zed", "pair": pid, "choice": "a"}).encode()
+    # non-ASCII digits ("²" is a digit to str.isdigit, and int() reads "١٢"), signs, blanks, two headers
+    for length in (b"\xb2", "²".encode(), "١٢".encode(), b"-1", b"+5", b"1e3", b"", b"12 34"):
+        code, out = post_raw(url, good, length)
+        assert (code, out["error"]) == (400, "expected one Content-Length header (a number of bytes, ASCII digits)")
+    code, out = post_raw(url, good, extra=f"Content-Length: {len(good)}\r\n".encode())
+    assert code == 400 and out["error"].startswith("expected one Content-Length")
+    code, out = post_raw(url, good, extra=b"Transfer-Encoding: chunked\r\n")
+    assert code == 411
+    for body, msg in [
+        (b'{"annotator": "\\ud800", "pair": "%s", "choice": "a"}' % pid.encode(), "annotator: holds an unpaired surrogate"),
+        (b'{"annotator": "ann\\udc00x", "pair": "%s", "choice": "a"}' % pid.encode(), "annotator: holds an unpaired"),
+        (b'{"annotator": "zed", "pair": "%s", "answer": "better \\ud800"}' % pid.encode(),
+         "body: a string holds an unpaired surrogate"),
+        (b'{"annotator": "zed", "annotator": "eve", "pair": "%s", "choice": "a"}' % pid.encode(),
+         "body: expected a JSON object"),  # duplicate keys: which one counts is ambiguous
+        (b"[" * 100_000, "body: expected a JSON object"),  # nested too deeply
+    ]:
+        for path in ("/api/label", "/api/demonstration"):
+            code, out = post_raw(url, body, path=path)
+            assert code == 400 and out["error"].startswith(msg), (body[:60], path, out)
+    # undo names the action it cancels
+    code, out = post_raw(url, b'{"annotator": "zed"}', path="/api/undo")
+    assert (code, out["error"]) == (400, 'undoes: expected the id ("event") of the action to undo')
+    assert raw_exchange(url, b"GET /api/state x HTTP/1.1\r\n\r\n")[0] == 400  # http.server's own refusals are JSON too
+    assert raw_exchange(url, b"PUT /api/label HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 501
+    code, out = post_raw(url, good)  # and the server still labels
+    assert code == 200 and out["mine"]["labeled"] == 1 and isinstance(out["event"], str)
+
+
+def test_a_slow_client_loses_its_connection(server):
+    """A browser that stalls mid-request (in the headers, or in the body) is cut off after the socket timeout
+    (1 s here; `timeout=` setting), so it cannot hold a server thread."""
+    url, _ = server
+    host, port = url.split("/?token=")[0].removeprefix("http://").split(":")
+    tok = url.split("/?token=")[1]
+    for partial in (b"POST /api/label HTTP/1.1\r\nHost: x\r\n",
+                    f"POST /api/label HTTP/1.1\r\nX-Cai-Token: {tok}\r\nContent-Length: 90\r\n\r\n{{\"ann".encode()):
+        with socket.create_connection((host, int(port)), timeout=8) as s:
+            s.sendall(partial)
+            start = time.time()
+            assert s.recv(65536) == b""  # closed by the server; a socket.timeout here means it still waits
+            assert time.time() - start < 6
+    assert call(url, "/api/progress")[0] == 200
+
+
+def test_undo_only_cancels_the_clients_own_last_action(server):
+    """Two tabs of one annotator (and another annotator): an undo names the action it cancels and is refused
+    when that is no longer the annotator's latest, so one tab never cancels what another did."""
+    url, pairs = server
+    p0, p1 = pairs[0]["id"], pairs[1]["id"]
+    code, tab1 = call(url, "/api/label", {"annotator": "alice", "pair": p0, "choice": "a"})
+    assert code == 200
+    code, tab2 = call(url, "/api/label", {"annotator": "alice", "pair": p1, "choice": "b"})
+    assert code == 200
+    code, bob = call(url, "/api/label", {"annotator": "bob", "pair": p0, "choice": "tie"})
+    assert code == 200
+    # tab 1 undoes "its last action": refused, tab 2's label stays
+    code, out = call(url, "/api/undo", {"annotator": "alice", "undoes": tab1["event"]})
+    assert (code, out["error"]) == (409, "nothing undone: alice acted since (in another tab or window?); only the "
+                                         "latest action can be undone")
+    # another annotator's action id cancels nothing of alice's, nor of bob's
+    assert call(url, "/api/undo", {"annotator": "alice", "undoes": bob["event"]})[0] == 409
+    assert call(url, "/api/undo", {"annotator": "bob", "undoes": tab2["event"]})[0] == 409
+    assert call(url, "/api/progress")[1]["labels"] == 3
+    # each tab undoes its own, latest first
+    code, out = call(url, "/api/undo", {"annotator": "alice", "undoes": tab2["event"]})
+    assert code == 200 and out["undid"] == tab2["event"] and out["mine"]["labeled"] == 1
+    code, out = call(url, "/api/undo", {"annotator": "alice", "undoes": tab1["event"]})
+    assert code == 200 and out["mine"]["labeled"] == 0
+    assert call(url, "/api/undo", {"annotator": "alice", "undoes": tab1["event"]})[0] == 409  # not twice
+    assert call(url, "/api/progress")[1]["annotators"]["bob"]["labeled"] == 1
+
+
+def test_export_never_writes_over_the_servers_files(tmp_path):
+    run = tmp_path / "r"
+    s, pairs = session(tmp_path, run)
+    s.label("ann", pairs[0]["id"], "a")
+    s.demonstrate("ann", pairs[0]["id"], "A better answer.")
+    log = labels_path(run)
+    before = log.read_bytes()
+    (tmp_path / "link.jsonl").symlink_to(log)
+    base = ["run=r", f"runs_dir={tmp_path}"]
+    for setting, target in [("export", log), ("export", log.parent / ".lock"), ("export", log.parent / "new.jsonl"),
+                            ("export_demonstrations", log), ("export", tmp_path / "link.jsonl"),
+                            ("export", tmp_path / "r" / "x" / ".." / "human" / "labels.jsonl")]:
+        with pytest.raises(CaiError, match=rf"{setting}=.*: is inside .*r/human, which the labeling server owns"):
+            main.__wrapped__(base + [f"{setting}={target}", f"export_demonstrations={tmp_path / 'd.jsonl'}"
+                                     if setting == "export" else f"export={tmp_path / 'l.jsonl'}"])
+        with pytest.raises(CaiError, match="which the labeling server owns"):
+            (export_labels if setting == "export" else export_demonstrations)(run, str(target))
+    with pytest.raises(CaiError, match=r"export_demonstrations=.*same file as export="):
+        main.__wrapped__(base + [f"export={tmp_path / 'o.jsonl'}", f"export_demonstrations={tmp_path / 'o.jsonl'}"])
+    assert log.read_bytes() == before and not (log.parent / "new.jsonl").exists()
+    assert not any((tmp_path / n).exists() for n in ("l.jsonl", "d.jsonl", "o.jsonl"))
+    # the store still replays, and an export elsewhere works
+    assert LabelSession(pairs, run).state("ann")["mine"]["labeled"] == 1
+    assert main.__wrapped__(base + [f"export={tmp_path / 'l.jsonl'}"]) == 0
+    assert load_human_comparisons(tmp_path / "l.jsonl") == page_comparisons(run)
 
 
 # --- the hooks: stage=rl and stage=sl read the page's labels ------------------------------------------------------
@@ -445,3 +579,39 @@ def test_labeling_page_in_headless_chromium(tmp_path, chromium):
           f"export_demonstrations={tmp_path / 'd.jsonl'}"])
     assert load_human_comparisons(tmp_path / "l.jsonl") == page_comparisons(run)
     assert load_demonstrations(tmp_path / "d.jsonl") == page_demonstrations(run)
+
+
+def test_two_tabs_undo_only_their_own_actions_in_chromium(server, chromium):
+    """Two tabs of one annotator in headless Chromium: undo in one tab never cancels the other tab's action."""
+    from playwright.sync_api import expect
+
+    url, pairs = server
+    tab1, tab2 = chromium.new_page(), chromium.new_page()
+    for tab in (tab1, tab2):
+        tab.set_default_timeout(10_000)
+    tab1.goto(url + "&annotator=alice")
+    expect(tab1.locator("#prompt")).to_have_text(pairs[0]["prompt"])
+    expect(tab1.locator("#undo")).to_be_disabled()
+    tab1.keyboard.press("1")
+    expect(tab1.locator("#prompt")).to_have_text(pairs[1]["prompt"])
+    expect(tab1.locator("#undo")).to_be_enabled()
+    tab2.goto(url + "&annotator=alice")
+    expect(tab2.locator("#prompt")).to_have_text(pairs[1]["prompt"])
+    expect(tab2.locator("#undo")).to_be_disabled()  # alice has an action, but not from this tab
+    tab2.keyboard.press("u")
+    expect(tab2.locator("#message")).to_have_text("nothing to undo on this page")
+    tab2.keyboard.press("2")
+    expect(tab2.locator("#prompt")).to_have_text(pairs[2]["prompt"])
+    tab1.keyboard.press("u")  # tab 1's own label is no longer alice's latest: nothing is undone
+    expect(tab1.locator("#message")).to_contain_text("nothing undone: alice acted since")
+    expect(tab1.locator("#prompt")).to_have_text(pairs[2]["prompt"])  # the real state, shown after the refusal
+    assert call(url, "/api/progress")[1]["labels"] == 2
+    tab2.keyboard.press("u")
+    expect(tab2.locator("#message")).to_have_text("undid the label")
+    expect(tab2.locator("#prompt")).to_have_text(pairs[1]["prompt"])
+    tab1.keyboard.press("u")
+    expect(tab1.locator("#message")).to_have_text("undid the label")
+    expect(tab1.locator("#prompt")).to_have_text(pairs[0]["prompt"])
+    assert call(url, "/api/progress")[1]["labels"] == 0
+    tab1.close()
+    tab2.close()

@@ -177,6 +177,44 @@ class PromptSource(Checked):
     limit: Optional[int] = F(None, "use only the first N prompts", ge=0)
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+
+
+@dataclass(frozen=True)
+class LoRAConfig(Checked):
+    """LoRA (PEFT) adapters instead of full-parameter training. Off by default: at 135M parameters full training
+    fits in a few GB on a CPU and went further per step on the same data (BENCHMARKS.md, LoRA vs full); turn it
+    on for bigger models or a memory budget (PPO with LoRA keeps one copy of the weights: the reference is the
+    same weights with the adapters disabled)."""
+
+    enabled: bool = F(False, "train LoRA adapters instead of every weight (off: full training is better at 135M on "
+                             "a CPU, see BENCHMARKS.md; on for bigger models or less memory). LoRA usually wants "
+                             "~10x the full-training learning rate")
+    r: int = F(16, "adapter rank", gt=0)
+    alpha: float = F(32.0, "scaling numerator: the update is (alpha / r) * B @ A", gt=0)
+    dropout: float = F(0.05, "dropout on the adapters' input while training", ge=0, lt=1)
+    target_modules: list = field(default_factory=lambda: list(LORA_TARGETS), metadata={
+        "help": "module names (name suffixes) that get adapters, or [all-linear]; the default is every attention "
+                "and MLP projection of a Llama-style model"})
+
+    def rules(self, prefix: str) -> None:
+        if not isinstance(self.target_modules, (list, tuple)) or not self.target_modules:
+            raise CaiError(f"{prefix}target_modules={self.target_modules!r}: expected a non-empty list of module "
+                           "names, e.g. [q_proj,v_proj] or [all-linear]")
+        for i, name in enumerate(self.target_modules):
+            if not isinstance(name, str) or not (_MODULE_NAME.match(name) or name == "all-linear"):
+                raise CaiError(f"{prefix}target_modules[{i}]={name!r}: expected a module name such as q_proj, "
+                               "or all-linear")
+        if "all-linear" in self.target_modules and len(self.target_modules) > 1:
+            raise CaiError(f"{prefix}target_modules: all-linear stands alone; expected [all-linear] or a list of "
+                           "names")
+
+
+def _lora_field():
+    return F(LoRAConfig(), "LoRA adapters (PEFT) instead of full-parameter training")
+
+
 # --- stage=sl ----------------------------------------------------------------------------------------------
 
 
@@ -208,6 +246,7 @@ class SFTConfig(Checked):
     bf16: str = F("auto", "auto (where the hardware has it) | true | false", choices=_BOOL_WORDS)
     gradient_checkpointing: bool = F(False, "trade compute for memory (off: faster on CPU at this size)")
     save_steps: int = F(50, "checkpoint every N optimizer steps (a killed run resumes from the last one)", ge=1)
+    lora: LoRAConfig = _lora_field()
 
 
 @dataclass(frozen=True)
@@ -273,6 +312,7 @@ class PMConfig(Checked):
                                                              "prompt, better, worse) the trained PM is checked on; "
                                                              "pairs whose prompt it trained on are left out; '' = off",
                          file=True)
+    lora: LoRAConfig = _lora_field()
 
 
 @dataclass(frozen=True)
@@ -313,6 +353,7 @@ class PPOConfig(Checked):
     bf16: str = F("auto", "auto (where the hardware has it) | true | false; mixed precision over fp32 weights",
                   choices=_BOOL_WORDS)
     seed: int = F(0, "seed for prompt order, sampling and minibatch order")
+    lora: LoRAConfig = _lora_field()
 
 
 @dataclass(frozen=True)
@@ -333,6 +374,7 @@ class GroupRLConfig(Checked):
                               "only, the vllm extra)")
     vllm_gpu_memory_utilization: float = F(0.3, "use_vllm: share of each GPU's memory vLLM may take (the rest is "
                                                 "for training)", gt=0, le=1)
+    lora: LoRAConfig = _lora_field()
 
     def rules(self, prefix: str) -> None:
         if self.batch_size % self.num_generations:
@@ -354,6 +396,7 @@ class DPOConfig(Checked):
     bf16: str = F("auto", "auto | true | false", choices=_BOOL_WORDS)
     gradient_checkpointing: bool = F(False, "trade compute for memory")
     save_steps: int = F(50, "checkpoint every N optimizer steps", ge=1)
+    lora: LoRAConfig = _lora_field()
 
 
 @dataclass(frozen=True)
@@ -695,6 +738,15 @@ def _omegaconf_message(e: OmegaConfBaseException) -> str:
 
 def to_yaml(cfg) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg) if is_dataclass(cfg) else cfg)
+
+
+def key_dict(cfg) -> dict:
+    """config_dict without a `lora` section that is off: what training keys hash, so models trained before LoRA
+    existed keep their keys."""
+    out = config_dict(cfg)
+    if isinstance(out.get("lora"), dict) and not out["lora"].get("enabled"):
+        del out["lora"]
+    return out
 
 
 def config_dict(cfg) -> dict:

@@ -1,0 +1,125 @@
+"""LoRA (PEFT) in every trainer on the tiny model: the adapters train, the base weights stay, the published
+directory is the merged model (loadable as a plain HF model) plus the adapter in adapter/."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cai.config import DPOConfig, GroupRLConfig, LoRAConfig, PMConfig, PPOConfig, SFTConfig, SLConfig, load_config
+from cai.errors import CaiError
+from cai.io import write_atomic
+from cai.models import load_tokenizer, resolve_model
+from cai.store import Metrics
+from cai.train.common import ADAPTER_DIR, TRAIN_INFO
+
+LORA = LoRAConfig(enabled=True, r=4, alpha=8.0, dropout=0.0)
+
+
+def changed_keys(before: dict, after: dict) -> list[str]:
+    return [k for k in after if k in before and not torch.equal(after[k].float(), before[k].float())]
+
+
+def check_published(out: Path, base_state: dict, min_changed: int = 1) -> dict:
+    """out holds merged weights that differ from the base in the adapted layers only, and an adapter."""
+    assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+    assert (out / ADAPTER_DIR / "adapter_model.safetensors").exists()
+    assert (out / ADAPTER_DIR / "adapter_config.json").exists()
+    assert not (out / "adapter_config.json").exists()  # a plain HF directory: loaders see no PEFT layout
+    merged = load_file(out / "model.safetensors")
+    assert not any("lora" in k for k in merged)
+    changed = changed_keys(base_state, merged)
+    assert len(changed) >= min_changed
+    assert all(any(t in k for t in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                    "score")) for k in changed), changed
+    assert not any("embed_tokens" in k or "norm" in k for k in changed)
+    return merged
+
+
+@pytest.mark.parametrize("override,message", [
+    ("sl.sft.lora.r=0", "sft.lora.r=0: expected a number > 0"),
+    ("rl.pm.lora.alpha=-1", "pm.lora.alpha=-1.0: expected a number > 0"),
+    ("rl.ppo.lora.dropout=1.0", "ppo.lora.dropout=1.0: expected a number >= 0 and < 1"),
+    ("dpo.dpo.lora.target_modules=[]", "dpo.lora.target_modules=[]: expected a non-empty list"),
+    ("rl.grpo.lora.target_modules=[q_proj,'a b']", "grpo.lora.target_modules[1]='a b': expected a module name"),
+])
+def test_lora_settings_are_checked_on_load(override, message):
+    stage, setting = override.split(".", 1)
+    with pytest.raises(CaiError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config([f"stage={stage}", setting])
+    assert load_config(["stage=rl"]).ppo.lora.enabled is False  # off by default
+
+
+def test_lora_settings_off_leave_training_keys_as_before():
+    from cai.config import key_dict
+
+    assert "lora" not in key_dict(SFTConfig()) and key_dict(SFTConfig(lora=LORA))["lora"]["r"] == 4
+
+
+def test_sft_with_lora_trains_the_adapters_and_publishes_a_merged_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from cai.train.sft import sft_training_key, train_sft
+
+    ref = resolve_model("tiny")
+    data = tmp_path / "sft.jsonl"
+    write_atomic(data, "".join(json.dumps({"prompt": [{"role": "user", "content": f"question {i}"}],
+                                           "completion": [{"role": "assistant", "content": "yes " * 8}]}) + "\n"
+                               for i in range(8)))
+    cfg = SLConfig(sft=SFTConfig(epochs=2, learning_rate=1e-2, batch_size=4, max_length=64, lora=LORA))
+    key = sft_training_key(data, ref, cfg.sft, 0)
+    assert key != sft_training_key(data, ref, SFTConfig(epochs=2, learning_rate=1e-2, batch_size=4, max_length=64), 0)
+    out = tmp_path / "model"
+    s = train_sft(data, ref, cfg, out, tmp_path / "ckpt", Metrics(tmp_path / "m.jsonl", "sl"), "card", key,
+                  device="cpu", progress=False)
+    assert s["lora"]["r"] == 4 and json.loads((out / TRAIN_INFO).read_text())["key"] == key
+    base = load_file(Path(ref.path) / "model.safetensors")
+    check_published(out, base, min_changed=4)
+    model = AutoModelForCausalLM.from_pretrained(out)  # a plain model: no peft needed to load it
+    assert type(model).__name__ == "LlamaForCausalLM"
+    # the adapter on the base gives the same logits as the merged weights
+    from peft import PeftModel
+
+    ids = torch.tensor([[1, 5, 9, 13, 21]])
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ref.path), out / ADAPTER_DIR)
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_pm_with_lora_learns_and_publishes_a_merged_pm(tmp_path):
+    from tests.test_pm import yes_no_comparisons
+
+    from cai.train.pm import init_pm, load_pm, pm_training_key, score_answers, train_pm
+
+    ref = resolve_model("tiny")
+    tok = load_tokenizer(ref)
+    cfg = PMConfig(epochs=3, learning_rate=1e-2, batch_size=8, eval_fraction=0.25, save_steps=1000, max_length=128,
+                   lora=LORA, clear_pairs="")
+    key = pm_training_key("0" * 64, ref, cfg, seed=0)
+    assert key != pm_training_key("0" * 64, ref, PMConfig(epochs=3, learning_rate=1e-2, batch_size=8,
+                                                          eval_fraction=0.25, save_steps=1000, max_length=128,
+                                                          clear_pairs=""), seed=0)
+    out = tmp_path / "pm"
+    s = train_pm(yes_no_comparisons(40), ref, cfg, 0, out, tmp_path / "ckpt", Metrics(tmp_path / "m.jsonl", "rl"),
+                 key, device="cpu", progress=False)
+    assert s["lora"] is True and s["heldout"]["accuracy"] >= 0.8, s["heldout"]
+    merged = check_published(out, init_pm(ref, tok, seed=0).state_dict(), min_changed=2)
+    assert "score.weight" in merged
+    model, tokenizer = load_pm(out, device="cpu", dtype="float32")
+    yes, no = score_answers(model, tokenizer, ["is it blue?"] * 2, ["yes yes yes", "no no no"])
+    assert yes > no
+
+
+def test_a_target_module_the_model_lacks_is_named(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from cai.train.common import with_lora
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny").path)
+    with pytest.raises(CaiError, match=r"sft.lora.target_modules=\['qkv'\]: .*q_proj"):
+        with_lora(model, LoRAConfig(enabled=True, target_modules=["qkv"]), "CAUSAL_LM", "sft.lora")
+
+
+_ = (DPOConfig, GroupRLConfig, PPOConfig)  # the later trainers' tests use these

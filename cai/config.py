@@ -339,7 +339,13 @@ class PPOConfig(Checked):
     clip_range_value: float = F(0.2, "value clip epsilon", gt=0)
     vf_coef: float = F(0.1, "weight of the value loss", ge=0)
     value_init: str = F("pm", "pm: value model initialised from the PM (InstructGPT) | policy: the policy's "
-                              "backbone with a zero value head", choices=("pm", "policy"))
+                              "backbone with a zero value head (value_model=separate)", choices=("pm", "policy"))
+    value_model: str = F("auto", "separate: a value model of its own (a second backbone + head, initialised by "
+                                 "value_init; LoRA adapters on it under lora) | shared: a zero-initialised head on "
+                                 "the policy's last hidden state (one forward pass, no second backbone: ~2 GB less "
+                                 "at 135M; the value loss also trains the policy's weights, scaled by vf_coef, as "
+                                 "TRL's original PPO) | auto: shared with lora, separate without",
+                         choices=("auto", "separate", "shared"))
     whiten_advantages: bool = F(True, "normalize advantages over the rollout batch")
     whiten_rewards: bool = F(False, "scale per-token rewards to unit variance before GAE")
     missing_eos_penalty: Optional[float] = F(None, "subtracted from the score of an answer cut off without EOS")

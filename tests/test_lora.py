@@ -89,9 +89,8 @@ def test_sft_with_lora_trains_the_adapters_and_publishes_a_merged_model(tmp_path
 
 
 def test_pm_with_lora_learns_and_publishes_a_merged_pm(tmp_path):
-    from tests.test_pm import yes_no_comparisons
-
     from cai.train.pm import init_pm, load_pm, pm_training_key, score_answers, train_pm
+    from tests.test_pm import yes_no_comparisons
 
     ref = resolve_model("tiny")
     tok = load_tokenizer(ref)
@@ -122,4 +121,82 @@ def test_a_target_module_the_model_lacks_is_named(tmp_path):
         with_lora(model, LoRAConfig(enabled=True, target_modules=["qkv"]), "CAUSAL_LM", "sft.lora")
 
 
-_ = (DPOConfig, GroupRLConfig, PPOConfig)  # the later trainers' tests use these
+# --- PPO ----------------------------------------------------------------------------------------------------
+
+PROMPTS = ["Say something.", "Hello!", "What is a cat?", "Tell me a story."]
+
+
+def newline_share(prompts, answers):
+    return [min(a.count("\n") / 4, 1.0) for a in answers]
+
+
+def ppo_cfg(**over):
+    kw = dict(steps=3, rollout_batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=4, temperature=0.1,
+              learning_rate=1e-2, value_learning_rate=1e-2, init_kl_coef=0.05, sample_every=0, save_every=2,
+              lora=LORA)
+    kw.update(over)
+    return PPOConfig(**kw)
+
+
+def test_ppo_lora_reference_is_the_policy_with_adapters_off(tmp_path):
+    """One copy of the weights: the reference logits are the base model's, whatever the adapters hold."""
+    from transformers import AutoModelForCausalLM
+
+    from cai.train.ppo import reference_logits, setup
+
+    ref = resolve_model("tiny")
+    st = setup(ref, ppo_cfg(), PROMPTS, None, None, None)
+    assert st.reference is None
+    model = st.accelerator.unwrap_model(st.model)
+    assert model.value_model is None and model.value_head is not None  # value_model=auto -> shared under LoRA
+    n_base = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(ref.path).parameters())
+    n_all = sum(p.numel() for p in model.parameters())
+    assert n_all < 1.1 * n_base  # no second backbone
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or n.startswith("value_head") for n in trainable)
+
+    ids = torch.tensor([[1, 5, 9, 13, 21, 34]])
+    mask = torch.ones_like(ids)
+    base = AutoModelForCausalLM.from_pretrained(ref.path)
+    with torch.no_grad():
+        expected = base(input_ids=ids, attention_mask=mask).logits[:, -4:-1]
+        for name, p in model.policy.named_parameters():  # the adapters move away from zero
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+        torch.testing.assert_close(reference_logits(st, ids, mask, 3), expected)
+        assert not torch.allclose(model.policy(input_ids=ids).logits[:, -4:-1], expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("value_model", ["shared", "separate"])
+def test_ppo_with_lora_trains_and_publishes_a_merged_policy(tmp_path, value_model):
+    from cai.train.ppo import run_ppo
+
+    ref = resolve_model("tiny")
+    out = tmp_path / "ppo"
+    s = run_ppo(ref, newline_share, PROMPTS, ppo_cfg(value_model=value_model), out,
+                Metrics(out / "metrics.jsonl", "rl"), progress=False)
+    assert s["lora"] and s["shared_reference"] and s["value_model"] == value_model
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "rl/ppo/kl" in x]
+    assert len(records) == 3 and records[-1]["rl/ppo/kl"] != 0.0  # the policy moved away from its reference
+    check_published(out / "policy", load_file(Path(ref.path) / "model.safetensors"), min_changed=4)
+
+
+def test_ppo_shared_value_head_without_lora_trains_every_weight(tmp_path):
+    from cai.train.ppo import run_ppo, setup
+
+    cfg = ppo_cfg(lora=LoRAConfig(), value_model="shared", steps=2, learning_rate=1e-4, value_learning_rate=1e-4)
+    st = setup(resolve_model("tiny"), cfg, PROMPTS, None, None, None)
+    model = st.accelerator.unwrap_model(st.model)
+    assert st.reference is not None and model.value_model is None
+    assert all(p.requires_grad for p in model.parameters())
+    out = tmp_path / "ppo"
+    s = run_ppo(resolve_model("tiny"), newline_share, PROMPTS, cfg, out, Metrics(out / "metrics.jsonl", "rl"),
+                progress=False)
+    assert s["value_model"] == "shared" and not s["shared_reference"]
+    assert not (out / "policy" / ADAPTER_DIR).exists()
+    merged = load_file(out / "policy" / "model.safetensors")
+    assert "model.embed_tokens.weight" in changed_keys(load_file(Path(resolve_model("tiny").path) /
+                                                                 "model.safetensors"), merged)
+
+
+_ = (DPOConfig, GroupRLConfig)  # the later trainers' tests use these

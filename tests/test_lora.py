@@ -179,6 +179,11 @@ def test_ppo_with_lora_trains_and_publishes_a_merged_policy(tmp_path, value_mode
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "rl/ppo/kl" in x]
     assert len(records) == 3 and records[-1]["rl/ppo/kl"] != 0.0  # the policy moved away from its reference
     check_published(out / "policy", load_file(Path(ref.path) / "model.safetensors"), min_changed=4)
+    if value_model == "shared":  # a second online round: the adapter continues on the reference's weights
+        nxt = run_ppo(resolve_model(str(out / "policy")), newline_share, PROMPTS, ppo_cfg(steps=1), tmp_path / "r2",
+                      Metrics(tmp_path / "r2" / "metrics.jsonl", "rl"), progress=False, reference=ref)
+        assert nxt["shared_reference"]
+        check_published(tmp_path / "r2" / "policy", load_file(Path(ref.path) / "model.safetensors"), min_changed=4)
 
 
 def test_ppo_shared_value_head_without_lora_trains_every_weight(tmp_path):
@@ -199,4 +204,32 @@ def test_ppo_shared_value_head_without_lora_trains_every_weight(tmp_path):
                                                                  "model.safetensors"), merged)
 
 
-_ = (DPOConfig, GroupRLConfig)  # the later trainers' tests use these
+# --- DPO, RLOO, GRPO (TRL's trainers, given a PeftModel) -----------------------------------------------------
+
+
+def test_dpo_with_lora(tmp_path):
+    from cai.train.dpo import train_dpo
+
+    ref = resolve_model("tiny")
+    comparisons = [{"prompt": f"question {i}?", "answer_a": "yes yes", "answer_b": "no no", "soft_label": 0.9}
+                   for i in range(8)]
+    cfg = DPOConfig(batch_size=4, max_length=64, learning_rate=1e-2, lora=LORA)
+    s = train_dpo(comparisons, ref, cfg, 0, tmp_path / "dpo", tmp_path / "ckpt", Metrics(tmp_path / "m.jsonl", "rl"),
+                  "card", device="cpu", progress=False)
+    assert s["lora"] and s["steps"] == 2
+    check_published(tmp_path / "dpo", load_file(Path(ref.path) / "model.safetensors"), min_changed=4)
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
+def test_group_rl_with_lora(tmp_path, algorithm):
+    from cai.train.group_rl import train_group_rl
+
+    ref = resolve_model("tiny")
+    cfg = GroupRLConfig(num_generations=2, max_completion_length=4, batch_size=4, learning_rate=1e-2, lora=LORA)
+    def longer(prompts, answers):  # varies within a group (newline_share is 0 for every answer here)
+        return [len(a) / 20 for a in answers]
+
+    s = train_group_rl(algorithm, ref, longer, PROMPTS, cfg, 0, tmp_path, Metrics(tmp_path / "m.jsonl", "rl"),
+                       "k", "card", device="cpu", progress=False)
+    assert s["lora"] and s["steps"] >= 1 and s["first_reward"] is not None
+    check_published(tmp_path / "policy", load_file(Path(ref.path) / "model.safetensors"), min_changed=4)

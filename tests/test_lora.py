@@ -101,7 +101,7 @@ def test_pm_with_lora_learns_and_publishes_a_merged_pm(tmp_path):
                                                           eval_fraction=0.25, save_steps=1000, max_length=128,
                                                           clear_pairs=""), seed=0)
     out = tmp_path / "pm"
-    s = train_pm(yes_no_comparisons(40), ref, cfg, 0, out, tmp_path / "ckpt", Metrics(tmp_path / "m.jsonl", "rl"),
+    s = train_pm(yes_no_comparisons(24), ref, cfg, 0, out, tmp_path / "ckpt", Metrics(tmp_path / "m.jsonl", "rl"),
                  key, device="cpu", progress=False)
     assert s["lora"] is True and s["heldout"]["accuracy"] >= 0.8, s["heldout"]
     merged = check_published(out, init_pm(ref, tok, seed=0).state_dict(), min_changed=2)
@@ -131,7 +131,7 @@ def newline_share(prompts, answers):
 
 
 def ppo_cfg(**over):
-    kw = dict(steps=3, rollout_batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=4, temperature=0.1,
+    kw = dict(steps=2, rollout_batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=4, temperature=0.1,
               learning_rate=1e-2, value_learning_rate=1e-2, init_kl_coef=0.05, sample_every=0, save_every=2,
               lora=LORA)
     kw.update(over)
@@ -177,7 +177,7 @@ def test_ppo_with_lora_trains_and_publishes_a_merged_policy(tmp_path, value_mode
                 Metrics(out / "metrics.jsonl", "rl"), progress=False)
     assert s["lora"] and s["shared_reference"] and s["value_model"] == value_model
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "rl/ppo/kl" in x]
-    assert len(records) == 3 and records[-1]["rl/ppo/kl"] != 0.0  # the policy moved away from its reference
+    assert len(records) == 2 and records[-1]["rl/ppo/kl"] != 0.0  # the policy moved away from its reference
     check_published(out / "policy", load_file(Path(ref.path) / "model.safetensors"), min_changed=4)
     if value_model == "shared":  # a second online round: the adapter continues on the reference's weights
         nxt = run_ppo(resolve_model(str(out / "policy")), newline_share, PROMPTS, ppo_cfg(steps=1), tmp_path / "r2",

@@ -86,6 +86,8 @@ def test_help_and_bad_input_fail_in_one_line(tmp_path):
     assert proc.returncode == 0 and "sections" in proc.stdout and "gen_tokens" in proc.stdout
     proc = bench("sections=gen,typo", "model=tiny", timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "sections=gen,typo" in proc.stderr
+    proc = bench("sections=ppo", "model=tiny", "ppo_variants=full,loar", timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "ppo_variants=full,loar" in proc.stderr
     bad = tmp_path / "pairs.jsonl"
     bad.write_text('{"id": "x", "category": "harmless", "prompt": "p", "better": "b"}\n')
     proc = bench("sections=accuracy", "model=tiny", f"labeled_set={bad}", f"out={tmp_path / 'b.json'}", timeout=60)

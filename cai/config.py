@@ -184,13 +184,13 @@ _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
 @dataclass(frozen=True)
 class LoRAConfig(Checked):
     """LoRA (PEFT) adapters instead of full-parameter training. Off by default: at 135M parameters full training
-    fits in a few GB on a CPU and went further per step on the same data (BENCHMARKS.md, LoRA vs full); turn it
-    on for bigger models or a memory budget (PPO with LoRA keeps one copy of the weights: the reference is the
-    same weights with the adapters disabled)."""
+    fits in a few GB on a CPU (full PPO with the shared value head: BENCHMARKS.md), so LoRA's gain, memory, is not
+    needed there, and full training updates every weight; turn it on for bigger models or a memory budget (PPO with
+    LoRA keeps one copy of the weights: the reference is the same weights with the adapters disabled)."""
 
-    enabled: bool = F(False, "train LoRA adapters instead of every weight (off: full training is better at 135M on "
-                             "a CPU, see BENCHMARKS.md; on for bigger models or less memory). LoRA usually wants "
-                             "~10x the full-training learning rate")
+    enabled: bool = F(False, "train LoRA adapters instead of every weight (off at 135M: full training fits in a few "
+                             "GB there and updates every weight; on for bigger models or less memory, "
+                             "BENCHMARKS.md). LoRA usually wants ~10x the full-training learning rate")
     r: int = F(16, "adapter rank", gt=0)
     alpha: float = F(32.0, "scaling numerator: the update is (alpha / r) * B @ A", gt=0)
     dropout: float = F(0.05, "dropout on the adapters' input while training", ge=0, lt=1)

@@ -10,7 +10,10 @@ baseline measured in the same run, and prints the ratios beside the targets of i
 - roofline: this machine's matmul FLOP/s (big square matmuls) / the model's FLOPs per token = the prefill
   tokens/s it could reach; the labeling's forward tokens/s as a share of it;
 - accuracy: each feedback template's accuracy and position consistency on a labeled set of pairs;
-- ppo: a few PPO steps with the demo settings in a subprocess: time per step and peak RSS;
+- ppo: a few PPO steps with the demo settings in a subprocess: time per step and peak RSS (the kernel's
+  high-water mark of the subprocess's resident set, ru_maxrss), once per variant in `ppo_variants`: full (the demo
+  config as it is), separate (full, with a value model of its own), lora (LoRA adapters: the reference is the
+  policy with its adapters disabled, the value a head on the policy's backbone);
 - demo: `make demo` (constitution check, SL then RL demo configs) on a fresh run directory, timed.
 Every ratio is computed from rates measured in this run. The results (and the machine) go to `out` as JSON.
 """
@@ -34,6 +37,8 @@ from cai.paths import PROJECT_ROOT
 from cai.prompts import load_labeled_set
 
 SECTIONS = ("gen", "label", "roofline", "accuracy", "ppo", "demo")
+PPO_VARIANTS = {"full": [], "separate": ["ppo.value_model=separate"],
+                "lora": ["ppo.lora.enabled=true", "ppo.value_model=auto"]}
 TEMPLATES = "prompts/templates/feedback_mc.txt,prompts/templates/feedback_mc_shared_prefix.txt"
 
 
@@ -60,6 +65,9 @@ class BenchConfig:
     matmul_size: int = F(2048, "side of the square matmuls that measure FLOP/s")
     ppo_config: str = F("pipelines/demo_rl.yaml", "stage config whose ppo settings and prompts the ppo section uses")
     ppo_steps: int = F(4, "PPO steps in the ppo section (the demo runs 4)")
+    ppo_variants: str = F("full,separate,lora", "comma-separated PPO variants of the ppo section, each in its own "
+                                                "subprocess: " + ", ".join(f"{k} ({' '.join(v) or 'the config as it is'})"
+                                                                         for k, v in PPO_VARIANTS.items()))
     demo_runs_dir: str = F("", "runs_dir of the demo section's fresh run (default: a temporary directory, removed)")
     seed: int = F(0, "seed of sampling and principle choice")
     out: str = F("runs/bench.json", "JSON file for the results")
@@ -360,11 +368,28 @@ def bench_accuracy(cfg, fast) -> dict:
 # --- PPO (in a subprocess, so its peak RSS is its own) ---------------------------------------------------------
 
 
-def bench_ppo(cfg) -> dict:
+def ppo_variants(cfg) -> list[str]:
+    names = [v.strip() for v in cfg.ppo_variants.split(",") if v.strip()]
+    if not names or any(v not in PPO_VARIANTS for v in names):
+        raise CaiError(f"ppo_variants={cfg.ppo_variants}: expected a comma-separated list of {','.join(PPO_VARIANTS)}")
+    return names
+
+
+def bench_ppo_variants(cfg) -> dict:
+    """Each variant in its own subprocess (its peak RSS is its own)."""
+    out = {}
+    for name in ppo_variants(cfg):
+        out[name] = bench_ppo(cfg, PPO_VARIANTS[name])
+        print(f"  ppo {name}: peak RSS {out[name]['peak_rss_gb']:.2f} GB, {out[name]['step_seconds_mean']:.1f} s/step",
+              flush=True)
+    return out
+
+
+def bench_ppo(cfg, overrides: list[str] = ()) -> dict:
     with tempfile.TemporaryDirectory(prefix="cai-bench-ppo-") as tmp:
         spec = Path(tmp) / "spec.json"
         spec.write_text(json.dumps({"model": cfg.model, "config": cfg.ppo_config, "steps": cfg.ppo_steps,
-                                    "seed": cfg.seed, "dir": tmp}))
+                                    "seed": cfg.seed, "dir": tmp, "overrides": list(overrides)}))
         t = time.perf_counter()
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--ppo-child", str(spec)], capture_output=True,
                               text=True)
@@ -393,7 +418,7 @@ def ppo_child(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     work = Path(spec["dir"])
     cfg = load_config([f"config={spec['config']}", f"ppo.steps={spec['steps']}", f"ppo.save_every={spec['steps']}",
-                       "ppo.sample_every=0"])
+                       "ppo.sample_every=0", *spec.get("overrides", [])])
     ref = resolve_model(spec["model"])
     tok = load_tokenizer(ref)
     pm = init_pm(ref, tok, spec["seed"])
@@ -409,6 +434,8 @@ def ppo_child(spec_path: str) -> None:
     cumulative = [r["rl/ppo/seconds"] for r in read_jsonl(work / "metrics.jsonl") if "rl/ppo/seconds" in r]
     step_seconds = [b - a for a, b in zip([0.0] + cumulative, cumulative)]
     result = {"steps": len(step_seconds), "step_seconds": step_seconds, "bf16": summary.get("bf16"),
+              "overrides": spec.get("overrides", []), "lora": summary.get("lora"),
+              "value_model": summary.get("value_model"), "shared_reference": summary.get("shared_reference"),
               "rollout_batch_size": cfg.ppo.rollout_batch_size, "max_new_tokens": cfg.ppo.max_new_tokens,
               "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
               "torch_threads": torch.get_num_threads()}
@@ -470,8 +497,11 @@ def targets(r: dict) -> list[dict]:
         add("labeling vs naive (x)", r["label"]["ratio"], ">=", 10)
     if "label_share" in r.get("roofline", {}):
         add(f"labeling share of {r['roofline']['label_dtype']} roofline", r["roofline"]["label_share"], ">=", 0.6)
-    if "ppo" in r:
-        add("PPO peak RSS (GB)", r["ppo"]["peak_rss_gb"], "<=", 6)
+    for name, p in r.get("ppo", {}).items():
+        if name == "lora":
+            add("PPO peak RSS, LoRA (GB)", p["peak_rss_gb"], "<=", 3)
+        else:
+            add(f"PPO peak RSS, {name} (GB)", p["peak_rss_gb"], "<=", 6)
     if "demo" in r:
         add("make demo (minutes)", r["demo"]["total_minutes"], "<=", 10)
     return rows
@@ -489,6 +519,8 @@ def run_bench(cfg) -> dict:
                  "repeats"):
         if getattr(cfg, name) < 1:
             raise CaiError(f"{name}={getattr(cfg, name)}: expected 1 or more")
+    if "ppo" in sections:
+        ppo_variants(cfg)
     if any(s in sections for s in ("gen", "label", "accuracy")):  # inputs are checked before any model loads
         load_labeled_set(cfg.labeled_set)
         constitutions(cfg)
@@ -518,7 +550,7 @@ def run_bench(cfg) -> dict:
         elif section == "accuracy":
             results["accuracy"] = bench_accuracy(cfg, fast)
         elif section == "ppo":
-            results["ppo"] = bench_ppo(cfg)
+            results["ppo"] = bench_ppo_variants(cfg)
         elif section == "demo":
             results["demo"] = bench_demo(cfg)
         print(f"[{section}] done in {time.perf_counter() - t:.1f} s", flush=True)
@@ -558,11 +590,12 @@ def print_report(r: dict) -> None:
                       *(f"{s['by_category'].get(c, {}).get('accuracy', float('nan')):.3f}" for c in ("harmless", "helpful")))
                      for t, s in a["templates"].items()],
                     ("template", "accuracy", "position consistency", "mean P(better)", "harmless", "helpful")))
-    if "ppo" in r:
-        p = r["ppo"]
-        print(f"PPO: {p['steps']} steps of {p['rollout_batch_size']} rollouts x <= {p['max_new_tokens']} tokens: "
-              f"{p['step_seconds_mean']:.1f} s/step after the first ({p['first_step_seconds']:.1f} s incl. loading), "
-              f"peak RSS {p['peak_rss_gb']:.2f} GB")
+    for name, p in r.get("ppo", {}).items():
+        print(f"PPO {name} ({p['value_model']} value, {'LoRA' if p['lora'] else 'full'}, reference "
+              f"{'= policy with adapters off' if p['shared_reference'] else 'a second copy'}): {p['steps']} steps of "
+              f"{p['rollout_batch_size']} rollouts x <= {p['max_new_tokens']} tokens: {p['step_seconds_mean']:.1f} "
+              f"s/step after the first ({p['first_step_seconds']:.1f} s incl. loading), peak RSS "
+              f"{p['peak_rss_gb']:.2f} GB")
     if "demo" in r:
         d = r["demo"]
         print("make demo: " + ", ".join(f"{k} {v:.0f} s" for k, v in d["seconds"].items())

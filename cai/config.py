@@ -177,6 +177,44 @@ class PromptSource(Checked):
     limit: Optional[int] = F(None, "use only the first N prompts", ge=0)
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+
+
+@dataclass(frozen=True)
+class LoRAConfig(Checked):
+    """LoRA (PEFT) adapters instead of full-parameter training. Off by default: at 135M parameters full training
+    fits in a few GB on a CPU (full PPO with the shared value head: BENCHMARKS.md), so LoRA's gain, memory, is not
+    needed there, and full training updates every weight; turn it on for bigger models or a memory budget (PPO with
+    LoRA keeps one copy of the weights: the reference is the same weights with the adapters disabled)."""
+
+    enabled: bool = F(False, "train LoRA adapters instead of every weight (off at 135M: full training fits in a few "
+                             "GB there and updates every weight; on for bigger models or less memory, "
+                             "BENCHMARKS.md). LoRA usually wants ~10x the full-training learning rate")
+    r: int = F(16, "adapter rank", gt=0)
+    alpha: float = F(32.0, "scaling numerator: the update is (alpha / r) * B @ A", gt=0)
+    dropout: float = F(0.05, "dropout on the adapters' input while training", ge=0, lt=1)
+    target_modules: list = field(default_factory=lambda: list(LORA_TARGETS), metadata={
+        "help": "module names (name suffixes) that get adapters, or [all-linear]; the default is every attention "
+                "and MLP projection of a Llama-style model"})
+
+    def rules(self, prefix: str) -> None:
+        if not isinstance(self.target_modules, (list, tuple)) or not self.target_modules:
+            raise CaiError(f"{prefix}target_modules={self.target_modules!r}: expected a non-empty list of module "
+                           "names, e.g. [q_proj,v_proj] or [all-linear]")
+        for i, name in enumerate(self.target_modules):
+            if not isinstance(name, str) or not (_MODULE_NAME.match(name) or name == "all-linear"):
+                raise CaiError(f"{prefix}target_modules[{i}]={name!r}: expected a module name such as q_proj, "
+                               "or all-linear")
+        if "all-linear" in self.target_modules and len(self.target_modules) > 1:
+            raise CaiError(f"{prefix}target_modules: all-linear stands alone; expected [all-linear] or a list of "
+                           "names")
+
+
+def _lora_field():
+    return F(LoRAConfig(), "LoRA adapters (PEFT) instead of full-parameter training")
+
+
 # --- stage=sl ----------------------------------------------------------------------------------------------
 
 
@@ -208,6 +246,7 @@ class SFTConfig(Checked):
     bf16: str = F("auto", "auto (where the hardware has it) | true | false", choices=_BOOL_WORDS)
     gradient_checkpointing: bool = F(False, "trade compute for memory (off: faster on CPU at this size)")
     save_steps: int = F(50, "checkpoint every N optimizer steps (a killed run resumes from the last one)", ge=1)
+    lora: LoRAConfig = _lora_field()
 
 
 @dataclass(frozen=True)
@@ -273,6 +312,7 @@ class PMConfig(Checked):
                                                              "prompt, better, worse) the trained PM is checked on; "
                                                              "pairs whose prompt it trained on are left out; '' = off",
                          file=True)
+    lora: LoRAConfig = _lora_field()
 
 
 @dataclass(frozen=True)
@@ -303,6 +343,12 @@ class PPOConfig(Checked):
                                   "(InstructGPT). policy is the default: the PM head was trained at the last token "
                                   "only, and read at every answer token its values only partly follow the returns "
                                   "(docs/ARCHITECTURE.md, value model)", choices=("pm", "policy"))
+    value_model: str = F("auto", "separate: a value model of its own (a second backbone + head, initialised by "
+                                 "value_init; LoRA adapters on it under lora) | shared: a zero-initialised head on "
+                                 "the policy's last hidden state (one forward pass, no second backbone: ~2 GB less "
+                                 "at 135M; the value loss also trains the policy's weights, scaled by vf_coef, as "
+                                 "TRL's original PPO) | auto: shared with lora, separate without",
+                         choices=("auto", "separate", "shared"))
     whiten_advantages: bool = F(True, "normalize advantages over the rollout batch")
     whiten_rewards: bool = F(False, "scale per-token rewards to unit variance before GAE")
     missing_eos_penalty: Optional[float] = F(None, "subtracted from the score of an answer cut off without EOS")
@@ -316,6 +362,7 @@ class PPOConfig(Checked):
     bf16: str = F("auto", "auto (where the hardware has it) | true | false; mixed precision over fp32 weights",
                   choices=_BOOL_WORDS)
     seed: int = F(0, "seed for prompt order, sampling and minibatch order")
+    lora: LoRAConfig = _lora_field()
 
 
 @dataclass(frozen=True)
@@ -336,6 +383,7 @@ class GroupRLConfig(Checked):
                               "only, the vllm extra)")
     vllm_gpu_memory_utilization: float = F(0.3, "use_vllm: share of each GPU's memory vLLM may take (the rest is "
                                                 "for training)", gt=0, le=1)
+    lora: LoRAConfig = _lora_field()
 
     def rules(self, prefix: str) -> None:
         if self.batch_size % self.num_generations:
@@ -357,6 +405,7 @@ class DPOConfig(Checked):
     bf16: str = F("auto", "auto | true | false", choices=_BOOL_WORDS)
     gradient_checkpointing: bool = F(False, "trade compute for memory")
     save_steps: int = F(50, "checkpoint every N optimizer steps", ge=1)
+    lora: LoRAConfig = _lora_field()
 
 
 @dataclass(frozen=True)
@@ -732,6 +781,15 @@ def _omegaconf_message(e: OmegaConfBaseException) -> str:
 
 def to_yaml(cfg) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg) if is_dataclass(cfg) else cfg)
+
+
+def key_dict(cfg) -> dict:
+    """config_dict without a `lora` section that is off: what training keys hash, so models trained before LoRA
+    existed keep their keys."""
+    out = config_dict(cfg)
+    if isinstance(out.get("lora"), dict) and not out["lora"].get("enabled"):
+        del out["lora"]
+    return out
 
 
 def config_dict(cfg) -> dict:

@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "CAI_THREADS": "1"}
 TINY = ["model=tiny", "gen_prompts=3", "gen_tokens=3", "label_pairs=2", "principles=2", "accuracy_pairs=4",
-        "matmul_size=128", "ppo_steps=2", "repeats=2", "progress=false"]
+        "matmul_size=128", "ppo_steps=2", "ppo_variants=full,lora", "repeats=2", "progress=false"]
 
 
 def bench(*args, timeout=120):
@@ -69,10 +69,13 @@ def test_accuracy_ppo_targets_and_report(results):
     for t in acc["templates"].values():
         assert 0 <= t["accuracy"] <= 1 and 0 <= t["position_consistency"] <= 1
         assert set(t["by_category"]) == {"harmless", "helpful"}
-    p = r["ppo"]
-    assert p["steps"] == len(p["step_seconds"]) == 2 and 0 < p["peak_rss_gb"] < 6
+    assert set(r["ppo"]) == {"full", "lora"}
+    for p in r["ppo"].values():
+        assert p["steps"] == len(p["step_seconds"]) == 2 and 0 < p["peak_rss_gb"] < 6
+    assert r["ppo"]["lora"]["lora"] and r["ppo"]["lora"]["shared_reference"] and not r["ppo"]["full"]["lora"]
     names = [t["name"] for t in r["targets"]]
-    assert len(names) == 4 and all(isinstance(t["met"], bool) for t in r["targets"])
+    assert len(names) == 5 and all(isinstance(t["met"], bool) for t in r["targets"])
+    assert "PPO peak RSS, LoRA (GB)" in names
     assert r["machine"]["cores"] >= 1 and "torch" in r["machine"]
     for name in names:
         assert name in stdout
@@ -83,6 +86,8 @@ def test_help_and_bad_input_fail_in_one_line(tmp_path):
     assert proc.returncode == 0 and "sections" in proc.stdout and "gen_tokens" in proc.stdout
     proc = bench("sections=gen,typo", "model=tiny", timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "sections=gen,typo" in proc.stderr
+    proc = bench("sections=ppo", "model=tiny", "ppo_variants=full,loar", timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "ppo_variants=full,loar" in proc.stderr
     bad = tmp_path / "pairs.jsonl"
     bad.write_text('{"id": "x", "category": "harmless", "prompt": "p", "better": "b"}\n')
     proc = bench("sections=accuracy", "model=tiny", f"labeled_set={bad}", f"out={tmp_path / 'b.json'}", timeout=60)

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from cai.backends.vllm_backend import require_vllm
-from cai.config import config_dict
+from cai.config import key_dict
 from cai.errors import CaiError
 from cai.io import read_jsonl, write_atomic, write_jsonl_atomic
 from cai.launch import barrier, is_main, on_main, sharded_launch
@@ -100,7 +100,7 @@ def run_rl(cfg) -> dict:
                     rl_summary = _ppo_round(cfg, policy, sl_ref, pm_key, score, texts, rdir, ptx, metrics)
                 else:
                     sub = cfg.rloo if cfg.algorithm == "rloo" else cfg.grpo
-                    key = stable_hash([cfg.algorithm, policy.identity, sl_ref.identity, pm_key, config_dict(sub), cfg.seed])
+                    key = stable_hash([cfg.algorithm, policy.identity, sl_ref.identity, pm_key, key_dict(sub), cfg.seed])
                     card = f"# RL-CAI policy ({cfg.algorithm})\n\nFrom {policy.identity}, PM key {pm_key}.\n"
                     rl_summary = reuse_or_train(rdir / "policy", key, lambda: train_group_rl(
                         cfg.algorithm, policy, score, texts, sub, cfg.seed, rdir, metrics, key, card,
@@ -122,7 +122,7 @@ def _ppo_round(cfg, policy, sl_ref, pm_key: str, score, texts: list[str], rdir: 
                metrics) -> dict:
     """PPO keyed like every trained model: same inputs -> reuse rdir/policy; else train in rdir/ppo/<key>/
     (checkpoints there, so a killed run resumes only the same job) and swap the policy into place."""
-    key = stable_hash(["ppo", policy.identity, sl_ref.identity, pm_key, config_dict(cfg.ppo), texts, ptx])
+    key = stable_hash(["ppo", policy.identity, sl_ref.identity, pm_key, key_dict(cfg.ppo), texts, ptx])
     if trained_model_matches(rdir / "policy", key):
         return {**json.loads((rdir / "policy" / TRAIN_INFO).read_text()), "reused": True}
     work = rdir / "ppo" / key

@@ -21,6 +21,7 @@ from cai.records import stable_hash
 from cai.store import Metrics
 
 TRAIN_INFO = "cai_train.json"
+ADAPTER_DIR = "adapter"  # a LoRA-trained model's adapter, beside its merged weights
 
 
 def training_key(data: bytes, base: ModelRef, settings: dict, seed: int) -> str:
@@ -67,6 +68,43 @@ def common_args(cfg, ckpt_dir: Path, device: str, seed: int, progress: bool) -> 
         disable_tqdm=not progress, dataloader_num_workers=0,
         ddp_find_unused_parameters=False,  # launched: every parameter gets a gradient; skip DDP's extra graph walk
     )
+
+
+def with_lora(model, lora, task_type: str, where: str):
+    """`model` with fresh LoRA adapters (a PeftModel) when `lora.enabled`, else `model` itself. task_type is
+    CAUSAL_LM or SEQ_CLS (then the `score` head is trained whole beside the adapters). `where` prefixes errors
+    (e.g. "sft.lora")."""
+    if lora is None or not lora.enabled:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(lora.target_modules)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type=task_type,
+                        target_modules="all-linear" if targets == ["all-linear"] else targets,
+                        modules_to_save=["score"] if task_type == "SEQ_CLS" else None)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # no module matched, or a module type LoRA cannot wrap
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Linear"})
+        raise CaiError(f"{where}.target_modules={targets}: {str(e).splitlines()[0]}; this model's linear layers "
+                       f"are {names}") from None
+
+
+def is_lora(model) -> bool:
+    from accelerate.utils import is_peft_model
+
+    return is_peft_model(model)
+
+
+def save_pretrained_merged(model, out_dir: Path, state_dict=None) -> None:
+    """Save a model as safetensors; a LoRA model (PeftModel) is saved as its merged weights (a plain HF model
+    directory: every stage, cai.serve and vLLM load it) plus its adapter in out_dir/adapter/. Merging changes
+    the model in place: call it last."""
+    if is_lora(model):
+        model.save_pretrained(out_dir / ADAPTER_DIR, safe_serialization=True)
+        model = model.merge_and_unload()
+        state_dict = None
+    model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
 
 
 def last_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -159,12 +197,13 @@ def save_trained(trainer, tokenizer, out_dir: Path, card: str, summary: dict, ck
     drop the checkpoints. Under `accelerate launch` every process calls this: the weights are gathered from all
     of them (DeepSpeed ZeRO-3 and FSDP shard them), the main process writes, the others wait until it is done."""
     accelerator = trainer.accelerator
-    state_dict = accelerator.get_state_dict(trainer.model_wrapped)
+    state_dict = None if is_lora(accelerator.unwrap_model(trainer.model_wrapped)) else \
+        accelerator.get_state_dict(trainer.model_wrapped)
     if accelerator.is_main_process:
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model = accelerator.unwrap_model(trainer.model_wrapped)
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        save_pretrained_merged(model, tmp, state_dict)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(card)
         write_atomic(tmp / TRAIN_INFO, json.dumps(summary, indent=1))

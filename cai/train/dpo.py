@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from cai.backends.transformers_backend import configure_cpu_threads
-from cai.config import DPOConfig, config_dict
+from cai.config import DPOConfig, key_dict
 from cai.errors import CaiError
 from cai.models import ModelRef, load_tokenizer, pick_device, safetensors_only
 from cai.store import Metrics
@@ -25,6 +25,7 @@ from cai.train.common import (
     save_trained,
     trained_model_matches,
     training_key,
+    with_lora,
 )
 
 
@@ -60,13 +61,15 @@ def train_dpo(comparisons: list[dict], base: ModelRef, cfg: DPOConfig, seed: int
         raise CaiError(f"dpo: no pair has a soft label further than dpo.margin={cfg.margin} from 0.5; "
                        "lower dpo.margin or label more pairs")
     data = json.dumps(pairs, sort_keys=True).encode()
-    settings = config_dict(cfg) if not isinstance(cfg, DPOConfig) else vars(cfg)
+    settings = key_dict(cfg)
     key = training_key(data, base, settings, seed)
     ckpt_dir = ckpt_root / key
     if trained_model_matches(out_dir, key):
         return {**json.loads((out_dir / "cai_train.json").read_text()), "reused": True}
     tokenizer = load_tokenizer(base, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, **safetensors_only(), trust_remote_code=trust_remote_code)
+    # LoRA: TRL's DPOTrainer takes the reference log-probs from the same weights with the adapters disabled
+    model = with_lora(model, getattr(cfg, "lora", None), "CAUSAL_LM", "dpo.lora")
     args = TRLDPOConfig(**common_args(cfg, ckpt_dir, device, seed, progress), beta=cfg.beta, loss_type=cfg.loss_type,
                         max_length=cfg.max_length)
     trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(pairs),
@@ -79,6 +82,7 @@ def train_dpo(comparisons: list[dict], base: ModelRef, cfg: DPOConfig, seed: int
         raise CaiError(f"DPO loss became {result.training_loss}; no model was saved (checkpoints in {ckpt_dir})")
     summary = {"key": key, "base": base.identity, "pairs": len(pairs), "dropped": len(comparisons) - len(pairs),
                "steps": result.global_step, "train_loss": result.training_loss,
-               "seconds": round(time.time() - start, 1), "resumed_from": str(last) if last else None}
+               "seconds": round(time.time() - start, 1), "resumed_from": str(last) if last else None,
+               "lora": bool(getattr(cfg, "lora", None) and cfg.lora.enabled)}
     save_trained(trainer, tokenizer, out_dir, card, summary, ckpt_dir)
     return summary

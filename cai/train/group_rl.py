@@ -21,7 +21,7 @@ from cai.config import GroupRLConfig
 from cai.errors import CaiError
 from cai.models import ModelRef, load_tokenizer, pick_device, safetensors_only
 from cai.store import Metrics
-from cai.train.common import common_args, finite_callback, last_checkpoint, metrics_callback, save_trained
+from cai.train.common import common_args, finite_callback, last_checkpoint, metrics_callback, save_trained, with_lora
 
 
 def pm_reward_function(score_fn):
@@ -67,6 +67,8 @@ def train_group_rl(algorithm: str, policy: ModelRef, score_fn, prompts: list[str
                        f"{algorithm}.num_generations={cfg.num_generations}")
     tokenizer = load_tokenizer(policy, trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(policy.path, dtype=torch.float32, **safetensors_only(), trust_remote_code=trust_remote_code)
+    # LoRA: TRL's trainers take the KL reference from the same weights with the adapters disabled
+    model = with_lora(model, getattr(cfg, "lora", None), "CAUSAL_LM", f"{algorithm}.lora")
     ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": p}]} for p in prompts])
     own_name = model.config._name_or_path
     model.config._name_or_path = str((reference or policy).path)  # TRL loads its frozen reference from here
@@ -87,6 +89,6 @@ def train_group_rl(algorithm: str, policy: ModelRef, score_fn, prompts: list[str
                "reference": (reference or policy).identity, "steps": result.global_step,
                "train_loss": result.training_loss, "first_reward": rewards[0] if rewards else None,
                "last_reward": rewards[-1] if rewards else None, "seconds": round(time.time() - start, 1),
-               "resumed_from": str(last) if last else None}
+               "resumed_from": str(last) if last else None, "lora": bool(getattr(cfg, "lora", None) and cfg.lora.enabled)}
     save_trained(trainer, tokenizer, out_dir / "policy", card, summary, out_dir / "checkpoints" / key)
     return summary

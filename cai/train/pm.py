@@ -26,14 +26,14 @@ import torch
 from trl import RewardConfig, RewardTrainer
 
 from cai.backends.transformers_backend import configure_cpu_threads
-from cai.config import PMConfig, config_dict  # noqa: F401  (this trainer's settings)
+from cai.config import PMConfig, key_dict  # noqa: F401  (this trainer's settings)
 from cai.errors import CaiError, NonFiniteError
 from cai.losses import check_finite, soft_bt_loss
 from cai.models import ModelRef, load_tokenizer, pick_device, pick_dtype, safetensors_only
 from cai.prompts import load_labeled_set
 from cai.records import calibration_bins, expected_calibration_error, stable_hash
 from cai.store import Metrics
-from cai.train.common import common_args, finite_callback, last_checkpoint, metrics_callback, save_trained
+from cai.train.common import common_args, finite_callback, last_checkpoint, metrics_callback, save_trained, with_lora
 
 
 def pm_training_key(comparisons_sha: str, base: ModelRef, cfg, seed: int) -> str:
@@ -42,8 +42,8 @@ def pm_training_key(comparisons_sha: str, base: ModelRef, cfg, seed: int) -> str
 
 
 def _as_dict(cfg) -> dict:
-    """The settings as plain data (a PMConfig or an OmegaConf node)."""
-    return config_dict(cfg)
+    """The settings as plain data (a PMConfig or an OmegaConf node); a `lora` section that is off is left out."""
+    return key_dict(cfg)
 
 
 # --- comparisons -> dataset ------------------------------------------------------------------------------
@@ -111,6 +111,8 @@ def pm_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> 
     from accelerate.utils import extract_model_from_parallel
 
     inner = extract_model_from_parallel(model)
+    if hasattr(inner, "get_base_model"):  # LoRA (a PeftModel): the head and backbone of the model it wraps
+        inner = inner.get_base_model()
     score = getattr(inner, "score", None)
     if score is None:
         raise CaiError(f"{type(inner).__name__} has no `score` head; expected an AutoModelForSequenceClassification")
@@ -227,7 +229,8 @@ def train_pm(comparisons: list[dict], base: ModelRef, cfg, seed: int, out_dir: P
         raise CaiError(f"pm.eval_fraction={cfg.eval_fraction} holds out all {len(comparisons)} comparisons; "
                        "expected a value that leaves some for training (e.g. 0.1)")
     tokenizer = load_tokenizer(base, trust_remote_code)
-    model = init_pm(base, tokenizer, seed, trust_remote_code)
+    model = with_lora(init_pm(base, tokenizer, seed, trust_remote_code), getattr(cfg, "lora", None), "SEQ_CLS",
+                      "pm.lora")
     ckpt_dir = ckpt_root / key
 
     trainer = SoftLabelRewardTrainer(model=model, args=reward_config(cfg, seed, ckpt_dir, device, progress),
@@ -255,7 +258,8 @@ def train_pm(comparisons: list[dict], base: ModelRef, cfg, seed: int, out_dir: P
                "counts": {"comparisons": len(comparisons), "train": n_train,
                           "train_too_long": len(train_recs) - n_train, "heldout": len(heldout_recs)},
                "steps": result.global_step, "train_loss": result.training_loss, "seconds": round(seconds, 1),
-               "resumed_from": str(last) if last else None, "heldout": heldout, "clear_pairs": clear}
+               "resumed_from": str(last) if last else None, "heldout": heldout, "clear_pairs": clear,
+               "lora": bool(getattr(cfg, "lora", None) and cfg.lora.enabled)}
 
     card = (f"# cai preference model\n\nScalar head on {base.identity}, trained on {n_train} comparisons with soft "
             f"labels (Constitutional AI, section 4.1). Held-out accuracy: {heldout['accuracy']}. Key: {key}.\n")

@@ -53,7 +53,16 @@ from cai.losses import (
 )
 from cai.measures import degeneration
 from cai.models import ModelRef, load_tokenizer, resolve_model, safetensors_only
-from cai.train.common import TRAIN_INFO, first_non_finite, swap_into_place, use_bf16
+from cai.train.common import (
+    ADAPTER_DIR,
+    TRAIN_INFO,
+    first_non_finite,
+    is_lora,
+    save_pretrained_merged,
+    swap_into_place,
+    use_bf16,
+    with_lora,
+)
 
 STATE_FILE = "ppo_state.json"
 RewardFn = Callable[[list[str], list[str]], list[float]]
@@ -141,28 +150,60 @@ class PolicyAndValue(nn.Module):
     forward(input_ids, attention_mask, n_response) on prompt+answer rows returns, for the last n_response
     positions, the policy logits that predicted each answer token and the value of the state before it:
     logits (b, n_response, vocab), values (b, n_response); and the SFT loss when a ptx batch is given.
+
+    The value model is either separate (`value_model`: an AutoModelForSequenceClassification, backbone + `score`
+    head, possibly with LoRA adapters) or shared (`value_head`: a linear head on the policy's own last hidden
+    state, from the same forward pass, as TRL's original AutoModelForCausalLMWithValueHead).
     """
 
-    def __init__(self, policy: nn.Module, value_model: nn.Module):
+    def __init__(self, policy: nn.Module, value_model: nn.Module | None = None, value_head: nn.Module | None = None):
         super().__init__()
+        if (value_model is None) == (value_head is None):
+            raise ValueError("PolicyAndValue: expected a value_model or a value_head, not both or neither")
         self.policy = policy
-        self.value_model = value_model  # an AutoModelForSequenceClassification: backbone + `score` head
+        self.value_model = value_model
+        self.value_head = value_head
 
     def forward(self, input_ids, attention_mask, n_response: int, ptx_input_ids=None, ptx_attention_mask=None,
                 ptx_labels=None):
         positions = _positions(attention_mask)
+        shared = self.value_head is not None
         # logits_to_keep: only the positions that predict answer tokens go through the vocabulary projection
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                             logits_to_keep=n_response + 1, use_cache=False).logits[:, :-1]
-        backbone = getattr(self.value_model, self.value_model.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                          use_cache=False).last_hidden_state
-        values = self.value_model.score(hidden[:, -n_response - 1:-1]).squeeze(-1)
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                          logits_to_keep=n_response + 1, use_cache=False, output_hidden_states=shared)
+        logits = out.logits[:, :-1]
+        if shared:  # the last hidden state (after the final norm) of the same pass
+            values = self.value_head(out.hidden_states[-1][:, -n_response - 1:-1]).squeeze(-1)
+        else:
+            inner = _unpeft(self.value_model)
+            backbone = getattr(inner, inner.base_model_prefix)
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                              use_cache=False).last_hidden_state
+            values = inner.score(hidden[:, -n_response - 1:-1]).squeeze(-1)
         ptx_loss = None
         if ptx_input_ids is not None:
             ptx_loss = self.policy(input_ids=ptx_input_ids, attention_mask=ptx_attention_mask,
                                    labels=ptx_labels, use_cache=False).loss
         return logits, values, ptx_loss
+
+
+def _unpeft(model: nn.Module) -> nn.Module:
+    """The model a PeftModel wraps (its layers carry the adapters), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def reference_logits(st: "Setup", input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int) -> torch.Tensor:
+    """The frozen reference's logits that predicted the last T tokens. Shape: (b, len) -> (b, T, vocab).
+
+    With LoRA and no separate reference model, the reference is the policy's own weights with the adapters
+    disabled: no second copy of the model."""
+    kw = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
+              logits_to_keep=T + 1, use_cache=False)
+    if st.reference is not None:
+        return st.reference(**kw).logits[:, :-1]
+    policy = st.accelerator.unwrap_model(st.model).policy
+    with policy.disable_adapter():
+        return policy(**kw).logits[:, :-1]
 
 
 @torch.no_grad()
@@ -266,7 +307,7 @@ class Setup:
     accelerator: object
     model: nn.Module  # PolicyAndValue, prepared by accelerate
     optimizer: torch.optim.Optimizer
-    reference: nn.Module
+    reference: nn.Module | None  # None: LoRA, the policy with its adapters disabled
     tokenizer: object
     pad_id: int
     eos_ids: set[int]
@@ -304,7 +345,7 @@ def setup(policy: ModelRef, cfg: PPOConfig, prompts: list[str], value_init: Mode
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     probe = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -324,38 +365,42 @@ def setup(policy: ModelRef, cfg: PPOConfig, prompts: list[str], value_init: Mode
     device = accelerator.device
 
     tokenizer = load_tokenizer(policy)
-    policy_model = AutoModelForCausalLM.from_pretrained(policy.path, dtype=torch.float32, **safetensors_only())
-    # the KL anchor: the SL-CAI model, also when later rounds start from an RL policy
-    ref_model = AutoModelForCausalLM.from_pretrained((reference or policy).path, dtype=torch.float32, **safetensors_only()).to(device).train(False)
-    ref_model.requires_grad_(False)
-    if bf16:
-        _linears_to_bf16(ref_model)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected when starting from the policy
-    try:
-        value_model = AutoModelForSequenceClassification.from_pretrained(
-            (value_init or policy).path, num_labels=1, dtype=torch.float32, **safetensors_only())
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if value_model.config.num_labels != 1:
-        raise CaiError(f"value_init={value_init.name}: has {value_model.config.num_labels} labels; expected a "
-                       "preference model with one scalar output")
-    if value_init is None:
-        nn.init.zeros_(value_model.score.weight)  # V = 0 until it learns: GAE starts as plain Monte Carlo
-        if value_model.score.bias is not None:
-            nn.init.zeros_(value_model.score.bias)
+    policy_model, ref_model = _policy_and_reference(policy, reference, cfg, device, bf16)
+    value_model = value_head = None
+    if value_model_kind(cfg) == "shared":
+        value_head = nn.Linear(_unpeft(policy_model).config.hidden_size, 1)
+        nn.init.zeros_(value_head.weight)  # V = 0 until it learns: GAE starts as plain Monte Carlo
+        nn.init.zeros_(value_head.bias)
+    else:
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected when starting from the policy
+        try:
+            value_model = AutoModelForSequenceClassification.from_pretrained(
+                (value_init or policy).path, num_labels=1, dtype=torch.float32, **safetensors_only())
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        if value_model.config.num_labels != 1:
+            raise CaiError(f"value_init={value_init.name}: has {value_model.config.num_labels} labels; expected a "
+                           "preference model with one scalar output")
+        if value_init is None:
+            nn.init.zeros_(value_model.score.weight)  # V = 0 until it learns: GAE starts as plain Monte Carlo
+            if value_model.score.bias is not None:
+                nn.init.zeros_(value_model.score.bias)
+        value_model = with_lora(value_model, cfg.lora, "SEQ_CLS", "ppo.lora")  # LoRA on the PM (or policy copy)
     for m in (policy_model, value_model, ref_model):
-        _disable_dropout(m)
+        if m is not None:
+            _disable_dropout(m)
     gen_eos = policy_model.generation_config.eos_token_id
     eos_ids = set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) | {tokenizer.eos_token_id}
     eos_ids.discard(None)
 
-    model = PolicyAndValue(policy_model, value_model)
+    model = PolicyAndValue(policy_model, value_model, value_head)
     # One AdamW, two param groups: one backward of pg + vf_coef * vf (+ ptx) steps both, with their own lrs.
     # fused: one kernel over all parameters, ~4x faster than the per-tensor loop on CPU (and on GPU).
+    value_part = value_head if value_head is not None else value_model
     optimizer = torch.optim.AdamW([
         {"params": [p for p in policy_model.parameters() if p.requires_grad], "lr": cfg.learning_rate},
-        {"params": [p for p in value_model.parameters() if p.requires_grad], "lr": cfg.value_learning_rate},
+        {"params": [p for p in value_part.parameters() if p.requires_grad], "lr": cfg.value_learning_rate},
     ], fused=device.type in ("cpu", "cuda"))
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
@@ -367,6 +412,46 @@ def setup(policy: ModelRef, cfg: PPOConfig, prompts: list[str], value_init: Mode
                for p in prompts]
     return Setup(accelerator, model, optimizer, ref_model, tokenizer, tokenizer.pad_token_id, eos_ids, kl_ctl,
                  ptx_data, encoded, bf16)
+
+
+def value_model_kind(cfg: PPOConfig) -> str:
+    """separate | shared: `ppo.value_model`, with auto = shared under LoRA, separate otherwise."""
+    if cfg.value_model != "auto":
+        return cfg.value_model
+    return "shared" if cfg.lora.enabled else "separate"
+
+
+def _policy_and_reference(policy: ModelRef, reference: ModelRef | None, cfg: PPOConfig, device, bf16: bool):
+    """(trainable policy, frozen reference or None). Without LoRA: two copies of the weights. With LoRA the
+    reference is the policy with its adapters disabled (None here), so the adapters must sit on the reference's
+    weights: a policy that is the reference gets fresh adapters; a policy published by an earlier LoRA round
+    (merged weights + adapter/ trained on the reference) continues its adapter on the reference's weights. Any
+    other policy with a different reference falls back to a separate reference copy."""
+    from transformers import AutoModelForCausalLM
+
+    def load(ref: ModelRef):
+        return AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32, **safetensors_only())
+
+    def frozen(ref: ModelRef):
+        model = load(ref).to(device).train(False)
+        model.requires_grad_(False)
+        if bf16:
+            _linears_to_bf16(model)
+        return model
+
+    anchor = reference or policy  # the KL anchor: the SL-CAI model, also when later rounds start from an RL policy
+    if not cfg.lora.enabled:
+        return load(policy), frozen(anchor)
+    if anchor.identity == policy.identity:
+        return with_lora(load(policy), cfg.lora, "CAUSAL_LM", "ppo.lora"), None
+    adapter = Path(policy.path) / ADAPTER_DIR
+    if (adapter / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+        if Path(base).resolve() == Path(anchor.path).resolve():
+            return PeftModel.from_pretrained(load(anchor), str(adapter), is_trainable=True), None
+    return with_lora(load(policy), cfg.lora, "CAUSAL_LM", "ppo.lora"), frozen(anchor)
 
 
 def rollout(st: Setup, cfg: PPOConfig, reward_fn: RewardFn, batch_prompts: list[str], idx: list[int],
@@ -393,9 +478,7 @@ def rollout(st: Setup, cfg: PPOConfig, reward_fn: RewardFn, batch_prompts: list[
             logprobs.append(logprobs_from_logits(logits, answers[sl]))
             entropy.append(entropy_from_logits(logits))
             values.append(v.float())
-            ref_logits = st.reference(input_ids=input_ids[sl], attention_mask=attention_mask[sl],
-                                      position_ids=_positions(attention_mask[sl]), logits_to_keep=T + 1,
-                                      use_cache=False).logits[:, :-1].float() / cfg.temperature
+            ref_logits = reference_logits(st, input_ids[sl], attention_mask[sl], T).float() / cfg.temperature
             ref_logprobs.append(logprobs_from_logits(ref_logits, answers[sl]))
     logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
     values, entropy = torch.cat(values), torch.cat(entropy)
@@ -616,13 +699,17 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
                "first_reward_mean": history["reward_mean"][0] if history["reward_mean"] else None,
                "last_reward_mean": history["reward_mean"][-1] if history["reward_mean"] else None,
                "last_kl": history["kl"][-1] if history["kl"] else None, "kl_coef": st.kl_ctl.value,
-               "bf16": st.bf16, "seconds": round(seconds, 1), "resumed_from": resumed_from, "config": _config_record(cfg)}
-    state_dict = accelerator.get_state_dict(st.model)  # gathers shards under DeepSpeed ZeRO-3 / FSDP
+               "bf16": st.bf16, "lora": cfg.lora.enabled, "value_model": value_model_kind(cfg),
+               "shared_reference": st.reference is None, "seconds": round(seconds, 1), "resumed_from": resumed_from, "config": _config_record(cfg)}
+    trained = accelerator.unwrap_model(st.model).policy
+    # gathers shards under DeepSpeed ZeRO-2; a LoRA policy is saved merged + its adapter
+    state_dict = None if is_lora(trained) else accelerator.get_state_dict(st.model)
     if accelerator.is_main_process:
         tmp = out_dir / "policy.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        policy_state = {k[len("policy."):]: v for k, v in state_dict.items() if k.startswith("policy.")}
-        accelerator.unwrap_model(st.model).policy.save_pretrained(tmp, state_dict=policy_state, safe_serialization=True)
+        policy_state = None if state_dict is None else \
+            {k[len("policy."):]: v for k, v in state_dict.items() if k.startswith("policy.")}
+        save_pretrained_merged(trained, tmp, policy_state)
         st.tokenizer.save_pretrained(tmp)
         write_atomic(tmp / TRAIN_INFO, json.dumps(summary, indent=1))
         swap_into_place(tmp, out_dir / "policy")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from cai.backends.transformers_backend import configure_cpu_threads
-from cai.config import config_dict
+from cai.config import key_dict
 from cai.errors import CaiError
 from cai.models import ModelRef, load_tokenizer, pick_device, safetensors_only
 from cai.store import Metrics
@@ -22,11 +22,12 @@ from cai.train.common import (
     metrics_callback,
     save_trained,
     training_key,
+    with_lora,
 )
 
 
 def sft_training_key(sft_path: Path, base: ModelRef, sft_cfg, seed: int) -> str:
-    return training_key(sft_path.read_bytes(), base, config_dict(sft_cfg), seed)
+    return training_key(sft_path.read_bytes(), base, key_dict(sft_cfg), seed)
 
 
 def train_sft(sft_path: Path, base: ModelRef, cfg, out_dir: Path, ckpt_root: Path, metrics: Metrics,
@@ -48,6 +49,7 @@ def train_sft(sft_path: Path, base: ModelRef, cfg, out_dir: Path, ckpt_root: Pat
 
     model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, **safetensors_only(),
                                                  trust_remote_code=cfg.generator.trust_remote_code)
+    model = with_lora(model, sft.lora, "CAUSAL_LM", "sft.lora")
     ckpt_dir = ckpt_root / key
     args = TRLSFTConfig(**common_args(sft, ckpt_dir, device, cfg.seed, progress), max_length=sft.max_length,
                         completion_only_loss=True, packing=False, use_liger_kernel=False)
@@ -64,7 +66,8 @@ def train_sft(sft_path: Path, base: ModelRef, cfg, out_dir: Path, ckpt_root: Pat
 
     summary = {"key": key, "base": base.identity, "examples": len(ds), "steps": result.global_step,
                "train_loss": result.training_loss, "seconds": round(seconds, 1), "train_tokens": n_tokens,
-               "resumed_from": str(last) if last else None}
+               "resumed_from": str(last) if last else None,
+               "lora": key_dict(sft.lora) if sft.lora.enabled else None}
     save_trained(trainer, tokenizer, out_dir, model_card, summary, ckpt_dir)
     metrics.log({"sl/train/seconds": seconds, "sl/train/tokens_per_s": n_tokens / max(seconds, 1e-9),
                  "sl/train/final_loss": result.training_loss})

@@ -504,6 +504,13 @@ class RLConfig(PairStageConfig):
 class DPOStageConfig(PairStageConfig):
     stage: str = F("dpo", "which stage this config is for")
     dpo: DPOConfig = F(DPOConfig(), "DPO training")
+    rounds: int = F(1, "1: offline DPO on pairs sampled from the starting policy | N > 1: online (iterated) DPO: "
+                       "each round samples pairs from the current policy, labels them and runs DPO from it", ge=1)
+
+    def rules(self, prefix: str) -> None:
+        if self.feedback.source == "human" and self.rounds > 1:
+            raise CaiError(f"rounds={self.rounds} with feedback.source=human: imported labels do not change "
+                           "between rounds; use rounds=1, or source=ai|mixed")
 
 
 # --- the tools on top: labeling page, evaluation, comparison -----------------------------------------------

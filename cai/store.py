@@ -8,6 +8,7 @@ anywhere else is an error naming the file and line. Restarting = read the keys p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -22,7 +23,19 @@ class JsonlStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.records: dict[str, dict] = {}
+        self._trackers: list[set] = []
         self._load()
+
+    @contextlib.contextmanager
+    def tracking(self):
+        """Collect the keys looked up while the block runs (found or not): what a piece of work asked for, so its
+        cost can be read from the stored records whether this process computed them or an earlier one did."""
+        keys: set[str] = set()
+        self._trackers.append(keys)
+        try:
+            yield keys
+        finally:
+            self._trackers.remove(keys)
 
     def _load(self) -> None:
         self._good_end = 0  # bytes of complete records; anything after is a torn write
@@ -41,9 +54,13 @@ class JsonlStore:
             self._good_end += len(line) + 1
 
     def __contains__(self, key: str) -> bool:
+        for t in self._trackers:
+            t.add(key)
         return key in self.records
 
     def __getitem__(self, key: str) -> dict:
+        for t in self._trackers:
+            t.add(key)
         return self.records[key]
 
     def get(self, key: str, default=None):

@@ -74,7 +74,12 @@ def test_online_dpo_rounds_resume_and_costs(sl_run):
     after = lines(rl / "steps.jsonl")
     keys = [json.loads(x)["key"] for x in after]
     assert len(keys) == len(set(keys)) == len(before)  # nothing lost, nothing duplicated
-    assert [json.loads(x) for x in lines(rl / "dpo" / "round-2" / "comparisons.jsonl")] == comps2
+    # the same pairs and label records; the lost labels were recomputed in a batch of their own (the plan of the
+    # killed wave was gone: this kill came after the wave finished), so their floats may differ in the last digits
+    resumed = [json.loads(x) for x in lines(rl / "dpo" / "round-2" / "comparisons.jsonl")]
+    assert [(c["key"], c["answer_a"], c["answer_b"]) for c in resumed] == \
+        [(c["key"], c["answer_a"], c["answer_b"]) for c in comps2]
+    assert [c["soft_label"] for c in resumed] == pytest.approx([c["soft_label"] for c in comps2], abs=1e-4)
     s2 = json.loads((rl / "dpo" / "summary.json").read_text())
     assert s2["rounds"][1]["labels"]["scores_computed"] + s2["rounds"][1]["labels"]["answers_generated"] == 5
     assert {k: v for k, v in s2["rounds"][1]["cost"].items() if "seconds" not in k} == \
@@ -93,6 +98,7 @@ def test_online_dpo_with_human_labels_only_is_refused(sl_run, capsys):
     assert e.value.code == 2 and "rounds=2 with feedback.source=human" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a PPO run and a 5-model comparison: about a minute on 2 idle cores
 def test_compare_sets_offline_dpo_online_dpo_and_ppo_side_by_side_with_costs(sl_run, capsys):
     from cai.compare import main as compare
 

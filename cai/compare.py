@@ -54,6 +54,7 @@ from cai.prompts import load_prompts
 from cai.records import calibration_bins, pair_identity, stable_hash
 from cai.report import finite_json, write_report
 from cai.runs import RunLock
+from cai.stages.pairs import add_costs
 from cai.store import JsonlStore
 from cai.templates import load_template
 from cai.train.pm import load_pm, score_answers
@@ -191,9 +192,44 @@ def run_models(run: Run, cfg) -> tuple[list[tuple[str, dict]], list[str]]:
         found.append(("rl", _spec(cfg, str(rl_policy))))
     else:
         notes.append(f"{run.name}: no RL policy (no rl/round-N/policy)")
-    if _has_model(run.path / "rl" / "dpo" / "policy"):
+    if _has_model(run.path / "rl" / "dpo" / "policy"):  # round 1: offline DPO
         found.append(("dpo", _spec(cfg, str(run.path / "rl" / "dpo" / "policy"))))
+    online = _last_dpo_round(run)
+    if online is not None:  # the last round of online (iterated) DPO
+        found.append(("dpo-online", _spec(cfg, str(online[1]))))
     return found, notes
+
+
+def _last_dpo_round(run: Run) -> tuple[int, Path] | None:
+    """(N, rl/dpo/round-N/policy) with the highest N > 1 that has a saved model (stage=dpo rounds=N)."""
+    rounds = sorted(((int(m.group(1)), p / "policy") for p in (run.path / "rl" / "dpo").glob("round-*")
+                     if (m := re.fullmatch(r"round-(\d+)", p.name))), reverse=True)
+    return next(((n, p) for n, p in rounds if _has_model(p)), None)
+
+
+def training_costs(run: Run) -> dict[str, dict]:
+    """What each trained model of a run cost, from the stages' summaries: labels (AI, human, label calls),
+    tokens generated (pairs, reasoning, rollouts) and seconds (data, training), summed over the rounds that led
+    to it; `method` says how it was trained. Models of runs made before costs were recorded are left out."""
+    out = {}
+    rl = run.path / "rl" / "summary.json"
+    if rl.exists():
+        s = json.loads(rl.read_text())
+        costs = [r["cost"] for r in s.get("rounds", []) if "cost" in r]
+        if costs and len(costs) == len(s["rounds"]):
+            out["rl"] = {"method": f"{s.get('algorithm', 'rl')} ({len(costs)} round{'s' * (len(costs) > 1)})",
+                         **add_costs(costs)}
+    dpo = run.path / "rl" / "dpo" / "summary.json"
+    if dpo.exists():
+        s = json.loads(dpo.read_text())
+        rounds = [r for r in s.get("rounds", []) if "cost" in r]
+        if rounds and rounds[0]["round"] == 1:
+            out["dpo"] = {"method": "offline DPO", **rounds[0]["cost"]}
+        last = _last_dpo_round(run)
+        if last is not None and [r["round"] for r in rounds[:last[0]]] == list(range(1, last[0] + 1)):
+            out["dpo-online"] = {"method": f"online DPO ({last[0]} rounds)",
+                                 **add_costs([r["cost"] for r in rounds[:last[0]]])}
+    return out
 
 
 def contenders(runs: list[Run], cfg) -> tuple[list[Contender], list[str]]:
@@ -448,6 +484,9 @@ def label_report(run: Run) -> dict:
         rounds.append({"round": p.parent.name, **json.loads(p.read_text())})
     if (run.path / "rl" / "dpo" / "summary.json").exists():
         rounds.append({"round": "dpo", **json.loads((run.path / "rl" / "dpo" / "summary.json").read_text())["labels"]})
+    for p in sorted((run.path / "rl" / "dpo").glob("round-*/label_diagnostics.json"),
+                    key=lambda p: int(p.parent.name.split("-")[1]) if p.parent.name.split("-")[1].isdigit() else 0):
+        rounds.append({"round": f"dpo {p.parent.name}", **json.loads(p.read_text())})
     comps = read_jsonl(run.path / "rl" / "comparisons.jsonl") if (run.path / "rl" / "comparisons.jsonl").exists() else []
     ai = [c for c in comps if c.get("source") == "ai"]
     human = human_comparisons(run)
@@ -710,6 +749,9 @@ def compare(run_paths: list[str], cfg) -> dict:
         report["cost"]["judge"]["computed_now"] = work["judge"]["computed"]
         report["cost"]["runs"] = {run: [{k: d.get(k) for k in ("round", "pairs", "seconds_per_label", "label_seconds")}
                                         for d in lab["rounds"]] for run, lab in labels.items()}
+        by_alias = {f"{r.name}/{kind}": c for r in inp.runs for kind, c in training_costs(r).items()}
+        report["cost"]["models"] = {c.label: next((by_alias[a] for a in c.aliases if a in by_alias), None)
+                                    for c in inp.models}
         report["plots"] = write_report(report, inp.out)
         report["seconds"] = round(time.time() - started, 1)
         write_atomic(inp.out / "report.json", json.dumps(finite_json(report), indent=1, ensure_ascii=False,
@@ -737,6 +779,13 @@ def print_summary(report: dict, out: Path) -> None:
     header = ["model"] + [h for s in sets for h in (f"{ROLE[s]} Elo", f"refusal ({s})", f"repeats ({s})")]
     header += ["tokens", "boilerplate"]
     print("\n" + table(rows, tuple(header)))
+    costs = [(x, c) for x, c in report["cost"].get("models", {}).items() if c]
+    if costs:
+        print("\nwhat each trained model cost (labels and compute, every round that led to it)")
+        print(table([(x, c["method"], c["ai_labels"], c["human_labels"], c["label_calls"], c["tokens_generated"],
+                      f"{c['data_seconds']:.1f}", f"{c['train_seconds']:.1f}") for x, c in costs],
+                    ("model", "method", "AI labels", "human labels", "label calls", "tokens generated",
+                     "data s", "train s")))
     w = report["work"]
     print(f"\nanswers computed {w['answers']['computed']}, reused {w['answers']['reused']}; judge scores computed "
           f"{w['judge']['computed']}, reused {w['judge']['reused']}; PM scores computed {w['pm_scores']['computed']}, "

@@ -227,8 +227,46 @@ class CritiqueConfig(Checked):
     revision_template: str = F("prompts/templates/revision.txt", "template of the revision request", file=True)
 
 
+SFT_SOURCES = ("human", "revision", "contrast", "helpful", "initial")
+
+
+@dataclass(frozen=True)
+class CRLFTConfig(Checked):
+    rewards: dict = F({"human": 1.0, "revision": 0.8, "contrast": 0.6, "helpful": 0.5, "initial": 0.1},
+                      "coarse reward per SFT source (human demonstrations, revision, contrast, helpful answers, "
+                      "initial answers); it weights the source's loss; 0 leaves the source out")
+    normalize: bool = F(True, "scale the weights so their mean over the training examples is 1 (the learning rate "
+                              "means what it means for plain SFT); false: the rewards are the weights (OpenChat)")
+    condition_template: str = F("prompts/templates/crlft_condition.txt", "the condition put at the start of the "
+                                                                         "system turn; its slot {{source}} is the "
+                                                                         "source's name", file=True)
+    generate_with: str = F("", "the source whose condition the trained model answers under ('' = the source with "
+                               "the highest reward among those in the data); stored in the model's chat template",
+                           choices=("",) + SFT_SOURCES)
+
+    def rules(self, prefix: str) -> None:
+        for name, reward in self.rewards.items():
+            if name not in SFT_SOURCES:
+                close = difflib.get_close_matches(str(name), SFT_SOURCES, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise CaiError(f"{prefix}rewards.{name}: no such SFT source; expected one of "
+                               f"{', '.join(SFT_SOURCES)}{hint}")
+            if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward) \
+                    or reward < 0:
+                raise CaiError(f"{prefix}rewards.{name}={reward}: expected a finite number >= 0")
+        if not any(r > 0 for r in self.rewards.values()):
+            raise CaiError(f"{prefix}rewards: every reward is 0; expected at least one source with a reward > 0")
+        if self.generate_with and self.rewards.get(self.generate_with, 0) <= 0:
+            raise CaiError(f"{prefix}generate_with={self.generate_with}: that source has no reward > 0 in "
+                           f"{prefix}rewards, so it is not trained on")
+
+
 @dataclass(frozen=True)
 class SFTConfig(Checked):
+    method: str = F("sft", "sft: plain SFT on the mix | crlft: C-RLFT (OpenChat, Wang et al. 2023): each example's "
+                           "source is a condition in its prompt and its reward weights its loss; the model answers "
+                           "under the best source's condition", choices=("sft", "crlft"))
+    crlft: CRLFTConfig = F(CRLFTConfig(), "method=crlft: rewards per source and the condition")
     data: str = F("final", "final: train on the last revision | all: one example per revision round (as the paper) "
                            "| contrast: the answer under the positive contrast context instead (context "
                            "distillation) | final+contrast: both", choices=("final", "all", "contrast", "final+contrast"))
@@ -518,6 +556,13 @@ class RLConfig(PairStageConfig):
 class DPOStageConfig(PairStageConfig):
     stage: str = F("dpo", "which stage this config is for")
     dpo: DPOConfig = F(DPOConfig(), "DPO training")
+    rounds: int = F(1, "1: offline DPO on pairs sampled from the starting policy | N > 1: online (iterated) DPO: "
+                       "each round samples pairs from the current policy, labels them and runs DPO from it", ge=1)
+
+    def rules(self, prefix: str) -> None:
+        if self.feedback.source == "human" and self.rounds > 1:
+            raise CaiError(f"rounds={self.rounds} with feedback.source=human: imported labels do not change "
+                           "between rounds; use rounds=1, or source=ai|mixed")
 
 
 # --- the tools on top: labeling page, evaluation, comparison -----------------------------------------------

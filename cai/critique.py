@@ -159,8 +159,9 @@ def generate_chains(red_team: list[PromptRecord], helpful: list[PromptRecord], c
                             len(chains) * s.rounds - n_rounds_regen, n_rounds_regen)
 
 
-def sft_examples(chains: list[dict], helpful: list[dict], data: str) -> list[dict]:
-    """Prompt -> revision conversations (data: final revision, every round's, or none), plus helpful answers.
+def sft_examples(chains: list[dict], helpful: list[dict], data: str, initial: bool = False) -> list[dict]:
+    """Prompt -> revision conversations (data: final revision, every round's, or none), plus helpful answers, plus
+    (initial=True, for C-RLFT's lower-reward source) each revised chain's initial answer.
 
     Conversational prompt/completion records: TRL's SFTTrainer computes the loss on the completion only.
     Empty texts are dropped (a tiny model sometimes ends at once).
@@ -174,6 +175,9 @@ def sft_examples(chains: list[dict], helpful: list[dict], data: str) -> list[dic
             if x["revision"].strip():
                 out.append(sft_example(x["revision_key"], "revision", c["prompt_id"], x["round"], c["prompt"],
                                        x["revision"]))
+    for c in chains if initial else []:
+        if c["rounds"] and c["initial_answer"].strip():  # rounds=0: the initial answer is the revision already
+            out.append(sft_example(c["answer_key"], "initial", c["prompt_id"], 0, c["prompt"], c["initial_answer"]))
     for h in helpful:
         if h["answer"].strip():
             out.append(sft_example(h["key"], "helpful", h["prompt_id"], 0, h["prompt"], h["answer"]))

@@ -277,6 +277,15 @@ def blocks(report: dict, plots: dict[str, str]) -> list[tuple]:
         b.append(("img", plots["calibration"], "calibration"))
 
     b.append(("h2", "Cost"))
+    trained = [(x, c) for x, c in report["cost"].get("models", {}).items() if c]
+    if trained:
+        b.append(("p", "What each trained model cost to make, over every round that led to it (from the stages' "
+                       "records, so reused work counts what it cost when it was computed): labels, tokens generated "
+                       "(pair answers, reasoning, PPO rollouts) and seconds of data making and of training."))
+        b.append(("table", ["model", "method", "AI labels", "human labels", "label calls", "tokens generated",
+                            "data seconds", "training seconds"],
+                  [[x, c["method"], c["ai_labels"], c["human_labels"], c["label_calls"], c["tokens_generated"],
+                    _f(c["data_seconds"], "{:.1f}"), _f(c["train_seconds"], "{:.1f}")] for x, c in trained]))
     j = report["cost"]["judge"]
     b.append(("p", f"Judge: {j['labels']} scores ({j['computed_now']} computed in this run), "
                    f"{_f(j['tokens_per_label'], '{:.0f}')} prompt tokens and {_f(j['seconds_per_label'], '{:.4f}')} s "

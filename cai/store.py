@@ -11,6 +11,7 @@ rather than cutting the file back to this store's idea of its end, which would d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -25,7 +26,19 @@ class JsonlStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.records: dict[str, dict] = {}
+        self._trackers: list[set] = []
         self._load()
+
+    @contextlib.contextmanager
+    def tracking(self):
+        """Collect the keys looked up while the block runs (found or not): what a piece of work asked for, so its
+        cost can be read from the stored records whether this process computed them or an earlier one did."""
+        keys: set[str] = set()
+        self._trackers.append(keys)
+        try:
+            yield keys
+        finally:
+            self._trackers.remove(keys)
 
     def _load(self) -> None:
         self._good_end = 0  # bytes of complete records; anything after is a torn write
@@ -45,9 +58,13 @@ class JsonlStore:
             self._good_end += len(line) + 1
 
     def __contains__(self, key: str) -> bool:
+        for t in self._trackers:
+            t.add(key)
         return key in self.records
 
     def __getitem__(self, key: str) -> dict:
+        for t in self._trackers:
+            t.add(key)
         return self.records[key]
 
     def get(self, key: str, default=None):

@@ -145,13 +145,14 @@ def sample_and_label(cfg, policy_path: str, prompts, constitution, settings, sto
     sampling = sampling_from_config(cfg.pair_sampling, "pair_sampling")
     policy_backend = backend_for(cfg.policy, policy_path, progress=False)
     t0 = time.time()
-    comparisons, by_source = labeled_pairs_from_sources(
-        prompts, cfg.pairs.weights(), cfg.seed, prompt_sets=prompt_sets or {}, policy=policy_backend,
-        labeler_factory=lambda: backend_for(cfg.feedback.labeler, progress=False),
-        release_policy=lambda: release(policy_backend), sampling=sampling, constitution=constitution,
-        label_settings=settings, store=store, plan_dir=plan_dir, batch_size=cfg.policy.batch_size,
-        label_batch_size=cfg.feedback.labeler.batch_size, n=cfg.pairs.n, chains=chains, contrast=contrast,
-        progress=cfg.progress, label=label)
+    with store.tracking() as used:
+        comparisons, by_source = labeled_pairs_from_sources(
+            prompts, cfg.pairs.weights(), cfg.seed, prompt_sets=prompt_sets or {}, policy=policy_backend,
+            labeler_factory=lambda: backend_for(cfg.feedback.labeler, progress=False),
+            release_policy=lambda: release(policy_backend), sampling=sampling, constitution=constitution,
+            label_settings=settings, store=store, plan_dir=plan_dir, batch_size=cfg.policy.batch_size,
+            label_batch_size=cfg.feedback.labeler.batch_size, n=cfg.pairs.n, chains=chains, contrast=contrast,
+            progress=cfg.progress, label=label)
     seconds = time.time() - t0
     labeled_by_ai = [c for c in comparisons if c.get("agree") is not None]
     diag = label_diagnostics(labeled_by_ai, human)
@@ -160,8 +161,45 @@ def sample_and_label(cfg, policy_path: str, prompts, constitution, settings, sto
               "answers_reused": by_source.pop("answers_reused"), "scores_computed": by_source.pop("scores_computed"),
               "scores_reused": by_source.pop("scores_reused"), "seconds": round(seconds, 1),
               "seconds_per_label": by_source.pop("seconds_per_label"),
-              "sources": {k: v for k, v in by_source.items() if v["prompts"]}}
+              "sources": {k: v for k, v in by_source.items() if v["prompts"]},
+              "sampled_from": policy_backend.identity, "cost": data_cost(store, used)}
     return comparisons, diag, counts
+
+
+def data_cost(store: JsonlStore, keys) -> dict:
+    """What a round's pairs and labels cost to make, read from their stored records (so a resumed or reused
+    round reports the same cost as the run that computed them): answers and the tokens generated for them, AI
+    label calls (one forward pass per pair x principle x order) and their tokens of reasoning, and the seconds the
+    records took when they were computed."""
+    recs = [store.records[k] for k in keys if k in store.records]
+    labels = [r for r in recs if "p_option_a" in r]
+    answers = [r for r in recs if "p_option_a" not in r and "text" in r]
+    return {"answers": len(answers), "tokens_generated": sum(r.get("completion_tokens", 0) for r in answers),
+            "label_calls": len(labels), "label_tokens_generated": sum(r.get("completion_tokens", 0) for r in labels),
+            "generation_seconds": round(sum(r.get("seconds", 0.0) for r in answers), 2),
+            "label_seconds": round(sum(r.get("seconds", 0.0) for r in labels), 2)}
+
+
+def round_cost(counts: dict, comps: list[dict], train_seconds: float = 0.0, train_tokens: int = 0) -> dict:
+    """One round's cost for cai.compare: labels (AI pairs labeled, AI label calls, human labels used), tokens
+    generated (pair answers, CoT reasoning, RL rollouts) and seconds (data + training)."""
+    c = counts.get("cost") or {}
+    tokens = c.get("tokens_generated", 0) + c.get("label_tokens_generated", 0) + train_tokens
+    return {"ai_labels": sum(x.get("source") == "ai" for x in comps),
+            "human_labels": sum(x.get("source") == "human" for x in comps),
+            "label_calls": c.get("label_calls", 0), "tokens_generated": tokens,
+            "data_seconds": round(c.get("generation_seconds", 0.0) + c.get("label_seconds", 0.0), 1),
+            "train_seconds": round(train_seconds, 1),
+            "seconds": round(c.get("generation_seconds", 0.0) + c.get("label_seconds", 0.0) + train_seconds, 1)}
+
+
+def add_costs(costs: list[dict]) -> dict:
+    """The sum of rounds' costs (every field is a count or seconds)."""
+    out: dict = {}
+    for c in costs:
+        for k, v in c.items():
+            out[k] = round(out.get(k, 0) + v, 1) if isinstance(v, float) else out.get(k, 0) + v
+    return out
 
 
 def round_comparisons(cfg, policy_path: str, prompts, constitution, settings, store: JsonlStore, plan_dir: Path,

@@ -26,6 +26,7 @@ from cai.models import resolve_model
 from cai.records import stable_hash
 from cai.runs import RunLock, run_dir_for, start_run
 from cai.stages.pairs import (
+    add_costs,
     human_comparisons,
     pair_inputs,
     policy_ref,
@@ -34,6 +35,7 @@ from cai.stages.pairs import (
     ptx_examples,
     read_inputs,
     round_comparisons,
+    round_cost,
 )
 from cai.store import JsonlStore
 from cai.train.common import TRAIN_INFO, reuse_or_train, swap_into_place, trained_model_matches
@@ -80,6 +82,7 @@ def run_rl(cfg) -> dict:
                 return {**diag, **counts}
 
             labels = on_main(label_round)
+            round_comps = read_jsonl(rdir / "comparisons.jsonl")
             all_comparisons = read_jsonl(rl_dir / "comparisons.jsonl")  # every round's, on every process
 
             # the PM: trained from the SL-CAI model on every comparison so far (keyed: reused when unchanged)
@@ -108,11 +111,15 @@ def run_rl(cfg) -> dict:
                 del pm_model
                 round_summary["rl"] = rl_summary
                 policy = resolve_model(str(rdir / "policy"))
+            train_seconds = float(pm_summary.get("seconds", 0.0)) + float((round_summary.get("rl") or {}).get(
+                "seconds", 0.0))
+            round_summary["cost"] = round_cost(labels or {}, round_comps, train_seconds,
+                                               int((round_summary.get("rl") or {}).get("rollout_tokens", 0)))
             rounds.append(round_summary)
         if not is_main():
             return {"rounds": rounds}
         summary = {"run": str(run_dir), "algorithm": cfg.algorithm, "rounds": rounds,
-                   "seconds": round(time.time() - started, 1)}
+                   "cost": add_costs([r["cost"] for r in rounds]), "seconds": round(time.time() - started, 1)}
         write_atomic(rl_dir / "summary.json", json.dumps(summary, indent=1, default=str))
         print_rl_summary(summary)
         return summary

@@ -125,7 +125,8 @@ def run_sl(cfg) -> dict:
                 return done
             write_jsonl_atomic(sl_dir / "chains.jsonl", result.chains)
             revisions = {"final": "final", "all": "all", "final+contrast": "final"}.get(cfg.sft.data, "none")
-            examples = sft_examples(result.chains, result.helpful, revisions) + distilled + demonstrations
+            initial = cfg.sft.method == "crlft" and cfg.sft.crlft.rewards.get("initial", 0) > 0
+            examples = sft_examples(result.chains, result.helpful, revisions, initial) + distilled + demonstrations
             if cfg.train and not examples:
                 raise CaiError("no SFT example: every revision and helpful answer is empty (or there are no "
                                "prompts); the generated records are kept in sl/steps.jsonl")
@@ -159,7 +160,7 @@ def run_sl(cfg) -> dict:
                 card = ""
                 if is_main():
                     counts = {s: sum(e["source"] == s for e in examples)
-                              for s in ("revision", "contrast", "helpful", "human")}
+                              for s in ("revision", "contrast", "helpful", "human", "initial")}
                     card = model_card(cfg, constitution, counts, len(result.chains))
                 return train_sft(sl_dir / "sft.jsonl", base, cfg, model_dir, sl_dir / "checkpoints", metrics, card,
                                  key, device=cfg.generator.device, progress=cfg.progress)
@@ -190,7 +191,11 @@ def model_card(cfg, constitution, counts: dict, n_chains: int) -> str:
         f"- red-team chains: {n_chains}, critique/revision rounds: {cfg.critique.rounds}",
         f"- SFT examples: {counts['revision']} revisions ({cfg.sft.data}), {counts['contrast']} answers under the "
         f"positive contrast context (context distillation), {counts['helpful']} helpful answers, "
-        f"{counts['human']} human demonstrations",
+        f"{counts['human']} human demonstrations" + (f", {counts['initial']} initial answers" if counts["initial"]
+                                                     else ""),
+        *([f"- C-RLFT (OpenChat): each source is a condition in the system turn ({cfg.sft.crlft.condition_template}) "
+           f"and its reward weights its loss: {cfg.sft.crlft.rewards}; the chat template answers under the best "
+           "source's condition (cai_train.json: crlft)"] if cfg.sft.method == "crlft" else []),
         f"- seed: {cfg.seed}", "", "## Config", "", "```yaml", to_yaml(cfg).rstrip(), "```", "",
     ])
 
@@ -211,4 +216,9 @@ def print_sl_summary(summary: dict, result) -> None:
     if t:
         how = "reused (same data and settings)" if t.get("reused") else f"{t['steps']} steps in {t['seconds']} s"
         print(f"SFT: {how}, train loss {t['train_loss']:.4f}")
+        if t.get("crlft"):
+            c = t["crlft"]
+            print("C-RLFT: " + ", ".join(f"{s} {v['examples']} examples x weight {v['weight']:.3f}"
+                                         for s, v in c["sources"].items())
+                  + f"; the model answers under {c['generate_with']!r}: {c['condition']!r}")
     print(f"run: {summary['run']}  total {summary['seconds']} s\n")

@@ -683,6 +683,7 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
             metrics.log(logged, step=step)
         history["reward_mean"].append(logged["rl/ppo/reward_mean"])
         history["kl"].append(logged["rl/ppo/kl"])
+        history.setdefault("rollout_tokens", []).append(int(ro.mask.sum()) * world)  # cai.compare's compute cost
         # the controller sees this step's KL after its updates (Ziegler et al. 2019; TRL)
         st.kl_ctl.update(logged["rl/ppo/kl"], B * world)
         bar.update()
@@ -699,6 +700,7 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
                "first_reward_mean": history["reward_mean"][0] if history["reward_mean"] else None,
                "last_reward_mean": history["reward_mean"][-1] if history["reward_mean"] else None,
                "last_kl": history["kl"][-1] if history["kl"] else None, "kl_coef": st.kl_ctl.value,
+               "rollout_tokens": sum(history.get("rollout_tokens", [])),
                "bf16": st.bf16, "lora": cfg.lora.enabled, "value_model": value_model_kind(cfg),
                "shared_reference": st.reference is None, "seconds": round(seconds, 1), "resumed_from": resumed_from, "config": _config_record(cfg)}
     trained = accelerator.unwrap_model(st.model).policy

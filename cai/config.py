@@ -367,7 +367,17 @@ class FeedbackConfig(Checked):
     mixed_rule: str = F("human_first", "source=mixed: human_first (human labels wherever present, AI elsewhere) | "
                                        "by_category (human for helpful prompts, AI for red-team: the paper's hybrid)",
                         choices=("human_first", "by_category"))
-    labeler: ModelConfig = F(ModelConfig(), "the feedback model that compares answers")
+    labeler: ModelConfig = F(ModelConfig(), "the feedback model that compares answers (the one labeler when "
+                                            "labelers is empty)")
+    labelers: list[ModelConfig] = field(default_factory=list, metadata={
+        "help": "several labelers, any backend each (e.g. [{model: tiny}, {model: smollm2-135m}]); every pair is "
+                "labeled by each and the soft labels are combined (combine); replaces labeler when not empty"})
+    combine: str = F("mean", "several labelers: mean of their soft labels | accuracy_weighted (each weighted by "
+                             "the log-odds of its accuracy on clear_pairs; at or below chance: weight 0)",
+                     choices=("mean", "accuracy_weighted"))
+    clear_pairs: str = F("prompts/sets/labeled_pairs.jsonl", "several labelers (or combine=accuracy_weighted): "
+                                                              "pairs with a known better answer each labeler also "
+                                                              "labels, for its accuracy", file=True)
     principles_per_pair: int = F(2, "feedback principles sampled per pair; their labels are averaged", ge=1)
     conversation_template: str = F("prompts/templates/conversation.txt", "renders the conversation slot", file=True)
     template: str = F("prompts/templates/feedback_mc.txt", "multiple-choice prompt; last line starts the answer "
@@ -382,9 +392,25 @@ class FeedbackConfig(Checked):
     cot_clamp_high: float = F(0.6, "see cot_clamp_low", ge=0, le=1)
 
     def rules(self, prefix: str) -> None:
+        for i, m in enumerate(self.labelers):
+            if not isinstance(m, ModelConfig):
+                raise CaiError(f"{prefix}labelers[{i}]: expected a mapping of model settings, got {m!r}")
+            validate(m, f"{prefix}labelers[{i}].")
+        if self.combine == "accuracy_weighted" and not self.clear_pairs:
+            raise CaiError(f"{prefix}combine=accuracy_weighted needs {prefix}clear_pairs (pairs with a known answer)")
         if self.cot_clamp_low > self.cot_clamp_high:
             raise CaiError(f"{prefix}cot_clamp_low={self.cot_clamp_low}: expected <= "
                            f"{prefix}cot_clamp_high={self.cot_clamp_high}")
+
+    def all_labelers(self) -> list[tuple[str, ModelConfig]]:
+        """(setting name, settings) of every labeler: `labelers`, else the one `labeler`."""
+        if self.labelers:
+            return [(f"feedback.labelers[{i}]", m) for i, m in enumerate(self.labelers)]
+        return [("feedback.labeler", self.labeler)]
+
+    def labeler_accuracy(self) -> bool:
+        """Whether each labeler also labels the clear pairs (several labelers, or weights that need it)."""
+        return bool(self.clear_pairs) and (len(self.labelers) > 1 or self.combine == "accuracy_weighted")
 
 
 @dataclass(frozen=True)

@@ -414,6 +414,13 @@ class FeedbackConfig(Checked):
 
 
 @dataclass(frozen=True)
+class HumanConfig(Checked):
+    combine: str = F("none", "several people's labels on a pair: none (each label its own comparison) | majority | "
+                             "mean | dawid_skene (reliability-weighted, two-class Dawid-Skene)",
+                     choices=("none", "majority", "mean", "dawid_skene"))
+
+
+@dataclass(frozen=True)
 class PairsConfig(Checked):
     sample: float = F(1.0, "weight of the `sample` source: two samples of the policy per prompt (the paper)", ge=0)
     revision: float = F(0.0, "weight of `revision`: the SL stage's initial answer against its final revision, "
@@ -462,6 +469,7 @@ class PairStageConfig(Checked):
     helpful_pairs: bool = F(True, "also sample and label pairs for the helpful prompts")
     pairs: PairsConfig = F(PairsConfig(), "where answer pairs come from: a weighted mix of sources (share of prompts)")
     feedback: FeedbackConfig = F(FeedbackConfig(), "AI feedback labeling")
+    human: HumanConfig = F(HumanConfig(), "human labels (feedback.source=human|mixed, and agreement for ai)")
     report_to: str = F("none", "none | tensorboard (metrics also go to <run>/tensorboard/)",
                        choices=("none", "tensorboard"))
     progress: bool = F(True, "show progress bars")
@@ -507,6 +515,12 @@ class LabelConfig(Checked):
     seed: int = F(0, "seed of the per-annotator left/right order of the answers")
     export: str = F("", "write the labels to this JSONL file (cai.human import format) and exit")
     export_demonstrations: str = F("", "write the better answers to this JSONL file (prompt, answer, ...) and exit")
+    overlap: int = F(0, "give each pair to this many annotators (0: every annotator labels every pair)", ge=0)
+    gold: str = F("", "JSONL of gold pairs with a known answer (id, category, prompt, better, worse: the format of "
+                      "prompts/sets/labeled_pairs.jsonl), mixed in to calibrate annotators", file=True)
+    gold_every: int = F(5, "one gold pair first, then one after every this many pairs", ge=1)
+    combine: str = F("none", "export: several people's labels on a pair as one row: none | majority | mean | "
+                             "dawid_skene (reliability-weighted)", choices=("none", "majority", "mean", "dawid_skene"))
 
 
 @dataclass(frozen=True)
@@ -538,7 +552,16 @@ class EvalConfig(Checked):
 @dataclass(frozen=True)
 class CompareConfig(Checked):
     judge: ModelConfig = F(ModelConfig(), "the judge that compares answers (any backend; backend=openai for a "
-                                          "stronger judge behind an endpoint)")
+                                          "stronger judge behind an endpoint); the one judge when judges is empty")
+    judges: list[ModelConfig] = field(default_factory=list, metadata={
+        "help": "several judges, any backend each (e.g. [{model: tiny}, {model: smollm2-135m}]): results use their "
+                "mean outcome, and again without any judge that is also a compared run's labeler "
+                "(self-preference); replaces judge when not empty"})
+    clear_pairs: str = F("prompts/sets/labeled_pairs.jsonl", "pairs with a known better answer each judge also "
+                                                              "judges, for its accuracy ('' = none)", file=True)
+    clear_limit: int = F(0, "judge at most this many clear pairs (0 = all)", ge=0)
+    disagreements: int = F(5, "list this many pairs where the evaluators (labelers, annotators, judges) disagree "
+                              "most", ge=0)
     red_team: PromptSource = F(PromptSource(path="prompts/sets/red_team_eval.jsonl", limit=32),
                                "held-out red-team prompts (harmlessness)")
     helpful: PromptSource = F(PromptSource(path="prompts/sets/helpful_eval.jsonl", limit=32),
@@ -568,6 +591,18 @@ class CompareConfig(Checked):
         "help": "server addresses (base_url) that compared runs may use for their models (backend=openai); a run "
                 "directory alone cannot choose where requests and API keys go"})
     progress: bool = F(True, "show progress bars")
+
+    def rules(self, prefix: str) -> None:
+        for i, m in enumerate(self.judges):
+            if not isinstance(m, ModelConfig):
+                raise CaiError(f"{prefix}judges[{i}]: expected a mapping of model settings, got {m!r}")
+            validate(m, f"{prefix}judges[{i}].")
+
+    def all_judges(self) -> list[tuple[str, ModelConfig]]:
+        """(name, settings) of every judge: `judges`, else the one `judge`."""
+        if self.judges:
+            return [(f"judges[{i}]", m) for i, m in enumerate(self.judges)]
+        return [("judge", self.judge)]
 
 
 # --- loading -----------------------------------------------------------------------------------------------

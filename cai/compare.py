@@ -472,7 +472,10 @@ def label_report(run: Run, n_disagreements: int = 5) -> dict:
             "human_agreement": diag["human_agreement"] if diag else None,
             "ai_vs_human_calibration": calibration_bins(pred, target), "pm_heldout_calibration": pm_cal,
             "pm_heldout_accuracy": pm_heldout, "pm_clear_pairs": pm_clear,
-            "disagreements": disagreements(ai, n_disagreements)}
+            "human_consensus": next((d["human_consensus"] for d in reversed(rounds) if d.get("human_consensus")), None),
+            "disagreements": (disagreements(ai, n_disagreements) + next(
+                (d["human_consensus"]["disagreements"] for d in reversed(rounds) if d.get("human_consensus")),
+                []))[:2 * n_disagreements]}
 
 
 def config_diffs(runs: list[Run]) -> dict:

@@ -10,7 +10,14 @@ from cai.backends import Sampling, backend_for, check_backend, release, sampling
 from cai.constitution import load_constitution
 from cai.errors import CaiError
 from cai.feedback import LabelSettings, clear_pairs_as_pairs, label_diagnostics
-from cai.human import load_human_comparisons, load_human_rankings, merge_sources, page_comparisons
+from cai.human import (
+    combine_human,
+    load_human_comparisons,
+    load_human_rankings,
+    merge_sources,
+    page_comparisons,
+    page_gold,
+)
 from cai.io import read_jsonl
 from cai.models import ModelRef, resolve_model
 from cai.pair_sources import ContrastSettings, labeled_pairs_from_sources, load_contrast_context, read_chains
@@ -174,7 +181,12 @@ def round_comparisons(cfg, policy_path: str, prompts, constitution, settings, st
                       prompt_sets: dict[str, str], already: list[dict] = ()) -> tuple[list[dict], dict, dict]:
     """One round's comparisons by feedback.source: human (the human labels are the comparisons; RLHF), ai (pairs
     from the sources, AI labels), or mixed (merged by mixed_rule). Comparisons already in `already` (an earlier
-    round's) are not repeated: human labels enter once, in the first round that uses them."""
+    round's) are not repeated: human labels enter once, in the first round that uses them. Several people's
+    labels on one pair are combined by human.combine (cai.human.combine_human), with their agreement and each
+    annotator's reliability and gold accuracy in the diagnostics."""
+    human_report = None
+    if human:
+        human, human_report = combine_human(human, cfg.human.combine, page_gold(run_dir_for(cfg)))
     if cfg.feedback.source == "human":
         comps = human
         diag = {"pairs": len(human), "source": "human", "annotators": len({c["annotator"] for c in human}),
@@ -186,6 +198,8 @@ def round_comparisons(cfg, policy_path: str, prompts, constitution, settings, st
                                                label, human, chains, contrast, prompt_sets)
         if cfg.feedback.source == "mixed":
             comps = merge_sources(comps, human, cfg.feedback.mixed_rule)
+    if human_report is not None:
+        diag["human_consensus"] = human_report
     seen = {c["key"] for c in already}
     repeated = sum(c["key"] in seen for c in comps)
     comps = [c for c in comps if c["key"] not in seen]
@@ -200,6 +214,18 @@ def round_comparisons(cfg, policy_path: str, prompts, constitution, settings, st
 def print_diagnostics(title: str, diag: dict, counts: dict) -> None:
     fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
     print(f"\n{title}")
+    h = diag.get("human_consensus")
+    if h:
+        print(f"  human labels: {h['labels']} on {h['pairs']} pairs ({h['pairs_with_several']} labeled by two or "
+              f"more), combined: {h['combine']}")
+        for name, r in h["annotators"].items():
+            print(f"    {name}: {r['labels']} pairs, gold accuracy {fmt(r['gold_accuracy'])} (n={r['gold_count']}), "
+                  f"reliability {fmt(r['reliability'])}, agreement with the combined label "
+                  f"{fmt(r['agreement_with_consensus'])}")
+        a = h.get("agreement")
+        if a:
+            print(f"    agreement: pairwise {fmt(a['pairwise_agreement']['mean'])}  Fleiss' kappa "
+                  f"{fmt(a['fleiss_kappa'])}  Krippendorff's alpha nominal {fmt(a['alpha_nominal'])}")
     if diag.get("source") == "human":
         print(f"  {diag['pairs']} human comparisons from {diag['annotators']} annotator(s), "
               f"mean |p-0.5| {fmt(diag['mean_margin'])}")

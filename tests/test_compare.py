@@ -345,3 +345,38 @@ def test_several_judges_self_preference_agreement_and_clear_pairs(runs, report):
         assert jr["judges"][name]["clear_pairs"]["accuracy"] == pytest.approx(right / 4)
     md = (out / "report.md").read_text()
     assert "Self-preference: judge judges[0]" in md and "Without self-preference (judges judges[1] only)" in md
+
+
+def test_label_report_shows_evaluators_per_run_and_flags_disagreements(tmp_path):
+    """Per run: each AI labeler's diagnostics, the annotators' reliability, agreement, and the pairs where the
+    evaluators disagree most (largest spread), from what stage=rl saved."""
+    from cai.agreement import agreement_report
+    from cai.compare import Run, label_report
+    from cai.feedback import consensus
+    from cai.human import combine_human
+    from cai.records import human_comparison
+    from cai.report import evaluator_blocks
+
+    def comp(i, name, p):
+        return {"key": f"{name}-{i}", "pair_key": f"pair-{i}", "prompt_id": f"p{i}", "prompt": f"Q{i}",
+                "category": "", "answer_a": f"a{i}", "answer_b": f"b{i}", "source": "ai", "annotator": name,
+                "soft_label": p, "agree": True, "principles": [{"p_a_first": p, "p_a_swapped": 1 - p}], "cot": False}
+
+    x, y = [0.9, 0.2, 0.6, 0.5], [0.8, 0.9, 0.4, 0.5]  # pair 1: spread 0.7, pair 2: 0.2, pair 0: 0.1
+    per = [("l0", [comp(i, "l0", p) for i, p in enumerate(x)]), ("l1", [comp(i, "l1", p) for i, p in enumerate(y)])]
+    comps = consensus(per, [1.0, 1.0], "mean")
+    people = [human_comparison("Q0", "p0", "", "a0", "b0", "ann", 1.0), human_comparison("Q0", "p0", "", "a0", "b0", "bo", 0.0)]
+    _, human_report = combine_human(people, "majority")
+    run = tmp_path / "R"
+    (run / "rl" / "round-1").mkdir(parents=True)
+    (run / "rl" / "comparisons.jsonl").write_text("".join(json.dumps(c) + "\n" for c in comps))
+    cons = {"combine": "mean", "labelers": [
+        {"labeler": n, "identity": n, "position_consistency": 1.0, "clear_accuracy": 0.75, "clear_count": 4,
+         "weight": 1.0} for n in ("l0", "l1")], "agreement": agreement_report([list(r) for r in zip(x, y)], ["l0", "l1"])}
+    (run / "rl" / "round-1" / "label_diagnostics.json").write_text(json.dumps(
+        {"pairs": 4, "consensus": cons, "human_consensus": human_report}))
+    lab = label_report(Run("R", run, {}), 2)
+    assert [(d["prompt_id"], round(d["spread"], 6)) for d in lab["disagreements"]] == [("p1", 0.7), ("p2", 0.2), ("p0", 1.0)]
+    assert lab["human_consensus"]["annotators"]["bo"]["labels"] == 1
+    text = json.dumps(evaluator_blocks({"labels": {"R": lab}}))
+    assert "l0" in text and "0.75" in text and "annotators" in text and "bo" in text and "Fleiss" in text

@@ -68,7 +68,7 @@ def test_several_people_on_a_pair_combined_by_dawid_skene(sl_run, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in labels))
     args = common(root, const, "dpo") + ["feedback.source=human", f"feedback.human_labels={path}",
                                          "human.combine=dawid_skene", "dpo.margin=0.1", "dpo.batch_size=4",
-                                         "run=people"]
+                                         "run=people", f"policy.model={root / 'runs' / 'r' / 'sl' / 'model'}"]
     main(args)
     comps = rows(root / "runs" / "people" / "rl" / "dpo" / "comparisons.jsonl")
     assert len(comps) == 5 and all(c["annotator"] == "consensus:dawid_skene" for c in comps)

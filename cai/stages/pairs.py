@@ -189,7 +189,7 @@ def round_comparisons(cfg, policy_path: str, prompts, constitution, settings, st
         human, human_report = combine_human(human, cfg.human.combine, page_gold(run_dir_for(cfg)))
     if cfg.feedback.source == "human":
         comps = human
-        diag = {"pairs": len(human), "source": "human", "annotators": len({c["annotator"] for c in human}),
+        diag = {"pairs": len(human), "source": "human", "annotators": len(human_report["annotators"]),
                 "mean_margin": sum(abs(c["soft_label"] - 0.5) for c in human) / max(len(human), 1)}
         counts = {"pairs": len(human), "answers_generated": 0, "answers_reused": 0, "scores_computed": 0,
                   "scores_reused": 0}

@@ -77,7 +77,8 @@ def test_undo_cancels_latest_events_and_replay_restores_state(tmp_path):
     s.skip("ann", p1)
     s.demonstrate("ann", p2, "a better answer")
     st = s.label("ann", p2, "tie")
-    assert st["pair"]["id"] == p3 and st["mine"] == {"labeled": 2, "skipped": 1, "total": 4, "demonstrations": 1}
+    assert st["pair"]["id"] == p3 and st["mine"] == {"labeled": 2, "skipped": 1, "total": 4, "demonstrations": 1,
+                                                "remaining": 1, "gold_labeled": 0, "gold_accuracy": None}
     # undo walks back one event at a time (label, then the demonstration); undo is never itself undone
     assert s.undo("ann")["pair"]["id"] == p2
     st = s.undo("ann")

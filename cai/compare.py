@@ -39,18 +39,19 @@ from pathlib import Path
 
 import numpy as np
 
+from cai.agreement import agreement_report
 from cai.backends import check_backend, make_backend, release, sampling_from_config
 from cai.backends.vllm_backend import require_vllm, vllm_identity
 from cai.config import CompareConfig, ModelConfig, build_config, check_endpoint, help_text, parse_overrides
 from cai.errors import CaiError, cli_main
-from cai.feedback import OPTIONS, label_diagnostics, split_answer_prefix
+from cai.feedback import OPTIONS, clear_accuracy, clear_pairs_as_pairs, label_diagnostics, split_answer_prefix
 from cai.human import load_human_comparisons, load_human_rankings, page_comparisons
 from cai.io import read_jsonl, read_yaml, table, write_atomic
 from cai.losses import preference_probs_from_option_logprobs
 from cai.measures import degeneration, is_refusal, load_patterns
 from cai.models import pick_device, pick_dtype, resolve_model
 from cai.paths import resolve_path
-from cai.prompts import load_prompts
+from cai.prompts import load_labeled_set, load_prompts
 from cai.records import calibration_bins, pair_identity, stable_hash
 from cai.report import finite_json, write_report
 from cai.runs import RunLock
@@ -475,7 +476,19 @@ def human_comparisons(run: Run) -> list[dict]:
     return list({c["key"]: c for c in found}.values())
 
 
-def label_report(run: Run) -> dict:
+def disagreements(comps: list[dict], n: int) -> list[dict]:
+    """The n pairs whose AI labelers disagree most: the spread (max - min) of their soft labels."""
+    out = []
+    for c in comps:
+        labels = {x["labeler"]: x["soft_label"] for x in c.get("labelers") or []}
+        if len(labels) > 1:
+            out.append({"evaluators": "AI labelers", "pair_key": c["pair_key"], "prompt_id": c["prompt_id"],
+                        "prompt": c["prompt"], "labels": labels,
+                        "spread": max(labels.values()) - min(labels.values())})
+    return sorted(out, key=lambda d: -d["spread"])[:n]
+
+
+def label_report(run: Run, n_disagreements: int = 5) -> dict:
     """Per-round label diagnostics as the run saved them, AI-vs-human agreement and calibration on shared pairs,
     and the PM's held-out calibration."""
     rounds = []
@@ -509,7 +522,11 @@ def label_report(run: Run) -> dict:
             "human_shared": diag["human_shared"] if diag else 0,
             "human_agreement": diag["human_agreement"] if diag else None,
             "ai_vs_human_calibration": calibration_bins(pred, target), "pm_heldout_calibration": pm_cal,
-            "pm_heldout_accuracy": pm_heldout, "pm_clear_pairs": pm_clear}
+            "pm_heldout_accuracy": pm_heldout, "pm_clear_pairs": pm_clear,
+            "human_consensus": next((d["human_consensus"] for d in reversed(rounds) if d.get("human_consensus")), None),
+            "disagreements": (disagreements(ai, n_disagreements) + next(
+                (d["human_consensus"]["disagreements"] for d in reversed(rounds) if d.get("human_consensus")),
+                []))[:2 * n_disagreements]}
 
 
 def config_diffs(runs: list[Run]) -> dict:
@@ -541,18 +558,58 @@ class Inputs:
     prompt_sets: dict  # set name -> [PromptRecord], non-empty sets only
     sampling: object  # cai.backends.Sampling
     patterns: list  # refusal regular expressions
-    judge_spec: dict
-    judge_identity: str
+    judges: list  # [Judge]: every judge, in the order given
     template: object  # the judge's multiple-choice template
     conversation: object
     questions: dict  # set name -> the judge's question
     pms: dict  # PM identity -> (label, directory): each run's last PM, identical ones once
     out: Path
+    clear: list  # clear pairs (cai.feedback.clear_pairs_as_pairs) every judge also judges
+    labelers: dict  # run name -> [model identity of each AI labeler its labels came from]
+
+
+@dataclass
+class Judge:
+    name: str  # "judge" or "judges[i]"
+    spec: dict  # make_backend arguments
+    identity: str  # the backend identity (part of every judge key)
+    model: str  # the model's identity without dtype or backend kernels: what self-preference compares
+
+
+def model_identity(spec: dict) -> str:
+    """A model's identity for self-preference: its weights and tokenizer (a transformers or vLLM model in any
+    dtype is the same model), or the endpoint and served name."""
+    if spec.get("backend", "transformers") in ("transformers", "vllm"):
+        return resolve_model(str(spec["model"])).identity
+    if spec["backend"] == "openai":
+        return f"openai:{str(spec.get('base_url', '')).rstrip('/')}/{spec['model']}"
+    return f"{spec['backend']}:{spec['model']}"
+
+
+def run_labelers(run: Run) -> tuple[list[str], list[str]]:
+    """The model identities of the AI labelers behind a run's labels (config.rl.yaml / config.dpo.yaml:
+    feedback.labelers, else feedback.labeler; none for feedback.source=human), and notes on any that cannot be
+    found."""
+    found, notes = [], []
+    for name in ("config.rl.yaml", "config.dpo.yaml"):
+        fb = (run.configs.get(name) or {}).get("feedback") or {}
+        if not fb or fb.get("source", "ai") == "human":
+            continue
+        for m in (fb.get("labelers") or [fb.get("labeler") or {}]):
+            if not isinstance(m, dict) or not m.get("model"):
+                continue
+            try:
+                found.append(model_identity(m))
+            except CaiError as e:
+                notes.append(f"{run.name}: labeler {m.get('model')} not found, so self-preference is not checked "
+                             f"for it ({e})")
+    return sorted(set(found)), notes
 
 
 def read_inputs(run_paths: list[str], cfg) -> Inputs:
     runs = load_runs(run_paths)
-    check_backend(cfg.judge, "judge")  # judge.backend=vllm: the extra and a GPU, checked before any work
+    for name, j in cfg.all_judges():  # judge.backend=vllm: the extra and a GPU, checked before any work
+        check_backend(j, name)
     if cfg.bootstrap < 0:
         raise CaiError(f"bootstrap={cfg.bootstrap}: expected 0 or more")
     if cfg.boilerplate_n < 1:
@@ -563,22 +620,33 @@ def read_inputs(run_paths: list[str], cfg) -> Inputs:
     if not prompt_sets:
         raise CaiError("red_team and helpful have no prompts; expected at least one prompt to compare on")
     models, notes = contenders(runs, cfg)
-    j = cfg.judge
-    judge_spec = {"backend": j.backend, "model": j.model, "dtype": j.dtype, "device": j.device,
-                  "batch_size": j.batch_size, "trust_remote_code": j.trust_remote_code, "base_url": j.base_url,
-                  "tokenizer": j.tokenizer, "api_key_env": j.api_key_env, "concurrency": j.concurrency,
-                  **{k: getattr(j, k) for k in VLLM_OPTIONS}}
+    judges = []
+    for name, j in cfg.all_judges():
+        spec = {"backend": j.backend, "model": j.model, "dtype": j.dtype, "device": j.device,
+                "batch_size": j.batch_size, "trust_remote_code": j.trust_remote_code, "base_url": j.base_url,
+                "tokenizer": j.tokenizer, "api_key_env": j.api_key_env, "concurrency": j.concurrency,
+                **{k: getattr(j, k) for k in VLLM_OPTIONS}}
+        judge = Judge(name, spec, expected_identity(spec), model_identity(spec))
+        if any(judge.identity == other.identity for other in judges):
+            raise CaiError(f"{name}: the same judge as an earlier one ({judge.identity}); expected distinct judges")
+        judges.append(judge)
+    labelers = {}
+    for run in runs:
+        labelers[run.name], run_notes = run_labelers(run)
+        notes += run_notes
+    clear = clear_pairs_as_pairs(load_labeled_set(cfg.clear_pairs)) if cfg.clear_pairs else []
+    if cfg.clear_limit:
+        clear = clear[:cfg.clear_limit]
     pms = {}
     for run in runs:
         pm = _last_round(run, "pm")
         if pm is not None:
             pms.setdefault(resolve_model(str(pm)).identity, (f"{run.name}/pm", pm))
     out = Path(cfg.out) if cfg.out else Path("reports") / "-vs-".join(Path(r.name).name for r in runs)
-    return Inputs(runs, models, notes, prompt_sets, sampling, load_patterns(cfg.refusal_patterns), judge_spec,
-                  expected_identity(judge_spec), load_template(cfg.judge_template),
-                  load_template(cfg.conversation_template),
+    return Inputs(runs, models, notes, prompt_sets, sampling, load_patterns(cfg.refusal_patterns), judges,
+                  load_template(cfg.judge_template), load_template(cfg.conversation_template),
                   {"red_team": load_template(cfg.harmless_question).render(),
-                   "helpful": load_template(cfg.helpful_question).render()}, pms, out)
+                   "helpful": load_template(cfg.helpful_question).render()}, pms, out, clear, labelers)
 
 
 def _count(work: dict, name: str, stats) -> None:
@@ -606,9 +674,18 @@ def answer_all(inp: Inputs, cfg, store, work: dict) -> dict:
     return keys
 
 
-def judge_all(inp: Inputs, cfg, store, answers: dict, work: dict) -> dict:
-    """The judge on every prompt and every pair of models, in both orders. Returns {set: [{prompt_id, k, x, y,
-    x_first, y_first}]}: the keys of the judge records with x's answer shown first, and with y's."""
+def judge_request(inp: Inputs, judge: Judge, s: str, prompt: str, a: str, b: str) -> Request:
+    """The judge's multiple-choice request with answer `a` shown first, keyed by everything that determines it."""
+    key = stable_hash({"kind": "judge", "prompt": prompt, "first": a, "second": b, "question": inp.questions[s],
+                       "template": inp.template.sha, "conversation": inp.conversation.sha, "judge": judge.identity})
+    messages = judge_messages(inp.template, inp.conversation, inp.questions[s], prompt, a, b)
+    return Request(key, "judge", messages, {"set": s, "first_sha": stable_hash(a), "second_sha": stable_hash(b)})
+
+
+def judge_all(inp: Inputs, cfg, store, answers: dict, work: dict, judge: Judge) -> tuple[dict, list[dict]]:
+    """One judge on every prompt and every pair of models, in both orders, and on the clear pairs. Returns
+    ({set: [{prompt_id, k, x, y, x_first, y_first}]}: the keys of the judge records with x's answer shown first,
+    and with y's; [{pair_key, a_first, b_first}] for the clear pairs)."""
     labels = [c.label for c in inp.models]
     reqs, index = [], {s: [] for s in inp.prompt_sets}
     for s, ps in inp.prompt_sets.items():
@@ -617,21 +694,29 @@ def judge_all(inp: Inputs, cfg, store, answers: dict, work: dict) -> dict:
                 keys = []
                 for first, second in ((x, y), (y, x)):
                     a, b = store[answers[s][first][k]]["text"], store[answers[s][second][k]]["text"]
-                    key = stable_hash({"kind": "judge", "prompt": p.prompt, "first": a, "second": b,
-                                       "question": inp.questions[s], "template": inp.template.sha,
-                                       "conversation": inp.conversation.sha, "judge": inp.judge_identity})
-                    messages = judge_messages(inp.template, inp.conversation, inp.questions[s], p.prompt, a, b)
-                    reqs.append(Request(key, "judge", messages, {"set": s, "prompt_id": p.id,
-                                                                  "first_sha": stable_hash(a),
-                                                                  "second_sha": stable_hash(b)}))
-                    keys.append(key)
+                    r = judge_request(inp, judge, s, p.prompt, a, b)
+                    r.meta["prompt_id"] = p.id
+                    reqs.append(r)
+                    keys.append(r.key)
                 index[s].append({"prompt_id": p.id, "k": k, "x": x, "y": y, "x_first": keys[0], "y_first": keys[1]})
-    lazy = Lazy(lambda: _load_backend(inp.judge_spec, inp.judge_identity))
-    stats, _ = run_wave(reqs, store, judging(lazy), inp.out / "plans", cfg.judge.batch_size, "judge",
-                        inp.judge_identity, cfg.progress, unit="score")
-    lazy.close()
+    clear_reqs, clear_index = [], []
+    for pair in inp.clear:
+        s = "red_team" if pair["category"] == "harmless" else "helpful"
+        ra = judge_request(inp, judge, s, pair["prompt"], pair["answer_a"], pair["answer_b"])
+        rb = judge_request(inp, judge, s, pair["prompt"], pair["answer_b"], pair["answer_a"])
+        clear_reqs += [ra, rb]
+        clear_index.append({"pair_key": pair["key"], "a_first": ra.key, "b_first": rb.key})
+    lazy = Lazy(lambda: _load_backend(judge.spec, judge.identity))
+    name = "judge" if len(inp.judges) == 1 else judge.name
+    stats, _ = run_wave(reqs, store, judging(lazy), inp.out / "plans", judge.spec["batch_size"], name,
+                        judge.identity, cfg.progress, unit="score")
     _count(work, "judge", stats)
-    return index
+    if clear_reqs:
+        stats, _ = run_wave(clear_reqs, store, judging(lazy), inp.out / "plans", judge.spec["batch_size"],
+                            f"{name} clear pairs", judge.identity, cfg.progress, unit="score")
+        _count(work, "judge_clear", stats)
+    lazy.close()
+    return index, clear_index
 
 
 def score_all(inp: Inputs, cfg, store, answers: dict, work: dict) -> dict:
@@ -657,34 +742,106 @@ def score_all(inp: Inputs, cfg, store, answers: dict, work: dict) -> dict:
     return out
 
 
-def tabulate(inp: Inputs, cfg, store, answers: dict, judged: dict, scored: dict) -> dict:
-    """Every number of the report, from the stored records."""
-    labels = [c.label for c in inp.models]
+def judge_outcomes(store, judged_set: list[dict], labels: list[str], n: int) -> tuple[np.ndarray, int, int, int]:
+    """One judge on one set: outcomes[k, i, j] = P(i better than j) on prompt k (both orders averaged, so the
+    position bias cancels), and (position-consistent, decided, identical-answer) counts."""
     m = len(labels)
+    outcomes = np.full((n, m, m), 0.5)
+    consistent = decided = identical = 0
+    for j in judged_set:
+        p_xy, p_yx = store[j["x_first"]]["p_option_a"], store[j["y_first"]]["p_option_a"]
+        x, y = labels.index(j["x"]), labels.index(j["y"])
+        outcomes[j["k"], x, y] = (p_xy + 1 - p_yx) / 2
+        outcomes[j["k"], y, x] = 1 - outcomes[j["k"], x, y]
+        if j["x_first"] == j["y_first"]:  # identical answers: one request, outcome exactly 0.5
+            identical += 1
+            continue
+        decided += 1
+        consistent += (p_xy > 0.5) == (1 - p_yx > 0.5)
+    return outcomes, consistent, decided, identical
+
+
+def results(outcomes: np.ndarray, labels: list[str], bootstrap: int, seed) -> dict:
+    """Win rates, win rate against all, and Elo with bootstrap intervals, from one set's outcomes."""
+    mean = outcomes.mean(0)
+    fit = elo_with_ci(outcomes, bootstrap, seed)
+    return {"win_rates": {x: {y: float(mean[i, k]) for k, y in enumerate(labels) if k != i}
+                          for i, x in enumerate(labels)},
+            "win_rate_vs_all": {x: float(np.delete(mean[i], i).mean()) for i, x in enumerate(labels)},
+            "elo": {x: {"elo": float(fit["elo"][i]),
+                        "ci_low": None if fit["ci_low"] is None else float(fit["ci_low"][i]),
+                        "ci_high": None if fit["ci_high"] is None else float(fit["ci_high"][i])}
+                    for i, x in enumerate(labels)}}
+
+
+def judges_report(inp: Inputs, cfg, store, judged: dict, clear_judged: dict, outcomes: dict, labels: list[str]) -> dict:
+    """Each judge's clear-pair accuracy, position consistency and win rates, which judges are also a compared
+    run's labeler (self-preference) and the results without them, the judges' agreement on the debiased
+    outcomes (cai.agreement), and the model pairs they disagree on most."""
+    names = [j.name for j in inp.judges]
+    out: dict = {"judges": {}, "self_preference": [], "agreement": {}, "without_self_preference": None,
+                 "disagreements": []}
+    for j in inp.judges:
+        runs = [r for r, ids in inp.labelers.items() if j.model in ids]
+        cons = [judge_outcomes(store, judged[j.name][s], labels, len(ps))[1:3] for s, ps in inp.prompt_sets.items()]
+        clear = None
+        if clear_judged[j.name]:
+            comps = [{"pair_key": c["pair_key"], "soft_label": (store[c["a_first"]]["p_option_a"]
+                                                                + 1 - store[c["b_first"]]["p_option_a"]) / 2}
+                     for c in clear_judged[j.name]]
+            clear = clear_accuracy(comps, inp.clear)
+            clear.pop("correct")
+            for v in clear["by_category"].values():
+                v.pop("correct")
+        decided = sum(d for _, d in cons)
+        out["judges"][j.name] = {
+            "identity": j.identity, "labeler_of": runs, "clear_pairs": clear,
+            "position_consistency": sum(c for c, _ in cons) / decided if decided else None,
+            "win_rate_vs_all": {s: {x: float(np.delete(outcomes[j.name][s].mean(0)[i], i).mean())
+                                    for i, x in enumerate(labels)} for s in inp.prompt_sets}}
+        if runs:
+            out["self_preference"].append({"judge": j.name, "identity": j.identity, "labeler_of": runs})
+    selfish = {x["judge"] for x in out["self_preference"]}
+    if selfish:
+        rest = [n for n in names if n not in selfish]
+        out["without_self_preference"] = {"judges": rest, "results": {
+            s: results(np.mean([outcomes[n][s] for n in rest], axis=0), labels, cfg.bootstrap, [cfg.seed, si])
+            for si, s in enumerate(inp.prompt_sets)} if rest else None}
+    if len(names) > 1:
+        units = []
+        for s in inp.prompt_sets:
+            rows = []
+            for j in judged[names[0]][s]:
+                if j["x_first"] == j["y_first"]:
+                    continue  # identical answers: every judge gives 0.5 by construction
+                x, y = labels.index(j["x"]), labels.index(j["y"])
+                values = [float(outcomes[n][s][j["k"], x, y]) for n in names]
+                rows.append(values)
+                units.append({"set": s, "prompt_id": j["prompt_id"], "x": j["x"], "y": j["y"],
+                              "p_x_better": dict(zip(names, values)), "spread": max(values) - min(values)})
+            out["agreement"][s] = agreement_report(rows, names)
+        units.sort(key=lambda u: -u["spread"])
+        out["disagreements"] = units[:cfg.disagreements]
+    return out
+
+
+def tabulate(inp: Inputs, cfg, store, answers: dict, judged: dict, scored: dict, clear_judged: dict) -> dict:
+    """Every number of the report, from the stored records. judged: {judge name: {set: index}}; the results are
+    on the judges' mean outcome (one judge: its own)."""
+    labels = [c.label for c in inp.models]
+    names = [j.name for j in inp.judges]
     t = {"win_rates": {}, "win_rate_vs_all": {}, "elo": {}, "judge": {}, "answers": {}}
+    per_judge: dict = {n: {} for n in names}
     for si, (s, ps) in enumerate(inp.prompt_sets.items()):
-        outcomes = np.full((len(ps), m, m), 0.5)  # outcomes[k, i, j] = P(i better than j) on prompt k
         consistent = decided = identical = 0
-        for j in judged[s]:
-            p_xy, p_yx = store[j["x_first"]]["p_option_a"], store[j["y_first"]]["p_option_a"]
-            x, y = labels.index(j["x"]), labels.index(j["y"])
-            outcomes[j["k"], x, y] = (p_xy + 1 - p_yx) / 2  # both orders averaged: position bias cancels
-            outcomes[j["k"], y, x] = 1 - outcomes[j["k"], x, y]
-            if j["x_first"] == j["y_first"]:  # identical answers: one request, outcome exactly 0.5
-                identical += 1
-                continue
-            decided += 1
-            consistent += (p_xy > 0.5) == (1 - p_yx > 0.5)
-        mean = outcomes.mean(0)
-        t["win_rates"][s] = {x: {y: float(mean[i, k]) for k, y in enumerate(labels) if k != i}
-                             for i, x in enumerate(labels)}
-        t["win_rate_vs_all"][s] = {x: float(np.delete(mean[i], i).mean()) for i, x in enumerate(labels)}
-        fit = elo_with_ci(outcomes, cfg.bootstrap, [cfg.seed, si])
-        t["elo"][s] = {x: {"elo": float(fit["elo"][i]),
-                           "ci_low": None if fit["ci_low"] is None else float(fit["ci_low"][i]),
-                           "ci_high": None if fit["ci_high"] is None else float(fit["ci_high"][i])}
-                       for i, x in enumerate(labels)}
-        t["judge"][s] = {"comparisons": len(judged[s]), "identical_answers": identical,
+        for n in names:
+            per_judge[n][s], c, d, i = judge_outcomes(store, judged[n][s], labels, len(ps))
+            consistent, decided, identical = consistent + c, decided + d, identical + i
+        outcomes = np.mean([per_judge[n][s] for n in names], axis=0)
+        r = results(outcomes, labels, cfg.bootstrap, [cfg.seed, si])
+        for k in ("win_rates", "win_rate_vs_all", "elo"):
+            t[k][s] = r[k]
+        t["judge"][s] = {"comparisons": len(judged[names[0]][s]), "identical_answers": identical // len(names),
                          "position_consistency": consistent / decided if decided else None}
         t["answers"][s] = {}
         for x in labels:
@@ -693,6 +850,7 @@ def tabulate(inp: Inputs, cfg, store, answers: dict, judged: dict, scored: dict)
                                   "refusal_rate": sum(is_refusal(r["text"], inp.patterns) for r in recs) / len(recs),
                                   "mean_tokens": sum(r["completion_tokens"] for r in recs) / len(recs),
                                   "cut_off_rate": sum(r["finish_reason"] == "length" for r in recs) / len(recs)}
+    t["judges"] = judges_report(inp, cfg, store, judged, clear_judged, per_judge, labels)
     answer_recs = {x: [store[k] for s in inp.prompt_sets for k in answers[s][x]] for x in labels}
     # repeated sentences / n-grams and distinct-n per model and set (cai.measures)
     t["degeneration"] = {s: {x: degeneration([store[k]["text"] for k in answers[s][x]]) for x in labels}
@@ -703,7 +861,8 @@ def tabulate(inp: Inputs, cfg, store, answers: dict, judged: dict, scored: dict)
         t["boilerplate"][x] = {**b, "flagged": b["share"] >= cfg.boilerplate_flag}
     t["pm_scores"] = {pm: {s: {x: sum(store[k]["score"] for k in keys) / len(keys) for x, keys in per.items()}
                            for s, per in sets.items()} for pm, sets in scored.items()}
-    judge_recs = [store[k] for k in {j[f] for js in judged.values() for j in js for f in ("x_first", "y_first")}]
+    judge_recs = [store[k] for k in {j[f] for per in judged.values() for js in per.values() for j in js
+                                     for f in ("x_first", "y_first")}]
     tokens = [r["prompt_tokens"] for r in judge_recs if "prompt_tokens" in r]
     t["cost"] = {
         "judge": {"labels": len(judge_recs), "prompt_tokens": sum(tokens) if tokens else None,
@@ -718,7 +877,7 @@ def tabulate(inp: Inputs, cfg, store, answers: dict, judged: dict, scored: dict)
 def compare(run_paths: list[str], cfg) -> dict:
     inp = read_inputs(run_paths, cfg)
     curves = {r.name: rl_curves(r) for r in inp.runs}
-    labels = {r.name: label_report(r) for r in inp.runs}
+    labels = {r.name: label_report(r, cfg.disagreements) for r in inp.runs}
     diffs = config_diffs(inp.runs)
     for n in inp.notes:
         print(f"note: {n}")
@@ -731,21 +890,25 @@ def compare(run_paths: list[str], cfg) -> dict:
     try:
         store, work = JsonlStore(inp.out / "steps.jsonl"), {}
         answers = answer_all(inp, cfg, store, work)
-        judged = judge_all(inp, cfg, store, answers, work)
+        judged, clear_judged = {}, {}
+        for judge in inp.judges:
+            judged[judge.name], clear_judged[judge.name] = judge_all(inp, cfg, store, answers, work, judge)
         scored = score_all(inp, cfg, store, answers, work)
         report = {
             "runs": [{"name": r.name, "path": str(r.path)} for r in inp.runs], "out": str(inp.out),
             "models": [{"label": c.label, "kind": c.kind, "aliases": c.aliases, "model": c.spec["model"],
                         "backend": c.spec["backend"], "identity": c.identity} for c in inp.models],
             "notes": inp.notes,
-            "settings": {"judge": inp.judge_identity, "sampling": inp.sampling.as_dict(), "seed": cfg.seed,
+            "settings": {"judge": ", ".join(j.identity for j in inp.judges),
+                         "judges": {j.name: j.identity for j in inp.judges}, "sampling": inp.sampling.as_dict(), "seed": cfg.seed,
                          "bootstrap": cfg.bootstrap, "boilerplate_n": cfg.boilerplate_n,
                          "sets": {s: {"path": getattr(cfg, s).path, "prompts": len(ps), "role": ROLE[s]}
                                   for s, ps in inp.prompt_sets.items()}},
-            **tabulate(inp, cfg, store, answers, judged, scored),
+            **tabulate(inp, cfg, store, answers, judged, scored, clear_judged),
             "curves": curves, "labels": labels, "config_diff": diffs,
             "work": {k: {**v, "seconds": round(v["seconds"], 2)} for k, v in work.items()},
-            "records": {"answers": answers, "judge": judged, "pm_scores": scored}}
+            "records": {"answers": answers, "judge": judged[inp.judges[0].name], "pm_scores": scored,
+                        **({"judges": judged} if len(inp.judges) > 1 else {}), "clear_pairs": clear_judged}}
         report["cost"]["judge"]["computed_now"] = work["judge"]["computed"]
         report["cost"]["runs"] = {run: [{k: d.get(k) for k in ("round", "pairs", "seconds_per_label", "label_seconds")}
                                         for d in lab["rounds"]] for run, lab in labels.items()}

@@ -457,7 +457,17 @@ class FeedbackConfig(Checked):
     mixed_rule: str = F("human_first", "source=mixed: human_first (human labels wherever present, AI elsewhere) | "
                                        "by_category (human for helpful prompts, AI for red-team: the paper's hybrid)",
                         choices=("human_first", "by_category"))
-    labeler: ModelConfig = F(ModelConfig(), "the feedback model that compares answers")
+    labeler: ModelConfig = F(ModelConfig(), "the feedback model that compares answers (the one labeler when "
+                                            "labelers is empty)")
+    labelers: list[ModelConfig] = field(default_factory=list, metadata={
+        "help": "several labelers, any backend each (e.g. [{model: tiny}, {model: smollm2-135m}]); every pair is "
+                "labeled by each and the soft labels are combined (combine); replaces labeler when not empty"})
+    combine: str = F("mean", "several labelers: mean of their soft labels | accuracy_weighted (each weighted by "
+                             "the log-odds of its accuracy on clear_pairs; at or below chance: weight 0)",
+                     choices=("mean", "accuracy_weighted"))
+    clear_pairs: str = F("prompts/sets/labeled_pairs.jsonl", "several labelers (or combine=accuracy_weighted): "
+                                                              "pairs with a known better answer each labeler also "
+                                                              "labels, for its accuracy", file=True)
     principles_per_pair: int = F(2, "feedback principles sampled per pair; their labels are averaged", ge=1)
     conversation_template: str = F("prompts/templates/conversation.txt", "renders the conversation slot", file=True)
     template: str = F("prompts/templates/feedback_mc.txt", "multiple-choice prompt; last line starts the answer "
@@ -472,9 +482,32 @@ class FeedbackConfig(Checked):
     cot_clamp_high: float = F(0.6, "see cot_clamp_low", ge=0, le=1)
 
     def rules(self, prefix: str) -> None:
+        for i, m in enumerate(self.labelers):
+            if not isinstance(m, ModelConfig):
+                raise CaiError(f"{prefix}labelers[{i}]: expected a mapping of model settings, got {m!r}")
+            validate(m, f"{prefix}labelers[{i}].")
+        if self.combine == "accuracy_weighted" and not self.clear_pairs:
+            raise CaiError(f"{prefix}combine=accuracy_weighted needs {prefix}clear_pairs (pairs with a known answer)")
         if self.cot_clamp_low > self.cot_clamp_high:
             raise CaiError(f"{prefix}cot_clamp_low={self.cot_clamp_low}: expected <= "
                            f"{prefix}cot_clamp_high={self.cot_clamp_high}")
+
+    def all_labelers(self) -> list[tuple[str, ModelConfig]]:
+        """(setting name, settings) of every labeler: `labelers`, else the one `labeler`."""
+        if self.labelers:
+            return [(f"feedback.labelers[{i}]", m) for i, m in enumerate(self.labelers)]
+        return [("feedback.labeler", self.labeler)]
+
+    def labeler_accuracy(self) -> bool:
+        """Whether each labeler also labels the clear pairs (several labelers, or weights that need it)."""
+        return bool(self.clear_pairs) and (len(self.labelers) > 1 or self.combine == "accuracy_weighted")
+
+
+@dataclass(frozen=True)
+class HumanConfig(Checked):
+    combine: str = F("none", "several people's labels on a pair: none (each label its own comparison) | majority | "
+                             "mean | dawid_skene (reliability-weighted, two-class Dawid-Skene)",
+                     choices=("none", "majority", "mean", "dawid_skene"))
 
 
 @dataclass(frozen=True)
@@ -526,6 +559,7 @@ class PairStageConfig(Checked):
     helpful_pairs: bool = F(True, "also sample and label pairs for the helpful prompts")
     pairs: PairsConfig = F(PairsConfig(), "where answer pairs come from: a weighted mix of sources (share of prompts)")
     feedback: FeedbackConfig = F(FeedbackConfig(), "AI feedback labeling")
+    human: HumanConfig = F(HumanConfig(), "human labels (feedback.source=human|mixed, and agreement for ai)")
     report_to: str = F("none", "none | tensorboard (metrics also go to <run>/tensorboard/)",
                        choices=("none", "tensorboard"))
     progress: bool = F(True, "show progress bars")
@@ -580,6 +614,13 @@ class LabelConfig(Checked):
     export_demonstrations: str = F("", "write the better answers to this JSONL file (prompt, answer, ...) and exit")
     timeout: float = F(30.0, "seconds a browser may take to send a request or read an answer before its "
                              "connection is closed (slow clients do not hold server threads)", gt=0)
+
+    overlap: int = F(0, "give each pair to this many annotators (0: every annotator labels every pair)", ge=0)
+    gold: str = F("", "JSONL of gold pairs with a known answer (id, category, prompt, better, worse: the format of "
+                      "prompts/sets/labeled_pairs.jsonl), mixed in to calibrate annotators", file=True)
+    gold_every: int = F(5, "one gold pair first, then one after every this many pairs", ge=1)
+    combine: str = F("none", "export: several people's labels on a pair as one row: none | majority | mean | "
+                             "dawid_skene (reliability-weighted)", choices=("none", "majority", "mean", "dawid_skene"))
 
 
 @dataclass(frozen=True)
@@ -643,7 +684,16 @@ class EvalConfig(Checked):
 @dataclass(frozen=True)
 class CompareConfig(Checked):
     judge: ModelConfig = F(ModelConfig(), "the judge that compares answers (any backend; backend=openai for a "
-                                          "stronger judge behind an endpoint)")
+                                          "stronger judge behind an endpoint); the one judge when judges is empty")
+    judges: list[ModelConfig] = field(default_factory=list, metadata={
+        "help": "several judges, any backend each (e.g. [{model: tiny}, {model: smollm2-135m}]): results use their "
+                "mean outcome, and again without any judge that is also a compared run's labeler "
+                "(self-preference); replaces judge when not empty"})
+    clear_pairs: str = F("prompts/sets/labeled_pairs.jsonl", "pairs with a known better answer each judge also "
+                                                              "judges, for its accuracy ('' = none)", file=True)
+    clear_limit: int = F(0, "judge at most this many clear pairs (0 = all)", ge=0)
+    disagreements: int = F(5, "list this many pairs where the evaluators (labelers, annotators, judges) disagree "
+                              "most", ge=0)
     red_team: PromptSource = F(PromptSource(path="prompts/sets/red_team_eval.jsonl", limit=32),
                                "held-out red-team prompts (harmlessness)")
     helpful: PromptSource = F(PromptSource(path="prompts/sets/helpful_eval.jsonl", limit=32),
@@ -673,6 +723,18 @@ class CompareConfig(Checked):
         "help": "server addresses (base_url) that compared runs may use for their models (backend=openai); a run "
                 "directory alone cannot choose where requests and API keys go"})
     progress: bool = F(True, "show progress bars")
+
+    def rules(self, prefix: str) -> None:
+        for i, m in enumerate(self.judges):
+            if not isinstance(m, ModelConfig):
+                raise CaiError(f"{prefix}judges[{i}]: expected a mapping of model settings, got {m!r}")
+            validate(m, f"{prefix}judges[{i}].")
+
+    def all_judges(self) -> list[tuple[str, ModelConfig]]:
+        """(name, settings) of every judge: `judges`, else the one `judge`."""
+        if self.judges:
+            return [(f"judges[{i}]", m) for i, m in enumerate(self.judges)]
+        return [("judge", self.judge)]
 
 
 # --- loading -----------------------------------------------------------------------------------------------

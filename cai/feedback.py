@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cai.agreement import accuracy_weight, agreement_report, weighted_mean
 from cai.backends import Backend, Sampling
 from cai.constitution import Constitution, FeedbackPrinciple, principle_sha
 from cai.errors import CaiError
@@ -75,6 +76,7 @@ class LabelSettings:
     cot_answer: Template | None = None  # appended after the reasoning; ends just before the letter
     cot_sampling: Sampling = Sampling(max_new_tokens=128, temperature=0.0)
     cot_clamp: tuple[float, float] = (0.4, 0.6)
+    clear_pairs: list[dict] | None = None  # several labelers: pairs with a known answer each also labels (accuracy)
 
 
 def choose_feedback_principles(seed: int, pair_key: str, principles: tuple[FeedbackPrinciple, ...], k: int):
@@ -172,6 +174,95 @@ def label_pairs(pairs: list[dict], constitution: Constitution, s: LabelSettings,
             soft_label=soft, agree=(first_order > 0.5) == (second_order > 0.5), principles=per_principle,
             cot=s.cot, extra={"pair_source": pair.get("source", "sample")}).to_json())
     return comparisons, stats
+
+
+# --- several labelers: clear-pair accuracy and consensus --------------------------------------------------
+
+
+def clear_pairs_as_pairs(rows: list[dict]) -> list[dict]:
+    """Clear pairs (cai.prompts.load_labeled_set rows) as pairs to label; which answer is A is drawn by a hash of
+    the pair (so a labeler's position bias cannot pass for accuracy). Each carries `better_is_a`."""
+    out = []
+    for r in rows:
+        key = stable_hash(["clear-pair", r["prompt"], r["better"], r["worse"]])
+        better_is_a = int(key, 16) % 2 == 1
+        a, b = (r["better"], r["worse"]) if better_is_a else (r["worse"], r["better"])
+        out.append({**Pair(key=key, prompt_id=r["id"], prompt=r["prompt"], category=r["category"], answer_a=a,
+                           answer_b=b, model="clear-pairs", answer_keys=[], source="clear").to_json(),
+                    "better_is_a": better_is_a})
+    return out
+
+
+def clear_accuracy(comparisons: list[dict], clear: list[dict]) -> dict:
+    """Share of clear pairs where the label prefers the better answer (a tie at exactly 0.5 counts half), overall
+    and by category; `correct` is the (fractional) count behind it, for `accuracy_weight`."""
+    by_key = {p["key"]: p for p in clear}
+    scored = [(by_key[c["pair_key"]], c["soft_label"]) for c in comparisons if c["pair_key"] in by_key]
+
+    def acc(items):
+        right = sum(0.5 if p == 0.5 else float((p > 0.5) == pair["better_is_a"]) for pair, p in items)
+        return {"accuracy": right / len(items) if items else None, "count": len(items), "correct": right}
+
+    cats = sorted({pair["category"] for pair, _ in scored})
+    return {**acc(scored), "by_category": {c: acc([x for x in scored if x[0]["category"] == c]) for c in cats}}
+
+
+def labeler_diagnostics(name: str, comparisons: list[dict], clear: dict | None, weight: float | None) -> dict:
+    n = len(comparisons)
+    return {"labeler": name, "identity": comparisons[0]["annotator"] if comparisons else None, "pairs": n,
+            "position_consistency": sum(bool(c["agree"]) for c in comparisons) / n if n else None,
+            "mean_margin": sum(abs(c["soft_label"] - 0.5) for c in comparisons) / n if n else None,
+            "clear_accuracy": clear["accuracy"] if clear else None, "clear_count": clear["count"] if clear else 0,
+            "weight": weight}
+
+
+def consensus(per_labeler: list[tuple[str, list[dict]]], weights: list[float], method: str) -> list[dict]:
+    """One comparison per pair from several labelers' comparisons of the same pairs (same order): the soft label
+    is the mean (method=mean) or the weighted mean (accuracy_weighted) of theirs. Each labeler's label is kept in
+    `labelers`; `principles` holds every labeler's principle scores (tagged with the labeler), so position
+    consistency is that of the combined first-order and second-order probabilities. One labeler: its own
+    comparisons, unchanged (the same keys as a single-labeler run)."""
+    if len(per_labeler) == 1:
+        return per_labeler[0][1]
+    w = weights if method == "accuracy_weighted" else [1.0] * len(per_labeler)
+    by_pair = [{c["pair_key"]: c for c in comps} for _, comps in per_labeler]
+    out = []
+    for base in per_labeler[0][1]:
+        cs = [m[base["pair_key"]] for m in by_pair]
+        principles = [{**x, "labeler": name} for (name, _), c in zip(per_labeler, cs) for x in c["principles"]]
+        n = len(principles)
+        first = sum(x["p_a_first"] for x in principles) / n
+        second = sum(1 - x["p_a_swapped"] for x in principles) / n
+        labels = [{"labeler": name, "identity": c["annotator"], "soft_label": c["soft_label"], "agree": c["agree"],
+                   "weight": wi} for (name, _), c, wi in zip(per_labeler, cs, w)]
+        extra = {k: v for k, v in base.items() if k not in Comparison.__dataclass_fields__}
+        out.append(Comparison(
+            key=stable_hash(["consensus", method, [c["key"] for c in cs], [round(x, 12) for x in w]]),
+            pair_key=base["pair_key"], prompt_id=base["prompt_id"], prompt=base["prompt"],
+            category=base["category"], answer_a=base["answer_a"], answer_b=base["answer_b"], source="ai",
+            annotator="consensus", soft_label=weighted_mean([c["soft_label"] for c in cs], w),
+            agree=(first > 0.5) == (second > 0.5), principles=principles, cot=base["cot"],
+            extra={**extra, "labelers": labels, "combine": method}).to_json())
+    return out
+
+
+def consensus_weights(clear: list[dict | None], method: str) -> list[float]:
+    """Each labeler's weight: 1 for mean; for accuracy_weighted, `accuracy_weight` of its clear-pair score."""
+    if method != "accuracy_weighted":
+        return [1.0] * len(clear)
+    return [accuracy_weight(c["correct"], c["count"]) if c and c["count"] else 0.0 for c in clear]
+
+
+def labelers_report(per_labeler: list[tuple[str, list[dict]]], clear: list[dict | None],
+                    weights: list[float]) -> dict:
+    """Each labeler's diagnostics and the agreement between them on the pairs they all labeled (soft labels as
+    units x labelers; cai.agreement)."""
+    names = [n for n, _ in per_labeler]
+    maps = [{c["pair_key"]: c["soft_label"] for c in comps} for _, comps in per_labeler]
+    keys = [c["pair_key"] for c in per_labeler[0][1]] if per_labeler else []
+    rows = [[m.get(k) for m in maps] for k in keys]
+    return {"labelers": [labeler_diagnostics(n, comps, cl, w) for (n, comps), cl, w in zip(per_labeler, clear, weights)],
+            "agreement": agreement_report(rows, names) if len(names) > 1 else None}
 
 
 # --- diagnostics ------------------------------------------------------------------------------------------

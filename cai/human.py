@@ -22,6 +22,7 @@ import io
 import math
 from pathlib import Path
 
+from cai.agreement import agreement_report, dawid_skene, hard_choice
 from cai.errors import CaiError
 from cai.io import json_objects, read_text
 from cai.records import demonstration, human_comparison, pair_hash, pair_identity, prompt_id_for
@@ -31,6 +32,7 @@ from cai.store import JsonlStore
 CHOICES = {"a": 1.0, "A": 1.0, "b": 0.0, "B": 0.0, "tie": 0.5}
 MIN_RANKING, MAX_RANKING = 2, 9
 MERGE_RULES = ("human_first", "by_category")
+COMBINE = ("none", "majority", "mean", "dawid_skene")
 DEFAULT_ANNOTATOR = "anonymous"
 
 _COMPARISON_FIELDS = ("prompt", "answer_a", "answer_b", "choice", "probability", "annotator", "prompt_id", "category")
@@ -264,6 +266,76 @@ def merge_sources(ai: list[dict], human: list[dict], rule: str) -> list[dict]:
     return out
 
 
+# --- several people on one pair ----------------------------------------------------------------------------
+
+
+def combine_human(comps: list[dict], method: str, gold: dict[str, dict] | None = None) -> tuple[list[dict], dict]:
+    """Several people's labels of the same pair (matched by `pair_identity`, either order) as one comparison per
+    pair, and a report: each annotator's label count, gold accuracy (from `gold`: {annotator: {count, correct}}),
+    reliability (the Dawid-Skene accuracy estimate, on every pair with a decided label) and agreement with the
+    combined label; and the agreement between annotators on the pairs two or more labeled (cai.agreement).
+
+    - none: every label stays its own record (the PM sees each person's label);
+    - mean: the mean of their soft labels;
+    - majority: 1 or 0 for the answer most people preferred (ties and equal votes: 0.5);
+    - dawid_skene: the posterior P(answer_a is better) of two-class Dawid-Skene over every pair at once, so a
+      reliable annotator outweighs an unreliable one and a reliably wrong one counts reversed.
+    A combined record keeps the pair's first record's answer order and lists `annotators` and `labels`."""
+    if method not in COMBINE:
+        raise CaiError(f"human.combine={method}: expected one of {', '.join(COMBINE)}")
+    groups: dict[tuple, list[dict]] = {}
+    for c in comps:
+        groups.setdefault(pair_identity(c), []).append(c)
+    names = sorted({c["annotator"] for c in comps})
+    units = []  # per pair: {annotator: soft label in the first record's order}
+    for cs in groups.values():
+        first = cs[0]
+        u: dict[str, float] = {}
+        for c in cs:
+            u[c["annotator"]] = c["soft_label"] if c["answer_a"] == first["answer_a"] else 1 - c["soft_label"]
+        units.append(u)
+    hard = [{a: h for a, p in u.items() if (h := hard_choice(p)) is not None} for u in units]
+    ds = dawid_skene(hard) if any(hard) else {"posterior": [0.5] * len(units), "evaluators": {}}
+    combined_p = []
+    for u, h, post in zip(units, hard, ds["posterior"]):
+        if method == "mean":
+            combined_p.append(sum(u.values()) / len(u))
+        elif method == "majority":
+            ones, zeros = sum(h.values()), len(h) - sum(h.values())
+            combined_p.append(1.0 if ones > zeros else 0.0 if zeros > ones else 0.5)
+        else:
+            combined_p.append(post if h else 0.5)
+    if method == "none":
+        out = list(comps)
+    else:
+        out = []
+        for cs, u, p in zip(groups.values(), units, combined_p):
+            first = cs[0]
+            out.append(human_comparison(first["prompt"], first["prompt_id"], first.get("category", ""),
+                                        first["answer_a"], first["answer_b"], f"consensus:{method}", p,
+                                        combine=method, annotators=sorted(u), labels=len(u)))
+    report_p = combined_p if method != "none" else [sum(u.values()) / len(u) for u in units]
+    annotators = {}
+    for a in names:
+        mine = [(h[a], p) for h, p in zip(hard, report_p) if a in h and hard_choice(p) is not None]
+        g = (gold or {}).get(a) or {}
+        annotators[a] = {"labels": sum(a in u for u in units),
+                         "gold_count": g.get("count", 0),
+                         "gold_accuracy": g["correct"] / g["count"] if g.get("count") else None,
+                         "reliability": (ds["evaluators"].get(a) or {}).get("accuracy"),
+                         "agreement_with_consensus": sum(x == hard_choice(p) for x, p in mine) / len(mine)
+                         if mine else None}
+    multi = [u for u in units if len(u) > 1]
+    spread = sorted(({"evaluators": "annotators", "prompt_id": cs[0]["prompt_id"], "prompt": cs[0]["prompt"],
+                      "labels": u, "spread": max(u.values()) - min(u.values())}
+                     for cs, u in zip(groups.values(), units) if len(u) > 1), key=lambda d: -d["spread"])
+    report = {"disagreements": [d for d in spread if d["spread"] > 0][:5],"combine": method, "pairs": len(units), "labels": len(comps), "pairs_with_several": len(multi),
+              "annotators": annotators,
+              "agreement": agreement_report([[u.get(a) for a in names] for u in multi], names)
+              if multi and len(names) > 1 else None}
+    return out, report
+
+
 # --- the labeling page's event log (written by cai.label) ----------------------------------------------------
 
 
@@ -301,10 +373,26 @@ def _active_events(run_dir: Path) -> list[dict]:
 
 def page_comparisons(run_dir: str | Path) -> list[dict]:
     """The page's labels as comparison records (source="human", soft_label 1/0/0.5 for the stored answer_a,
-    annotator kept), oldest first."""
+    annotator kept), oldest first. Labels of gold pairs (calibration, `page_gold`) are not among them."""
     return [human_comparison(e["prompt"], e["prompt_id"], e["category"], e["answer_a"], e["answer_b"],
                              e["annotator"], e["soft_label"])
-            for e in _active_events(Path(run_dir)) if e["event"] == "label"]
+            for e in _active_events(Path(run_dir)) if e["event"] == "label" and not e.get("gold")]
+
+
+def gold_scores(events: list[dict]) -> dict[str, dict]:
+    """{annotator: {count, correct}} from gold-pair label events (a tie counts half)."""
+    out: dict[str, dict] = {}
+    for e in events:
+        if e["event"] == "label" and e.get("gold"):
+            g = out.setdefault(e["annotator"], {"count": 0, "correct": 0.0})
+            g["count"] += 1
+            g["correct"] += 0.5 if e["soft_label"] == 0.5 else float((e["soft_label"] > 0.5) == e["better_is_a"])
+    return out
+
+
+def page_gold(run_dir: str | Path) -> dict[str, dict]:
+    """Each annotator's score on the page's gold pairs: {annotator: {count, correct}}."""
+    return gold_scores(_active_events(Path(run_dir)))
 
 
 def page_demonstrations(run_dir: str | Path) -> list[dict]:

@@ -42,8 +42,18 @@ from urllib.parse import parse_qs, urlparse
 
 from cai.config import LabelConfig, build_config, help_text, parse_overrides
 from cai.errors import CaiError, cli_main
-from cai.human import apply_event, labels_path, page_comparisons, page_demonstrations, replay
+from cai.human import (
+    apply_event,
+    combine_human,
+    gold_scores,
+    labels_path,
+    page_comparisons,
+    page_demonstrations,
+    page_gold,
+    replay,
+)
 from cai.io import has_lone_surrogate, json_objects, parse_json, table, write_jsonl_atomic
+from cai.prompts import load_labeled_set
 from cai.records import pair_hash, prompt_id_for, stable_hash
 from cai.runs import RunLock, run_dir_for
 from cai.store import JsonlStore
@@ -125,6 +135,22 @@ def load_pairs(run_dir: Path, pairs_file: str = "") -> tuple[list[dict], int]:
     return pairs, left_out
 
 
+def load_gold(path: str, pairs: list[dict]) -> list[dict]:
+    """Gold pairs (the clear-pairs format: id, category, prompt, better, worse) as page pairs with their answer:
+    which answer is stored first is drawn by a hash of the pair; `better_is_a` says which is better."""
+    ids = {p["id"] for p in pairs}
+    out = []
+    for r in load_labeled_set(path):
+        pid = pair_id(r["prompt"], r["better"], r["worse"])
+        if pid in ids:
+            raise CaiError(f"gold={path}: pair {r['id']} is also one of the pairs to label; expected separate pairs")
+        better_is_a = int(pid, 16) % 2 == 1
+        a, b = (r["better"], r["worse"]) if better_is_a else (r["worse"], r["better"])
+        out.append({"id": pid, "prompt": r["prompt"], "prompt_id": r["id"], "category": r["category"],
+                    "answer_a": a, "answer_b": b, "gold": True, "better_is_a": better_is_a})
+    return out
+
+
 def is_swapped(seed: int, annotator: str, pid: str) -> bool:
     """Whether answer_b is shown on the left: a seeded hash per (annotator, pair), so no position pattern."""
     return int(stable_hash({"kind": "page-order", "seed": seed, "annotator": annotator, "pair": pid}), 16) % 2 == 1
@@ -144,19 +170,38 @@ def check_export_path(run_dir: Path, path: str, setting: str = "export") -> Path
     return target
 
 
-def export_labels(run_dir: Path, path: str) -> int:
-    """Labels in the import format of cai.human.load_human_comparisons; returns how many."""
+def export_labels(run_dir: Path, path: str, combine: str = "none") -> tuple[int, dict]:
+    """Labels in the import format of cai.human.load_human_comparisons: every label (combine=none), or one row
+    per pair with the combined probability (majority | mean | dawid_skene); returns how many rows, and the
+    agreement and reliability report (cai.human.combine_human)."""
     target = check_export_path(run_dir, path)
+    comps = page_comparisons(run_dir)
+    if not comps:
+        raise CaiError(f"{labels_path(run_dir)}: no labels yet; nothing to export")
+    combined, report = combine_human(comps, combine, page_gold(run_dir))
     rows = []
-    for c in page_comparisons(run_dir):
-        choice = {1.0: "a", 0.0: "b", 0.5: "tie"}[c["soft_label"]]
-        rows.append({"prompt": c["prompt"], "answer_a": c["answer_a"], "answer_b": c["answer_b"], "choice": choice,
+    for c in combined:
+        label = ({"choice": {1.0: "a", 0.0: "b", 0.5: "tie"}[c["soft_label"]]} if combine == "none"
+                 else {"probability": c["soft_label"]})
+        rows.append({"prompt": c["prompt"], "answer_a": c["answer_a"], "answer_b": c["answer_b"], **label,
                      "annotator": c["annotator"], "prompt_id": c["prompt_id"], **({"category": c["category"]}
                                                                                    if c["category"] else {})})
-    if not rows:
-        raise CaiError(f"{labels_path(run_dir)}: no labels yet; nothing to export")
     write_jsonl_atomic(target, rows)
-    return len(rows)
+    return len(rows), report
+
+
+def print_human_report(report: dict) -> None:
+    """Each annotator's gold accuracy, reliability and agreement with the combined label; their agreement."""
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    rows = [(a, r["labels"], f"{fmt(r['gold_accuracy'])} ({r['gold_count']})", fmt(r["reliability"]),
+             fmt(r["agreement_with_consensus"])) for a, r in report["annotators"].items()]
+    print(table(rows, ("annotator", "pairs", "gold accuracy (n)", "reliability (Dawid-Skene)",
+                       f"agrees with {report['combine'] if report['combine'] != 'none' else 'mean'}")))
+    a = report.get("agreement")
+    if a:
+        print(f"agreement on {a['units']} pairs labeled by two or more: pairwise {fmt(a['pairwise_agreement']['mean'])}, "
+              f"Fleiss' kappa {fmt(a['fleiss_kappa'])} (n={a['fleiss_units']}), Krippendorff's alpha nominal "
+              f"{fmt(a['alpha_nominal'])}")
 
 
 def export_demonstrations(run_dir: Path, path: str) -> int:
@@ -184,9 +229,11 @@ class RequestError(Exception):
 class LabelSession:
     """The pairs, the event store and every annotator's replayed state; writes are serialized by `lock`."""
 
-    def __init__(self, pairs: list[dict], run_dir: Path, seed: int = 0):
-        self.pairs, self.seed = pairs, seed
-        self.by_id = {p["id"]: p for p in pairs}
+    def __init__(self, pairs: list[dict], run_dir: Path, seed: int = 0, overlap: int = 0,
+                 gold: list[dict] = (), gold_every: int = 5):
+        self.pairs, self.seed, self.overlap, self.gold_every = pairs, seed, overlap, gold_every
+        self.gold = list(gold)
+        self.by_id = {p["id"]: p for p in pairs + self.gold}
         self.store = JsonlStore(labels_path(run_dir))
         self.active = replay(list(self.store.records.values()), f"{self.store.path}: ")
         self.seq = Counter(e["annotator"] for e in self.store.records.values())
@@ -197,24 +244,53 @@ class LabelSession:
     def _done(self, annotator: str) -> dict[str, str]:
         return {e["pair"]: e["event"] for e in self.active.get(annotator, []) if e["event"] in ("label", "skip")}
 
+    def _labelers(self) -> Counter:
+        """pair id -> how many annotators labeled it (for overlap)."""
+        return Counter(e["pair"] for evs in self.active.values() for e in evs if e["event"] == "label")
+
+    def _open_pairs(self, annotator: str, done: dict) -> list[dict]:
+        """The regular pairs this annotator may still get: not done by them, and (overlap=N) labeled by fewer
+        than N people."""
+        n = self._labelers() if self.overlap else None
+        return [p for p in self.pairs if p["id"] not in done and (n is None or n[p["id"]] < self.overlap)]
+
+    def _next_gold(self, annotator: str, done: dict) -> dict | None:
+        """A gold pair when one is due (one first, then one after every gold_every regular pairs), in an order
+        drawn per annotator."""
+        if not self.gold:
+            return None
+        regular = sum(1 for k in done if k in self.by_id and not self.by_id[k].get("gold"))
+        gold_done = sum(1 for k in done if k in self.by_id and self.by_id[k].get("gold"))
+        if gold_done * self.gold_every > regular:
+            return None
+        left = [g for g in self.gold if g["id"] not in done]
+        key = lambda g: stable_hash({"kind": "gold-order", "seed": self.seed, "annotator": annotator, "pair": g["id"]})  # noqa: E731
+        return min(left, key=key) if left else None
+
     def counts(self, annotator: str) -> dict:
         done = self._done(annotator)
-        kinds = Counter(v for k, v in done.items() if k in self.by_id)
+        kinds = Counter(v for k, v in done.items() if k in self.by_id and not self.by_id[k].get("gold"))
         demos = sum(e["event"] == "demonstration" for e in self.active.get(annotator, []))
-        return {"labeled": kinds["label"], "skipped": kinds["skip"], "total": len(self.pairs), "demonstrations": demos}
+        gold = gold_scores(self.active.get(annotator, [])).get(annotator, {"count": 0, "correct": 0.0})
+        return {"labeled": kinds["label"], "skipped": kinds["skip"], "total": len(self.pairs), "demonstrations": demos,
+                "remaining": len(self._open_pairs(annotator, done)), "gold_labeled": gold["count"],
+                "gold_accuracy": gold["correct"] / gold["count"] if gold["count"] else None}
 
     def progress(self) -> dict:
-        labeled_pairs = {e["pair"] for evs in self.active.values() for e in evs
-                         if e["event"] == "label" and e["pair"] in self.by_id}
+        n = self._labelers()
+        labeled_pairs = {p["id"] for p in self.pairs if n[p["id"]]}
         per = {a: self.counts(a) for a in sorted(self.active) if self.active[a]}
-        return {"pairs_labeled": len(labeled_pairs), "total": len(self.pairs),
+        return {"pairs_labeled": len(labeled_pairs), "total": len(self.pairs), "overlap": self.overlap,
+                "pairs_complete": sum(n[p["id"]] >= self.overlap for p in self.pairs) if self.overlap else None,
                 "labels": sum(c["labeled"] for c in per.values()), "annotators": per}
 
     def state(self, annotator: str, message: str = "") -> dict:
-        """What the page shows an annotator: the next pair (left/right in their order), progress."""
+        """What the page shows an annotator: the next pair (left/right in their order), progress. Nothing on the
+        page tells a gold pair from another."""
         with self.lock:
             done = self._done(annotator)
-            nxt = next((p for p in self.pairs if p["id"] not in done), None)
+            regular = self._open_pairs(annotator, done)
+            nxt = (self._next_gold(annotator, done) or regular[0]) if regular else None
             view = None
             if nxt is not None:
                 swapped = is_swapped(self.seed, annotator, nxt["id"])
@@ -251,9 +327,10 @@ class LabelSession:
             swapped = is_swapped(self.seed, annotator, pid)
             left_better = {"a": 1.0, "b": 0.0, "tie": 0.5}[choice]
             soft = 1.0 - left_better if swapped else left_better  # P(stored answer_a is better)
+            gold = {"gold": True, "better_is_a": p["better_is_a"]} if p.get("gold") else {}
             ev = self._append(annotator, "label", pair=pid, swapped=swapped, choice=choice, soft_label=soft,
                               prompt=p["prompt"], prompt_id=p["prompt_id"], category=p["category"],
-                              answer_a=p["answer_a"], answer_b=p["answer_b"])
+                              answer_a=p["answer_a"], answer_b=p["answer_b"], **gold)
         return {**self.state(annotator, f"labeled: {CHOICES[choice]}" + (" better" if choice != "tie" else "")),
                 "event": ev["key"]}
 
@@ -442,12 +519,14 @@ def start_server(session: LabelSession, port: int = 0, timeout: float = 30.0) ->
 
 def print_summary(session: LabelSession) -> None:
     p = session_progress(session)
-    rows = [(a, c["labeled"], c["skipped"], c["demonstrations"], session.added[a, "label"])
-            for a, c in p["annotators"].items()]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    rows = [(a, c["labeled"], c["skipped"], c["demonstrations"], session.added[a, "label"],
+             f"{fmt(c['gold_accuracy'])} ({c['gold_labeled']})") for a, c in p["annotators"].items()]
     print(f"\n{p['pairs_labeled']} of {p['total']} pairs labeled by at least one annotator; {p['labels']} labels "
           f"in {session.store.path}")
     if rows:
-        print(table(rows, ("annotator", "labels", "skipped", "better answers", "labels this session")))
+        print(table(rows, ("annotator", "labels", "skipped", "better answers", "labels this session",
+                           "gold accuracy (n)")))
 
 
 @cli_main
@@ -467,7 +546,9 @@ def main(argv: list[str]) -> int:
         if len(targets) == 2 and targets[0] == targets[1]:
             raise CaiError(f"export_demonstrations={cfg.export_demonstrations}: the same file as export=; give two files")
         if cfg.export:
-            print(f"{export_labels(run_dir, cfg.export)} labels -> {cfg.export}")
+            n, report = export_labels(run_dir, cfg.export, cfg.combine)
+            print(f"{n} {'labels' if cfg.combine == 'none' else f'pairs ({cfg.combine})'} -> {cfg.export}")
+            print_human_report(report)
         if cfg.export_demonstrations:
             print(f"{export_demonstrations(run_dir, cfg.export_demonstrations)} better answers -> "
                   f"{cfg.export_demonstrations}")
@@ -475,14 +556,18 @@ def main(argv: list[str]) -> int:
     if not 0 <= cfg.port <= 65535:
         raise CaiError(f"port={cfg.port}: expected 0 (any free port) to 65535")
     pairs, left_out = load_pairs(run_dir, cfg.pairs)
+    gold = load_gold(cfg.gold, pairs) if cfg.gold else []
     with RunLock(run_dir / "human"):
-        session = LabelSession(pairs, run_dir, cfg.seed)
+        session = LabelSession(pairs, run_dir, cfg.seed, cfg.overlap, gold, cfg.gold_every)
         try:
             server, url = start_server(session, cfg.port, cfg.timeout)
         except OSError as e:
             raise CaiError(f"port={cfg.port}: cannot listen on {HOST} ({e.strerror})") from None
         skipped = f" ({left_out} rows with an empty or repeated answer left out)" if left_out else ""
-        print(f"{len(pairs)} pairs from {cfg.pairs or run_dir / 'rl'}{skipped}; labels go to {session.store.path}")
+        print(f"{len(pairs)} pairs from {cfg.pairs or run_dir / 'rl'}{skipped}"
+              + (f", each for {cfg.overlap} annotator(s)" if cfg.overlap else "")
+              + (f"; {len(gold)} gold pairs from {cfg.gold}, one every {cfg.gold_every}" if gold else "")
+              + f"; labels go to {session.store.path}")
         print(f"labeling page: {url}", flush=True)
         # Ctrl+C (and a plain `kill`) stop the server with its summary, also when it was started with SIGINT
         # ignored, as a child of a background job is: Python then installs no KeyboardInterrupt handler

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,16 @@ from cai.backends import Backend, Sampling, release
 from cai.constitution import Constitution
 from cai.critique import choose_principle
 from cai.errors import CaiError
-from cai.feedback import LabelSettings, label_pairs, sample_answers, sample_pairs
+from cai.feedback import (
+    LabelSettings,
+    clear_accuracy,
+    consensus,
+    consensus_weights,
+    label_pairs,
+    labelers_report,
+    sample_answers,
+    sample_pairs,
+)
 from cai.io import read_jsonl, read_yaml
 from cai.paths import resolve_path
 from cai.prompts import PromptRecord, check_examples
@@ -325,13 +335,18 @@ def best_of_n_extremes(comparisons: list[dict]) -> list[dict]:
 
 def labeled_pairs_from_sources(prompts: list[PromptRecord], weights: dict[str, float], seed: int, *,
                                prompt_sets: dict[str, str],
-                               policy: Backend, labeler_factory, release_policy, sampling: Sampling,
+                               policy: Backend, labelers: list[tuple[str, Callable[[], Backend], int]],
+                               release_policy, sampling: Sampling,
                                constitution: Constitution, label_settings: LabelSettings, store: JsonlStore,
-                               plan_dir: Path, batch_size: int, label_batch_size: int, n: int = 4,
+                               plan_dir: Path, batch_size: int, n: int = 4,
                                chains: dict[str, dict] | None = None, contrast: ContrastSettings | None = None,
-                               progress: bool = True, label: str = "pairs") -> tuple[list[dict], dict]:
+                               progress: bool = True, label: str = "pairs", combine: str = "mean",
+                               clear: list[dict] | None = None) -> tuple[list[dict], dict]:
     """Every source's pairs and their labels: (comparisons, counts per source). The policy generates first and
-    is released (`release_policy`) before the labeler (`labeler_factory()`) is loaded."""
+    is released (`release_policy`) before each labeler ((name, factory, batch size) in `labelers`) is loaded in
+    turn. Several labelers: each labels every pair (and the `clear` pairs, for its accuracy), and the labels
+    are combined by `combine` (cai.feedback.consensus); counts["consensus"] holds each labeler's diagnostics and
+    their agreement."""
     eligible = {"revision": set(chains or {})}
     assigned = assign_sources(prompts, weights, seed, eligible)
     gen = WaveStats()
@@ -377,11 +392,23 @@ def labeled_pairs_from_sources(prompts: list[PromptRecord], weights: dict[str, f
     label_stats = WaveStats()
     comparisons: list[dict] = []
     if to_label or candidates:
-        labeler = labeler_factory()
-        comparisons, label_stats = label_pairs(to_label + candidates, constitution, label_settings, labeler, store,
-                                               plan_dir, label_batch_size, progress)
-        release(labeler)
-        del labeler
+        per_labeler, clear_scores = [], []
+        for name, factory, batch_size in labelers:
+            labeler = factory()
+            comps, stats = label_pairs(to_label + candidates + list(clear or []), constitution, label_settings,
+                                       labeler, store, plan_dir, batch_size, progress)
+            release(labeler)
+            del labeler
+            for k in ("generated", "reused", "seconds"):
+                setattr(label_stats, k, getattr(label_stats, k) + getattr(stats, k))
+            clear_keys = {p["key"] for p in clear or []}
+            clear_scores.append(clear_accuracy([c for c in comps if c["pair_key"] in clear_keys], clear)
+                                if clear else None)
+            per_labeler.append((name, [c for c in comps if c["pair_key"] not in clear_keys]))
+        weights = consensus_weights(clear_scores, combine)
+        comparisons = consensus(per_labeler, weights, combine)
+        if len(labelers) > 1 or clear:
+            counts["consensus"] = {"combine": combine, **labelers_report(per_labeler, clear_scores, weights)}
     cand_keys = {p["key"] for p in candidates}
     bon = best_of_n_extremes([c for c in comparisons if c["pair_key"] in cand_keys])
     counts["best_of_n"]["pairs"] = len(bon)

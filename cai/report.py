@@ -177,6 +177,105 @@ def plot_calibration(report: dict, path: Path) -> bool:
 # --- blocks ----------------------------------------------------------------------------------------------
 
 
+def _agreement_row(a: dict | None) -> list[str]:
+    if not a:
+        return ["-"] * 4
+    return [_f(a["pairwise_agreement"]["mean"]), f"{_f(a['fleiss_kappa'])} (n={a['fleiss_units']})",
+            _f(a["alpha_nominal"]), _f(a["alpha_interval"])]
+
+
+AGREEMENT_HEADER = ["pairwise agreement (hard choices)", "Fleiss' kappa (hard choices)",
+                    "Krippendorff's alpha, nominal (hard choices)", "Krippendorff's alpha, interval (soft)"]
+
+
+def judge_blocks(report: dict, labels: list[str], sets: list[str]) -> list[tuple]:
+    """The judges: clear-pair accuracy, self-preference and the results without it, agreement, disagreements."""
+    jr = report.get("judges")
+    if not jr:
+        return []
+    b: list[tuple] = [("h2", "Judges")]
+    b.append(("p", "Each judge's accuracy on clear pairs (a known better answer; chance 0.5), its position "
+                   "consistency on the compared answers, and each model's win rate against all under that judge "
+                   "alone. The results above use the judges' mean outcome."))
+    b.append(("table", ["judge", "identity", "labeler of", "clear-pair accuracy", "clear pairs",
+                        "position consistency"] + [f"{x} win rate ({s})" for s in sets for x in labels],
+              [[n, j["identity"], ", ".join(j["labeler_of"]) or "-",
+                _f((j["clear_pairs"] or {}).get("accuracy")), (j["clear_pairs"] or {}).get("count", 0),
+                _f(j["position_consistency"])] + [_f(j["win_rate_vs_all"][s][x]) for s in sets for x in labels]
+               for n, j in jr["judges"].items()]))
+    if not jr["self_preference"]:
+        b.append(("p", "Self-preference: no judge is the labeler of a compared run."))
+    else:
+        for sp in jr["self_preference"]:
+            b.append(("p", f"Self-preference: judge {sp['judge']} ({sp['identity']}) also labeled the pairs of "
+                           f"{', '.join(sp['labeler_of'])}; that run's models are graded by the model their reward "
+                           "was fit to."))
+        wo = jr["without_self_preference"]
+        if wo["results"] is None:
+            b.append(("p", "Every judge is also a compared run's labeler: there are no results without "
+                           "self-preference (add a judge that labeled none of the runs: judges=[...])."))
+        else:
+            b.append(("p", f"Without self-preference (judges {', '.join(wo['judges'])} only):"))
+            b.append(("table", ["model"] + [f"{ROLE[s]} Elo [95% CI]" for s in sets] + [f"win rate ({s})" for s in sets],
+                      [[x] + [_elo(wo["results"][s]["elo"][x]) for s in sets]
+                       + [_f(wo["results"][s]["win_rate_vs_all"][x]) for s in sets] for x in labels]))
+    if jr["agreement"]:
+        b.append(("p", "Agreement between the judges on the position-debiased outcomes P(x better than y), one unit "
+                       "per prompt and model pair (identical answers left out); hard choice = outcome above or "
+                       "below 0.5."))
+        b.append(("table", ["set", "units"] + AGREEMENT_HEADER,
+                  [[s, a["units"]] + _agreement_row(a) for s, a in jr["agreement"].items()]))
+    if jr["disagreements"]:
+        b.append(("p", "Where the judges disagree most (largest spread of P(x better than y)):"))
+        b.append(("table", ["set", "prompt", "x", "y", "P(x better) by judge", "spread"],
+                  [[d["set"], d["prompt_id"], d["x"], d["y"],
+                    ", ".join(f"{n} {_f(v)}" for n, v in d["p_x_better"].items()), _f(d["spread"])]
+                   for d in jr["disagreements"]]))
+    return b
+
+
+def evaluator_blocks(report: dict) -> list[tuple]:
+    """Per run: each AI labeler's diagnostics and their agreement, the annotators' reliability and agreement,
+    and the pairs where the evaluators disagree most."""
+    b: list[tuple] = []
+    rows, agree, people, worst = [], [], [], []
+    for run, lab in report["labels"].items():
+        for d in lab["rounds"]:
+            cons = d.get("consensus") or {}
+            for x in cons.get("labelers", []):
+                rows.append([run, d["round"], x["labeler"], x["identity"], _f(x["position_consistency"]),
+                             _f(x["clear_accuracy"]), x["clear_count"], _f(x["weight"]), cons.get("combine", "-")])
+            if cons.get("agreement"):
+                agree.append([run, d["round"], "AI labelers", cons["agreement"]["units"]]
+                             + _agreement_row(cons["agreement"]))
+        h = lab.get("human_consensus")
+        if h:
+            if h.get("agreement"):
+                agree.append([run, "-", "annotators", h["agreement"]["units"]] + _agreement_row(h["agreement"]))
+            for name, r in (h.get("annotators") or {}).items():
+                people.append([run, name, r["labels"], _f(r.get("gold_accuracy")), r.get("gold_count", 0),
+                               _f(r.get("reliability")), _f(r.get("agreement_with_consensus"))])
+        for x in lab.get("disagreements") or []:
+            worst.append([run, x["evaluators"], x["prompt_id"], ", ".join(f"{n} {_f(v)}" for n, v in x["labels"].items()),
+                          _f(x["spread"])])
+    if rows:
+        b.append(("p", "AI labelers: each one's position consistency, accuracy on clear pairs (chance 0.5) and "
+                       "weight in the combined label."))
+        b.append(("table", ["run", "round", "labeler", "identity", "position consistency", "clear-pair accuracy",
+                            "clear pairs", "weight", "combine"], rows))
+    if people:
+        b.append(("p", "Annotators: gold-pair accuracy, reliability (Dawid-Skene accuracy estimate) and agreement "
+                       "with the combined label."))
+        b.append(("table", ["run", "annotator", "labels", "gold accuracy", "gold pairs", "reliability",
+                            "agreement with consensus"], people))
+    if agree:
+        b.append(("table", ["run", "round", "evaluators", "pairs"] + AGREEMENT_HEADER, agree))
+    if worst:
+        b.append(("p", "Pairs where the evaluators disagree most (largest spread of their P(A better)):"))
+        b.append(("table", ["run", "evaluators", "prompt", "P(A better) by evaluator", "spread"], worst))
+    return b
+
+
 def blocks(report: dict, plots: dict[str, str]) -> list[tuple]:
     labels = [m["label"] for m in report["models"]]
     sets = list(report["elo"])
@@ -224,6 +323,7 @@ def blocks(report: dict, plots: dict[str, str]) -> list[tuple]:
         b.append(("table", ["P(row better than column)"] + labels,
                   [[x] + ["-" if x == y else _f(w[x][y]) for y in labels] for x in labels]))
     b.append(("img", plots["win_rates"], "win rates"))
+    b += judge_blocks(report, labels, sets)
 
     b.append(("h2", "Refusals, length and boilerplate"))
     b.append(("table", ["model", "set", "answers", "refusal rate", "mean tokens", "cut off"],
@@ -265,6 +365,7 @@ def blocks(report: dict, plots: dict[str, str]) -> list[tuple]:
     b.append(("table", ["run", "AI labels", "human labels", "shared pairs (decisive)", "AI-human agreement"],
               [[run, lab["ai_labels"], lab["human_labels"], lab["human_shared"], _f(lab["human_agreement"])]
                for run, lab in report["labels"].items()]))
+    b += evaluator_blocks(report)
     b.append(("p", "The last round's preference model: accuracy on its held-out comparisons, and on clear pairs (a "
                    "known better answer) whose prompts it never trained on; chance is 0.5."))
     b.append(("table", ["run", "PM held-out accuracy", "PM clear-pair accuracy", "clear pairs", "by category"],

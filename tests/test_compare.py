@@ -112,7 +112,7 @@ def runs(tmp_path_factory):
 def _compare(root, patterns, out, *extra):
     main([str(root / "runs" / "A"), str(root / "runs" / "B"), "judge.model=tiny", "red_team.limit=3",
           "helpful.limit=3", "sampling.max_new_tokens=8", "sampling.temperature=1.0", "bootstrap=200",
-          f"refusal_patterns={patterns}", f"out={out}", "progress=false", *extra])
+          f"refusal_patterns={patterns}", f"out={out}", "progress=false", "clear_limit=4", *extra])
     return json.loads((out / "report.json").read_text())
 
 
@@ -318,3 +318,111 @@ def test_a_vllm_run_is_compared_with_vllm_and_its_settings(tmp_path, monkeypatch
     assert len(vllm) == 1 and vllm[0].aliases == ["A/base"]
     assert vllm[0].identity == vllm_identity(resolve_model("tiny"), "auto") != models[1].identity
     assert vllm[0].spec["gpu_memory_utilization"] == 0.5 and vllm[0].spec["enable_prefix_caching"] is True
+
+
+def test_one_judge_that_labeled_both_runs_is_flagged(report):
+    _, _, rep = report
+    jr = rep["judges"]
+    assert jr["judges"]["judge"]["labeler_of"] == ["A", "B"]  # both runs were labeled by the tiny model
+    assert jr["self_preference"][0]["judge"] == "judge"
+    assert jr["without_self_preference"] == {"judges": [], "results": None}
+    assert jr["judges"]["judge"]["clear_pairs"]["count"] == 4 and jr["agreement"] == {}
+
+
+def test_several_judges_self_preference_agreement_and_clear_pairs(runs, report):
+    """judges=[tiny (labeler of both runs), A's SL model (labeler of none)]: the mean outcome, the results
+    without the self-preferring judge (the SL judge's own), agreement and clear-pair accuracy, by hand."""
+    from cai.agreement import krippendorff_alpha, pairwise_agreement
+    from cai.prompts import load_labeled_set
+
+    root, patterns = runs
+    _, first_out, first = report
+    out = root / "report-judges"
+    shutil.copytree(first_out, out)  # the tiny judge's scores and the answers are reused
+    sl = root / "runs" / "A" / "sl" / "model"
+    rep = _compare(root, patterns, out, f"judges=[{{model: tiny}}, {{model: {sl}}}]", "disagreements=3")
+    assert rep["work"]["answers"]["computed"] == 0
+    assert rep["work"]["judge"]["reused"] == 2 * 6 * 6 and rep["work"]["judge"]["computed"] == 2 * 6 * 6
+    recs = _records(out)
+    labels = [m["label"] for m in rep["models"]]
+    jr = rep["judges"]
+    assert [x["judge"] for x in jr["self_preference"]] == ["judges[0]"] and jr["judges"]["judges[1]"]["labeler_of"] == []
+    for s in ("red_team", "helpful"):
+        own: dict = {}
+        for name, index in rep["records"]["judges"].items():
+            for j in index[s]:
+                p = (recs[j["x_first"]]["p_option_a"] + 1 - recs[j["y_first"]]["p_option_a"]) / 2
+                own.setdefault(name, {})[(j["k"], j["x"], j["y"])] = p
+        assert rep["records"]["judges"]["judges[0]"] == first["records"]["judge"]
+        for (k, x, y), p1 in own["judges[1]"].items():
+            p0 = own["judges[0]"][(k, x, y)]
+            assert rep["win_rates"][s][x][y] == pytest.approx(sum((own["judges[0]"][(kk, xx, yy)] + q) / 2
+                                                                  for (kk, xx, yy), q in own["judges[1]"].items()
+                                                                  if (xx, yy) == (x, y)) / 3)
+            assert 0 <= p0 <= 1 and 0 <= p1 <= 1
+        without = jr["without_self_preference"]["results"][s]
+        for x in labels:
+            for y in labels:
+                if x != y:
+                    mine = [q if xx == x else 1 - q for (kk, xx, yy), q in own["judges[1]"].items() if {xx, yy} == {x, y}]
+                    assert without["win_rates"][x][y] == pytest.approx(sum(mine) / 3)
+        keys = [(k, x, y) for (k, x, y) in own["judges[0]"]
+                if next(j for j in rep["records"]["judge"][s] if (j["k"], j["x"], j["y"]) == (k, x, y))["x_first"]
+                != next(j for j in rep["records"]["judge"][s] if (j["k"], j["x"], j["y"]) == (k, x, y))["y_first"]]
+        rows = [[own["judges[0]"][u], own["judges[1]"][u]] for u in keys]
+        a = jr["agreement"][s]
+        assert a["units"] == len(rows)
+        assert a["alpha_interval"] == pytest.approx(krippendorff_alpha(rows, "interval"))
+        hard = [[None if v == 0.5 else int(v > 0.5) for v in r] for r in rows]
+        assert a["pairwise_agreement"]["mean"] == pytest.approx(pairwise_agreement(hard)["mean"])
+    spreads = [d["spread"] for d in jr["disagreements"]]
+    assert len(spreads) == 3 and spreads == sorted(spreads, reverse=True)
+    # clear-pair accuracy of each judge, from its records
+    for name, index in rep["records"]["clear_pairs"].items():
+        clear = load_labeled_set("prompts/sets/labeled_pairs.jsonl")[:4]  # harmless and helpful interleaved
+        by_key = {stable_hash(["clear-pair", r["prompt"], r["better"], r["worse"]]): r for r in clear}
+        right = 0.0
+        for c in index:
+            p = (recs[c["a_first"]]["p_option_a"] + 1 - recs[c["b_first"]]["p_option_a"]) / 2
+            r = by_key[c["pair_key"]]
+            better_is_a = int(c["pair_key"], 16) % 2 == 1
+            assert recs[c["a_first"]]["first_sha"] == stable_hash(r["better"] if better_is_a else r["worse"])
+            right += 0.5 if p == 0.5 else float((p > 0.5) == better_is_a)
+        assert jr["judges"][name]["clear_pairs"]["accuracy"] == pytest.approx(right / 4)
+    md = (out / "report.md").read_text()
+    assert "Self-preference: judge judges[0]" in md and "Without self-preference (judges judges[1] only)" in md
+
+
+def test_label_report_shows_evaluators_per_run_and_flags_disagreements(tmp_path):
+    """Per run: each AI labeler's diagnostics, the annotators' reliability, agreement, and the pairs where the
+    evaluators disagree most (largest spread), from what stage=rl saved."""
+    from cai.agreement import agreement_report
+    from cai.compare import Run, label_report
+    from cai.feedback import consensus
+    from cai.human import combine_human
+    from cai.records import human_comparison
+    from cai.report import evaluator_blocks
+
+    def comp(i, name, p):
+        return {"key": f"{name}-{i}", "pair_key": f"pair-{i}", "prompt_id": f"p{i}", "prompt": f"Q{i}",
+                "category": "", "answer_a": f"a{i}", "answer_b": f"b{i}", "source": "ai", "annotator": name,
+                "soft_label": p, "agree": True, "principles": [{"p_a_first": p, "p_a_swapped": 1 - p}], "cot": False}
+
+    x, y = [0.9, 0.2, 0.6, 0.5], [0.8, 0.9, 0.4, 0.5]  # pair 1: spread 0.7, pair 2: 0.2, pair 0: 0.1
+    per = [("l0", [comp(i, "l0", p) for i, p in enumerate(x)]), ("l1", [comp(i, "l1", p) for i, p in enumerate(y)])]
+    comps = consensus(per, [1.0, 1.0], "mean")
+    people = [human_comparison("Q0", "p0", "", "a0", "b0", "ann", 1.0), human_comparison("Q0", "p0", "", "a0", "b0", "bo", 0.0)]
+    _, human_report = combine_human(people, "majority")
+    run = tmp_path / "R"
+    (run / "rl" / "round-1").mkdir(parents=True)
+    (run / "rl" / "comparisons.jsonl").write_text("".join(json.dumps(c) + "\n" for c in comps))
+    cons = {"combine": "mean", "labelers": [
+        {"labeler": n, "identity": n, "position_consistency": 1.0, "clear_accuracy": 0.75, "clear_count": 4,
+         "weight": 1.0} for n in ("l0", "l1")], "agreement": agreement_report([list(r) for r in zip(x, y)], ["l0", "l1"])}
+    (run / "rl" / "round-1" / "label_diagnostics.json").write_text(json.dumps(
+        {"pairs": 4, "consensus": cons, "human_consensus": human_report}))
+    lab = label_report(Run("R", run, {}), 2)
+    assert [(d["prompt_id"], round(d["spread"], 6)) for d in lab["disagreements"]] == [("p1", 0.7), ("p2", 0.2), ("p0", 1.0)]
+    assert lab["human_consensus"]["annotators"]["bo"]["labels"] == 1
+    text = json.dumps(evaluator_blocks({"labels": {"R": lab}}))
+    assert "l0" in text and "0.75" in text and "annotators" in text and "bo" in text and "Fleiss" in text

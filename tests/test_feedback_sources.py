@@ -50,3 +50,30 @@ def test_dpo_trains_on_human_labels_when_asked(sl_run):
     assert len(comps) == 12 and all(c["source"] == "human" for c in comps)
     s = json.loads((root / "runs" / "r" / "rl" / "dpo" / "summary.json").read_text())
     assert s["dpo"]["pairs"] == sum(c["soft_label"] != 0.5 for c in comps)
+
+
+def test_several_people_on_a_pair_combined_by_dawid_skene(sl_run, tmp_path):
+    """human.combine=dawid_skene: three annotators on the same five pairs, one of them always wrong; DPO trains
+    on one combined label per pair, which follows the two reliable annotators; the diagnostics give each
+    annotator's reliability and their agreement."""
+    root, const = sl_run
+    truth = [1, 0, 1, 1, 0]
+    labels = []
+    for u, t in enumerate(truth):
+        for ann, flip in (("ann", False), ("bea", u == 2), ("cy", True)):  # bea errs once, cy always
+            choice = "a" if (t == 1) != flip else "b"
+            labels.append({"prompt": f"Question {u}?", "answer_a": f"First answer {u}.", "answer_b": f"Second {u}.",
+                           "choice": choice, "annotator": ann})
+    path = tmp_path / "people.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in labels))
+    args = common(root, const, "dpo") + ["feedback.source=human", f"feedback.human_labels={path}",
+                                         "human.combine=dawid_skene", "dpo.margin=0.1", "dpo.batch_size=4",
+                                         "run=people", f"policy.model={root / 'runs' / 'r' / 'sl' / 'model'}"]
+    main(args)
+    comps = rows(root / "runs" / "people" / "rl" / "dpo" / "comparisons.jsonl")
+    assert len(comps) == 5 and all(c["annotator"] == "consensus:dawid_skene" for c in comps)
+    assert [round(c["soft_label"]) for c in sorted(comps, key=lambda c: c["prompt"])] == truth
+    h = json.loads((root / "runs" / "people" / "rl" / "dpo" / "summary.json").read_text())["labels"]["human_consensus"]
+    assert h["annotators"]["cy"]["reliability"] < 0.2 < 0.8 < h["annotators"]["ann"]["reliability"]
+    assert h["annotators"]["cy"]["agreement_with_consensus"] == 0.0
+    assert h["agreement"]["units"] == 5 and h["pairs_with_several"] == 5

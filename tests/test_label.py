@@ -5,6 +5,7 @@ a better answer, stop, resume, a second annotator)."""
 import http.client
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -77,7 +78,8 @@ def test_undo_cancels_latest_events_and_replay_restores_state(tmp_path):
             s.demonstrate("ann", p2, "a better answer")["event"]]
     st = s.label("ann", p2, "tie")
     done.append(st["event"])
-    assert st["pair"]["id"] == p3 and st["mine"] == {"labeled": 2, "skipped": 1, "total": 4, "demonstrations": 1}
+    assert st["pair"]["id"] == p3 and st["mine"] == {"labeled": 2, "skipped": 1, "total": 4, "demonstrations": 1,
+                                                "remaining": 1, "gold_labeled": 0, "gold_accuracy": None}
     assert len(set(done)) == 4
     # undo walks back one event at a time (label, then the demonstration); undo is never itself undone
     assert s.undo("ann", done.pop())["pair"]["id"] == p2
@@ -137,7 +139,7 @@ def test_screen_order_is_mapped_back_and_exports_reimport(tmp_path):
         {"prompt": pairs[1]["prompt"], "answer": "Here is how, step by step.", "annotator": swapped,
          "prompt_id": pairs[1]["prompt_id"]}]))
     # export -> cai.human's importers give the very same records (keys included)
-    assert export_labels(tmp_path / "run", str(tmp_path / "labels.jsonl")) == 3
+    assert export_labels(tmp_path / "run", str(tmp_path / "labels.jsonl"))[0] == 3
     assert load_human_comparisons(tmp_path / "labels.jsonl") == comps
     assert export_demonstrations(tmp_path / "run", str(tmp_path / "demos.jsonl")) == 1
     assert load_demonstrations(tmp_path / "demos.jsonl") == demos
@@ -615,3 +617,127 @@ def test_two_tabs_undo_only_their_own_actions_in_chromium(server, chromium):
     assert call(url, "/api/progress")[1]["labels"] == 0
     tab1.close()
     tab2.close()
+
+
+# --- overlap, gold pairs, several people on a pair ---------------------------------------------------------
+
+
+def gold_rows(n=2):
+    return [json.loads(x) for x in (ROOT / "prompts/sets/labeled_pairs.jsonl").read_text().splitlines()[:n]]
+
+
+def test_overlap_gold_and_combined_export(tmp_path):
+    from cai.label import load_gold
+
+    run_dir = tmp_path / "run"
+    pairs, _ = load_pairs(run_dir, str(write_jsonl(tmp_path / "pairs.jsonl", pair_rows(4))))
+    gold = load_gold(str(write_jsonl(tmp_path / "gold.jsonl", gold_rows(2))), pairs)
+    s = LabelSession(pairs, run_dir, overlap=2, gold=gold, gold_every=2)
+    gold_ids = {g["id"]: g for g in gold}
+
+    def answer(ann, correct_gold=True):
+        st = s.state(ann)
+        p = st["pair"]
+        if p is None:
+            return None
+        assert "gold" not in p and "better_is_a" not in p  # the page cannot tell a gold pair
+        if p["id"] in gold_ids:
+            g = gold_ids[p["id"]]
+            better = g["answer_a"] if g["better_is_a"] else g["answer_b"]
+            left_is_better = p["left"] == better
+            s.label(ann, p["id"], "a" if left_is_better == correct_gold else "b")
+            return "gold"
+        s.label(ann, p["id"], "a")
+        return p["id"]
+
+    # alice: gold first, two regular pairs, gold (answered wrong), then the rest
+    seq = [answer("alice", correct_gold=i != 3) for i in range(7)]
+    assert seq[0] == "gold" and seq[3] == "gold" and seq[1:3] == [p["id"] for p in pairs[:2]]
+    assert seq[4:6] == [p["id"] for p in pairs[2:]] and seq[6] is None  # no third gold pair: none left
+    mine = s.counts("alice")
+    assert mine["gold_labeled"] == 2 and mine["gold_accuracy"] == 0.5 and mine["labeled"] == 4
+    # bob labels pairs 0 and 1; with overlap=2 carol gets only pairs 2 and 3 (0 and 1 have two labels)
+    assert [answer("bob") for _ in range(4)] == ["gold", pairs[0]["id"], pairs[1]["id"], "gold"]
+    s.skip("bob", s.state("bob")["pair"]["id"])  # a skip does not count towards the overlap
+    carol = [answer("carol") for _ in range(4)]
+    assert carol == ["gold", pairs[2]["id"], pairs[3]["id"], None]  # no regular pair left: no more gold either
+    assert s.progress()["pairs_complete"] == 4 and s.counts("carol")["remaining"] == 0
+    # gold labels are calibration only: not among the run's comparisons
+    comps = page_comparisons(run_dir)
+    assert len(comps) == 4 + 2 + 2 and not {c["prompt"] for c in comps} & {g["prompt"] for g in gold}
+    n, report = export_labels(run_dir, str(tmp_path / "maj.jsonl"), "majority")
+    assert n == 4
+    assert report["annotators"]["alice"]["gold_accuracy"] == 0.5 and report["annotators"]["bob"]["gold_count"] == 2
+    assert report["pairs_with_several"] == 4 and report["agreement"]["units"] == 4
+    rows = [json.loads(x) for x in (tmp_path / "maj.jsonl").read_text().splitlines()]
+    assert all(r["annotator"] == "consensus:majority" and "probability" in r for r in rows)
+    assert load_human_comparisons(tmp_path / "maj.jsonl")  # the import format
+
+
+def test_combine_human_by_hand():
+    from cai.human import combine_human
+    from cai.records import human_comparison
+
+    truth = [1, 1, 0, 1, 0, 0, 1, 0, 1, 0]
+    wrong = {"good1": {0}, "good2": {4}, "good3": {7}, "adversary": set(range(10))}
+    comps = []
+    for u, t in enumerate(truth):
+        for ann, bad in wrong.items():
+            label = float(1 - t if u in bad else t)
+            a, b = f"answer {u} one", f"answer {u} two"
+            if ann == "good2":  # shown in the other order: the label is flipped back when combined
+                a, b, label = b, a, 1 - label
+            comps.append(human_comparison(f"prompt {u}", f"p{u}", "", a, b, ann, label))
+    out, rep = combine_human(comps, "dawid_skene")
+    assert [round(c["soft_label"]) for c in out] == truth
+    assert rep["annotators"]["adversary"]["reliability"] < 0.05 and rep["annotators"]["good1"]["reliability"] > 0.8
+    maj, _ = combine_human(comps, "majority")
+    assert [c["soft_label"] for c in maj].count(0.5) == 3  # two against two where one good annotator erred
+    mean, _ = combine_human(comps, "mean")
+    assert mean[0]["soft_label"] == pytest.approx(2 / 4) and mean[1]["soft_label"] == pytest.approx(3 / 4)
+    none, rep = combine_human(comps, "none")
+    assert none == comps and rep["agreement"]["units"] == 10
+
+
+def test_labeling_page_overlap_and_gold_in_headless_chromium(tmp_path, chromium):
+    from playwright.sync_api import expect
+
+    rows, golds = pair_rows(4), gold_rows(2)
+    args = ["run=web", f"runs_dir={tmp_path}", f"pairs={write_jsonl(tmp_path / 'pairs.jsonl', rows)}", "port=0",
+            f"gold={write_jsonl(tmp_path / 'gold.jsonl', golds)}", "gold_every=2", "overlap=1"]
+    srv = Server(*args)
+    page = chromium.new_page()
+    page.set_default_timeout(10_000)
+    prompt, left, gold = page.locator("#prompt"), page.locator("#left"), page.locator("#gold")
+
+    def answer_gold(correct: bool):
+        expect(prompt).to_have_text(re.compile("^(" + "|".join(re.escape(g["prompt"]) for g in golds) + ")$"))
+        g = next(g for g in golds if g["prompt"] == prompt.text_content())
+        page.keyboard.press("1" if (left.text_content() == g["better"]) == correct else "2")
+
+    def answer(i):
+        expect(prompt).to_have_text(rows[i]["prompt"])
+        page.keyboard.press("1")
+
+    page.goto(srv.url + "&annotator=alice")
+    expect(prompt).not_to_have_text("")
+    answer_gold(True)  # a gold pair first
+    expect(gold).to_have_text("your accuracy on check pairs: 100% of 1")
+    answer(0)
+    answer(1)
+    answer_gold(False)  # after two regular pairs, another gold pair
+    expect(gold).to_have_text("your accuracy on check pairs: 50% of 2")
+    answer(2)
+    # bob: with overlap=1 the pairs alice labeled are not his
+    page.fill("#annotator", "bob")
+    page.press("#annotator", "Enter")
+    expect(gold).to_have_text("")
+    answer_gold(True)
+    answer(3)
+    expect(page.locator("#done")).to_be_visible()
+    expect(page.locator("#progress")).to_contain_text("(4 with 1 labels)")
+    summary = srv.stop()
+    assert "0.50 (2)" in summary and "1.00 (1)" in summary  # each annotator's gold accuracy
+    page.close()
+    comps = page_comparisons(tmp_path / "web")
+    assert sorted(c["prompt"] for c in comps) == sorted(r["prompt"] for r in rows)  # no gold, no pair twice

@@ -227,3 +227,50 @@ def test_rlhf_human_labels_and_mixed_sources(sl_run, tmp_path):
     assert labels["human_used"] == 3 and labels["human_shared"] == 3  # AI-vs-human agreement on the shared pairs
     comps = [json.loads(x) for x in (root / "runs" / "mixed" / "rl" / "comparisons.jsonl").read_text().splitlines()]
     assert sum(c["source"] == "human" for c in comps) == 3 and sum(c["source"] == "ai" for c in comps) == len(ai) - 3
+
+
+def test_several_labelers_consensus_and_agreement(sl_run, tmp_path):
+    """feedback.labelers: the tiny model and the SL model label every pair; adding a labeler labels only with
+    the new one; the soft label is the accuracy-weighted mean; diagnostics give each labeler's clear-pair
+    accuracy and their agreement."""
+    from cai.agreement import accuracy_weight, krippendorff_alpha
+
+    from .conftest import ROOT
+
+    root, const = sl_run
+    clear = tmp_path / "clear.jsonl"
+    clear.write_text("".join((ROOT / "prompts/sets/labeled_pairs.jsonl").read_text().splitlines(True)[:6]))
+    sl_model = root / "runs" / "r" / "sl" / "model"
+    base = rl_args(root, const, run="cons", algorithm="none", **{"red_team.limit": 3, "helpful.limit": 1,
+                                                                 "policy.model": sl_model})
+    main(base)  # one labeler: feedback.labeler
+    rl = root / "runs" / "cons" / "rl"
+    single = [json.loads(x) for x in (rl / "round-1" / "comparisons.jsonl").read_text().splitlines()]
+    assert len(single) == 4
+    labelers = f"feedback.labelers=[{{model: tiny}}, {{model: {sl_model}}}]"
+    main(base + [labelers, "feedback.combine=accuracy_weighted", f"feedback.clear_pairs={clear}"])
+    s = json.loads((rl / "summary.json").read_text())["rounds"][0]["labels"]
+    # the tiny labeler's 4 pairs x 2 principles x 2 orders are reused; new: the SL model's 16 and 6 clear pairs x 4
+    # for each labeler
+    assert s["scores_reused"] == 16 and s["scores_computed"] == 16 + 2 * 6 * 4
+    cons = s["consensus"]
+    assert [d["labeler"] for d in cons["labelers"]] == ["feedback.labelers[0]", "feedback.labelers[1]"]
+    for d in cons["labelers"]:
+        assert d["clear_count"] == 6 and 0 <= d["clear_accuracy"] <= 1 and 0 <= d["position_consistency"] <= 1
+        assert d["weight"] == pytest.approx(accuracy_weight(d["clear_accuracy"] * 6, 6))
+    comps = [json.loads(x) for x in (rl / "round-1" / "comparisons.jsonl").read_text().splitlines()]
+    by_pair = {c["pair_key"]: c for c in single}
+    w = [d["weight"] for d in cons["labelers"]]
+    rows = []
+    for c in comps:
+        labels = [x["soft_label"] for x in c["labelers"]]
+        assert labels[0] == by_pair[c["pair_key"]]["soft_label"]  # the tiny labeler's label, as in the single run
+        expected = sum(a * b for a, b in zip(w, labels)) / sum(w) if sum(w) > 0 else sum(labels) / 2
+        assert c["soft_label"] == pytest.approx(expected) and c["annotator"] == "consensus"
+        rows.append(labels)
+    a = cons["agreement"]
+    assert a["units"] == 4 and a["alpha_interval"] == pytest.approx(krippendorff_alpha(rows, "interval"))
+    assert set(a) >= {"pairwise_agreement", "fleiss_kappa", "alpha_nominal"}
+    main(base + [labelers, "feedback.combine=accuracy_weighted", f"feedback.clear_pairs={clear}"])
+    s = json.loads((rl / "summary.json").read_text())["rounds"][0]["labels"]
+    assert s["scores_computed"] == 0

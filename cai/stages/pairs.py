@@ -9,12 +9,19 @@ from pathlib import Path
 from cai.backends import Sampling, backend_for, check_backend, release, sampling_from_config
 from cai.constitution import load_constitution
 from cai.errors import CaiError
-from cai.feedback import LabelSettings, label_diagnostics
-from cai.human import load_human_comparisons, load_human_rankings, merge_sources, page_comparisons
+from cai.feedback import LabelSettings, clear_pairs_as_pairs, label_diagnostics
+from cai.human import (
+    combine_human,
+    load_human_comparisons,
+    load_human_rankings,
+    merge_sources,
+    page_comparisons,
+    page_gold,
+)
 from cai.io import read_jsonl
 from cai.models import ModelRef, resolve_model
 from cai.pair_sources import ContrastSettings, labeled_pairs_from_sources, load_contrast_context, read_chains
-from cai.prompts import load_prompts
+from cai.prompts import load_labeled_set, load_prompts
 from cai.runs import run_dir_for
 from cai.store import JsonlStore
 from cai.templates import load_template
@@ -73,13 +80,15 @@ def read_inputs(cfg):
     f = cfg.feedback
     if f.source != "human":  # source=human samples and labels nothing
         check_backend(cfg.policy, "policy")
-        check_backend(f.labeler, "feedback.labeler")
+        for name, m in f.all_labelers():
+            check_backend(m, name)
     settings = LabelSettings(
         seed=cfg.seed, principles_per_pair=f.principles_per_pair,
         conversation_template=load_template(f.conversation_template), template=load_template(f.template),
         cot=f.cot, cot_template=load_template(f.cot_template), cot_answer=load_template(f.cot_answer_template),
         cot_sampling=Sampling(max_new_tokens=f.cot_max_new_tokens, temperature=0.0),
-        cot_clamp=(f.cot_clamp_low, f.cot_clamp_high))
+        cot_clamp=(f.cot_clamp_low, f.cot_clamp_high),
+        clear_pairs=clear_pairs_as_pairs(load_labeled_set(f.clear_pairs)) if f.labeler_accuracy() else None)
     if f.principles_per_pair > len(constitution.feedback):
         raise CaiError(f"feedback.principles_per_pair={f.principles_per_pair}: {cfg.constitution} has only "
                        f"{len(constitution.feedback)} feedback principles")
@@ -148,15 +157,18 @@ def sample_and_label(cfg, policy_path: str, prompts, constitution, settings, sto
     with store.tracking() as used:
         comparisons, by_source = labeled_pairs_from_sources(
             prompts, cfg.pairs.weights(), cfg.seed, prompt_sets=prompt_sets or {}, policy=policy_backend,
-            labeler_factory=lambda: backend_for(cfg.feedback.labeler, progress=False),
+            labelers=[(name, lambda m=m: backend_for(m, progress=False), m.batch_size)
+                      for name, m in cfg.feedback.all_labelers()],
             release_policy=lambda: release(policy_backend), sampling=sampling, constitution=constitution,
             label_settings=settings, store=store, plan_dir=plan_dir, batch_size=cfg.policy.batch_size,
-            label_batch_size=cfg.feedback.labeler.batch_size, n=cfg.pairs.n, chains=chains, contrast=contrast,
-            progress=cfg.progress, label=label)
+            n=cfg.pairs.n, chains=chains, contrast=contrast, progress=cfg.progress, label=label,
+            combine=cfg.feedback.combine, clear=settings.clear_pairs)
     seconds = time.time() - t0
     labeled_by_ai = [c for c in comparisons if c.get("agree") is not None]
     diag = label_diagnostics(labeled_by_ai, human)
     diag["pairs"] = len(comparisons)
+    if "consensus" in by_source:
+        diag["consensus"] = by_source.pop("consensus")
     counts = {"pairs": len(comparisons), "answers_generated": by_source.pop("answers_generated"),
               "answers_reused": by_source.pop("answers_reused"), "scores_computed": by_source.pop("scores_computed"),
               "scores_reused": by_source.pop("scores_reused"), "seconds": round(seconds, 1),
@@ -207,10 +219,15 @@ def round_comparisons(cfg, policy_path: str, prompts, constitution, settings, st
                       prompt_sets: dict[str, str], already: list[dict] = ()) -> tuple[list[dict], dict, dict]:
     """One round's comparisons by feedback.source: human (the human labels are the comparisons; RLHF), ai (pairs
     from the sources, AI labels), or mixed (merged by mixed_rule). Comparisons already in `already` (an earlier
-    round's) are not repeated: human labels enter once, in the first round that uses them."""
+    round's) are not repeated: human labels enter once, in the first round that uses them. Several people's
+    labels on one pair are combined by human.combine (cai.human.combine_human), with their agreement and each
+    annotator's reliability and gold accuracy in the diagnostics."""
+    human_report = None
+    if human:
+        human, human_report = combine_human(human, cfg.human.combine, page_gold(run_dir_for(cfg)))
     if cfg.feedback.source == "human":
         comps = human
-        diag = {"pairs": len(human), "source": "human", "annotators": len({c["annotator"] for c in human}),
+        diag = {"pairs": len(human), "source": "human", "annotators": len(human_report["annotators"]),
                 "mean_margin": sum(abs(c["soft_label"] - 0.5) for c in human) / max(len(human), 1)}
         counts = {"pairs": len(human), "answers_generated": 0, "answers_reused": 0, "scores_computed": 0,
                   "scores_reused": 0}
@@ -219,6 +236,8 @@ def round_comparisons(cfg, policy_path: str, prompts, constitution, settings, st
                                                label, human, chains, contrast, prompt_sets)
         if cfg.feedback.source == "mixed":
             comps = merge_sources(comps, human, cfg.feedback.mixed_rule)
+    if human_report is not None:
+        diag["human_consensus"] = human_report
     seen = {c["key"] for c in already}
     repeated = sum(c["key"] in seen for c in comps)
     comps = [c for c in comps if c["key"] not in seen]
@@ -233,6 +252,18 @@ def round_comparisons(cfg, policy_path: str, prompts, constitution, settings, st
 def print_diagnostics(title: str, diag: dict, counts: dict) -> None:
     fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
     print(f"\n{title}")
+    h = diag.get("human_consensus")
+    if h:
+        print(f"  human labels: {h['labels']} on {h['pairs']} pairs ({h['pairs_with_several']} labeled by two or "
+              f"more), combined: {h['combine']}")
+        for name, r in h["annotators"].items():
+            print(f"    {name}: {r['labels']} pairs, gold accuracy {fmt(r['gold_accuracy'])} (n={r['gold_count']}), "
+                  f"reliability {fmt(r['reliability'])}, agreement with the combined label "
+                  f"{fmt(r['agreement_with_consensus'])}")
+        a = h.get("agreement")
+        if a:
+            print(f"    agreement: pairwise {fmt(a['pairwise_agreement']['mean'])}  Fleiss' kappa "
+                  f"{fmt(a['fleiss_kappa'])}  Krippendorff's alpha nominal {fmt(a['alpha_nominal'])}")
     if diag.get("source") == "human":
         print(f"  {diag['pairs']} human comparisons from {diag['annotators']} annotator(s), "
               f"mean |p-0.5| {fmt(diag['mean_margin'])}")
@@ -244,3 +275,16 @@ def print_diagnostics(title: str, diag: dict, counts: dict) -> None:
     print(f"  position consistency {fmt(diag['position_consistency'])}  mean |p-0.5| {fmt(diag['mean_margin'])}  "
           f"near 0.5 {fmt(diag['share_near_half'])}  human agreement {fmt(diag['human_agreement'])} "
           f"(shared {diag['human_shared']})")
+    cons = diag.get("consensus")
+    if cons:
+        print(f"  labelers combined by {cons['combine']}:")
+        for d in cons["labelers"]:
+            print(f"    {d['labeler']} ({d['identity']}): position consistency {fmt(d['position_consistency'])}  "
+                  f"clear-pair accuracy {fmt(d['clear_accuracy'])} (n={d['clear_count']}; chance 0.5)  "
+                  f"weight {fmt(d['weight'])}")
+        a = cons.get("agreement")
+        if a:
+            print(f"    agreement on {a['units']} pairs: pairwise (hard choices) "
+                  f"{fmt(a['pairwise_agreement']['mean'])}  Fleiss' kappa {fmt(a['fleiss_kappa'])} "
+                  f"(n={a['fleiss_units']})  Krippendorff's alpha nominal {fmt(a['alpha_nominal'])}, "
+                  f"interval (soft labels) {fmt(a['alpha_interval'])}")

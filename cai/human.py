@@ -222,7 +222,11 @@ def load_demonstrations(path: str | Path) -> list[dict]:
 
 
 def is_helpful(c: dict) -> bool:
-    """A helpfulness comparison: category "helpful", or a prompt id from a helpful set ("help-...")."""
+    """A helpfulness comparison: the prompt source it was sampled for (`prompt_set`, recorded on every AI pair by
+    stage=rl/dpo: the `helpful` prompt file whatever its ids and categories); for a record without one (imported
+    human labels), category "helpful" or a prompt id from the shipped helpful sets ("help-...")."""
+    if c.get("prompt_set"):
+        return c["prompt_set"] == "helpful"
     return c.get("category") == "helpful" or str(c.get("prompt_id", "")).startswith("help-")
 
 

@@ -296,6 +296,17 @@ def test_merge_by_category():
                                        "h-other-help", "h-cat-only"]
 
 
+def test_by_category_follows_the_recorded_prompt_set():
+    """A user's own helpful set (ids and categories of their own) is split by the prompt file each pair came from,
+    recorded as prompt_set; without it the id prefix/category decide, and a recorded red_team set wins over both."""
+    own = [dict(ai("ai-mine", "soup?", "s1", "s2", "cooking", "mine-1"), prompt_set="helpful"),
+           dict(ai("ai-tea", "tea?", "t1", "t2", "helpful", "x-1"), prompt_set="red_team")]
+    people = [hum("h-mine", "soup?", "s1", "s2", "ann-1"), hum("h-tea", "tea?", "t1", "t2", "ann-1")]
+    assert [r["key"] for r in merge_sources(own, people, "by_category")] == ["h-mine", "ai-tea"]
+    bare = [{k: v for k, v in r.items() if k != "prompt_set"} for r in own]
+    assert [r["key"] for r in merge_sources(bare, people, "by_category")] == ["ai-mine", "h-tea"]
+
+
 def test_merge_edge_cases():
     assert [r["key"] for r in merge_sources(AI, [], "human_first")] == [r["key"] for r in AI]
     # no AI labels: every human record, those of one pair together

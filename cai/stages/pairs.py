@@ -164,6 +164,8 @@ def sample_and_label(cfg, policy_path: str, prompts, constitution, settings, sto
             n=cfg.pairs.n, chains=chains, contrast=contrast, progress=cfg.progress, label=label,
             combine=cfg.feedback.combine, clear=settings.clear_pairs)
     seconds = time.time() - t0
+    for c in comparisons:  # which prompt file each pair came from: the helpful/harmless split of mixed_rule
+        c["prompt_set"] = (prompt_sets or {}).get(c["prompt"], c.get("prompt_set") or "red_team")
     labeled_by_ai = [c for c in comparisons if c.get("agree") is not None]
     diag = label_diagnostics(labeled_by_ai, human)
     diag["pairs"] = len(comparisons)

@@ -113,3 +113,9 @@ def test_verdict_says_plainly_what_changed_against_the_base():
     assert line.startswith("sl against base: harmful prompts (red) refused 60.0% vs 10.0% (+50.0 points, more harmless)")
     assert "helpful prompts (help) refused 25.0% vs 0.0% (+25.0 points, refuses harmless requests more: a cost)" in line
     assert "repeating answers 10.0% vs 40.0%" in line
+    # a helpful set is told by its file name too (the shipped ones have categories such as cooking)
+    for m in summaries.values():
+        m["x/my_helpful_set.jsonl"] = summ(["cooking"])
+    rows += [dict(r, set="x/my_helpful_set.jsonl") for r in rows if r["set"] == "x/help.jsonl"]
+    [line] = verdict({"baseline": "base", "rows": rows, "summaries": summaries})
+    assert "helpful prompts (my_helpful_set) refused 25.0%" in line

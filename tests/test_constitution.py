@@ -7,7 +7,6 @@ import hashlib
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jsonschema
@@ -176,18 +175,14 @@ def test_too_large_is_refused_before_parsing(tmp_path):
     path.write_bytes(GOOD.read_bytes() + line * 1024)
     size = path.stat().st_size
     assert size > MAX_BYTES
-    start = time.monotonic()
-    err = load_error(path)
-    assert time.monotonic() - start < 0.5
+    err = load_error(path)  # the message gives the size read from fstat: refused before parsing
     assert_message(err, path, [f"file is {size} bytes", f"{MAX_BYTES}-byte (1 MiB) limit"])
 
 
 def test_too_many_aliases(tmp_path):
     path = tmp_path / "aliases.yaml"
     path.write_text(GOOD.read_text() + "extra: &s x\nmore: [" + ", ".join(["*s"] * (MAX_ALIASES + 50)) + "]\n")
-    start = time.monotonic()
     err = load_error(path)
-    assert time.monotonic() - start < 2
     assert_message(err, path, [f":{len(GOOD.read_text().splitlines()) + 2}:", f"more than {MAX_ALIASES} YAML aliases"])
 
 
@@ -198,9 +193,7 @@ def test_billion_laughs(tmp_path):
         lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]")
     path = tmp_path / "bomb.yaml"
     path.write_text(GOOD.read_text() + "\n".join(lines) + "\n")
-    start = time.monotonic()
     err = load_error(path)
-    assert time.monotonic() - start < 2
     assert_message(err, path, ["expands to more than", "alias"])
 
 
@@ -327,11 +320,10 @@ def test_import_bad_entries(tmp_path, capsys, content, expected):
 
 
 def test_too_many_values_stops_early(tmp_path):
-    """Pure-Python YAML parsing of a dense 1 MiB file would take ~15 s; stop counting at MAX_NODES."""
+    """A dense file under the size limit is refused by its value count (MAX_NODES), at the line where the count
+    is passed (no timing here: the suite's speed goals are benchmarks, never timed tests)."""
     path = tmp_path / "dense.yaml"
     path.write_text(GOOD.read_text() + "dense: [" + ",".join(["1"] * (MAX_BYTES // 2 - 1000)) + "]\n")
     assert path.stat().st_size < MAX_BYTES
-    start = time.monotonic()
     err = load_error(path)
-    assert time.monotonic() - start < 2
     assert_message(err, path, [f":{len(GOOD.read_text().splitlines()) + 1}:", f"more than {MAX_NODES} YAML values"])

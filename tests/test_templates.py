@@ -22,6 +22,7 @@ EXPECTED_SLOTS = {
     "judge_mc.txt": FEEDBACK_SLOTS,  # cai.compare's judge
     "judge_harmless.txt": set(),  # judge questions (plain text)
     "judge_helpful.txt": set(),
+    "crlft_condition.txt": {"source"},  # C-RLFT's condition line (sft.crlft.condition_template)
 }
 
 

@@ -30,6 +30,21 @@ def python():
     return sys.executable
 
 
+def raw_exchange(host: str, port: int, data: bytes, timeout: float = 20) -> tuple[int, dict]:
+    """Raw bytes to a loopback server, read until it closes: (status, JSON body). A dropped connection fails here."""
+    import json
+    import socket
+
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(data)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1."), f"no HTTP answer: {head[:80]!r}"
+    return int(head.split()[1]), json.loads(body)
+
+
 def tiny_sl_run(root: Path, red_team_limit: int) -> tuple[Path, Path]:
     """A tiny SL-CAI run `r` under root/runs (the test constitution copied to root) to start RL from."""
     import shutil

@@ -38,6 +38,7 @@ from cai.label import (
     start_server,
 )
 from cai.runs import RunLock
+from tests.conftest import raw_exchange as conftest_raw_exchange
 
 from .conftest import ROOT
 from .test_human import SHAPE
@@ -287,16 +288,9 @@ def test_http_api_refuses_bad_requests(server):
 
 
 def raw_exchange(url: str, data: bytes) -> tuple[int, dict]:
-    """Raw bytes to the server, read until it closes: (status, JSON). A dropped connection fails here."""
+    """Raw bytes to the labeling server at `url`: (status, JSON)."""
     host, port = url.split("/?token=")[0].removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=20) as s:
-        s.sendall(data)
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1."), f"no HTTP answer: {head[:80]!r}"
-    return int(head.split()[1]), json.loads(body)
+    return conftest_raw_exchange(host, int(port), data)
 
 
 def post_raw(url: str, body: bytes, length: bytes | None = None, path: str = "/api/label", extra: bytes = b""):

@@ -16,6 +16,7 @@ import pytest
 from cai.config import ServeConfig, build_config, parse_overrides
 from cai.errors import CaiError
 from cai.serve import _flags_to_overrides, check_bind, is_loopback, main, make_server
+from tests.conftest import raw_exchange
 
 from .conftest import ROOT
 
@@ -37,15 +38,8 @@ def port():
 
 
 def exchange(port: int, data: bytes, timeout: float = 20) -> tuple[int, dict]:
-    """Send raw bytes, read until the server closes; (status, JSON body). A dropped connection fails here."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(data)
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1."), f"no HTTP answer: {head[:80]!r}"
-    return int(head.split()[1]), json.loads(body)
+    """Send raw bytes to the server on 127.0.0.1: (status, JSON body)."""
+    return raw_exchange("127.0.0.1", port, data, timeout)
 
 
 def request(port, method, path, body=b"", key=KEY, headers=(), length=True):

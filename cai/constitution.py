@@ -32,7 +32,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from cai.errors import CaiError, cli_main
-from cai.io import YAML_MAX_ALIASES, YAML_MAX_BYTES, YAML_MAX_NODES, parse_yaml
+from cai.io import YAML_MAX_ALIASES, YAML_MAX_BYTES, YAML_MAX_NODES, parse_yaml, read_yaml_bytes
 from cai.io import yaml_field as _field
 from cai.io import yaml_where as _where
 from cai.paths import resolve_path
@@ -78,20 +78,7 @@ def principle_sha(text: str) -> str:
 def load_constitution(path: str | os.PathLike) -> Constitution:
     """Read, parse and validate a constitution file; any problem is a one-line CaiError."""
     name = str(path)
-    p = resolve_path(path)
-    try:
-        with open(p, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > MAX_BYTES:
-                raise CaiError(f"{name}: file is {size} bytes, over the {MAX_BYTES}-byte (1 MiB) limit "
-                               f"for a constitution; refusing to parse it")
-            data = f.read(MAX_BYTES + 1)
-    except FileNotFoundError:
-        raise CaiError(f"{name}: constitution file not found") from None
-    except IsADirectoryError:
-        raise CaiError(f"{name}: is a directory, expected a constitution YAML file") from None
-    except OSError as e:
-        raise CaiError(f"{name}: cannot read: {e.strerror}") from None
+    data = read_yaml_bytes(resolve_path(path), "constitution", name)
     return parse_constitution(data, name)
 
 

@@ -44,8 +44,8 @@ def read_text(path: str | Path) -> str:
         raise CaiError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}); save the file as UTF-8") from None
 
 
-def read_yaml_text(path: str | Path, what: str = "config", shown: str | None = None) -> str:
-    """The text of a YAML file: at most YAML_MAX_BYTES of UTF-8; anything else is a one-line CaiError."""
+def read_yaml_bytes(path: str | Path, what: str = "config", shown: str | None = None) -> bytes:
+    """The bytes of a YAML file, at most YAML_MAX_BYTES (size checked before reading); a one-line CaiError else."""
     shown = shown or str(path)
     try:
         with open(path, "rb") as f:
@@ -53,13 +53,19 @@ def read_yaml_text(path: str | Path, what: str = "config", shown: str | None = N
             if size > YAML_MAX_BYTES:
                 raise CaiError(f"{shown}: file is {size} bytes, over the {YAML_MAX_BYTES}-byte (1 MiB) limit "
                                f"for a {what} file; refusing to parse it")
-            data = f.read(YAML_MAX_BYTES + 1)
+            return f.read(YAML_MAX_BYTES + 1)
     except FileNotFoundError:
         raise CaiError(f"{shown}: {what} file not found") from None
     except IsADirectoryError:
         raise CaiError(f"{shown}: is a directory, expected a {what} YAML file") from None
     except OSError as e:
         raise CaiError(f"{shown}: cannot read: {e.strerror}") from None
+
+
+def read_yaml_text(path: str | Path, what: str = "config", shown: str | None = None) -> str:
+    """The text of a YAML file: at most YAML_MAX_BYTES of UTF-8; anything else is a one-line CaiError."""
+    shown = shown or str(path)
+    data = read_yaml_bytes(path, what, shown)
     if len(data) > YAML_MAX_BYTES:
         raise CaiError(f"{shown}: file is over the {YAML_MAX_BYTES}-byte (1 MiB) limit for a {what} file; "
                        f"refusing to parse it")

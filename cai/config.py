@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import urllib.parse
@@ -854,10 +855,17 @@ def load_config(argv: list[str]):
     return build_config(schemas[stage], data, str(path), overrides)
 
 
+@functools.cache
+def _structured(schema: type):
+    """The schema's defaults as an OmegaConf tree, built once per schema (half the cost of a load). Never
+    modified: `OmegaConf.merge` copies its first argument."""
+    return OmegaConf.structured(schema)
+
+
 def build_config(schema: type, data: dict, source: str, overrides: list[tuple[str, Any]] = ()):
     """schema <- data (from `source`) <- overrides, as a checked dataclass instance."""
     _check_keys(data, schema, source)
-    base = OmegaConf.structured(schema)
+    base = _structured(schema)
     try:
         cfg = OmegaConf.merge(base, data)
     except OmegaConfBaseException as e:

@@ -48,6 +48,7 @@ def records(path):
             for line in Path(path).read_text().splitlines()]
 
 
+@pytest.mark.slow  # the longest tiny-model runs go to `make test-slow`
 def test_launched_sl_run_matches_a_single_process_run(tmp_path):
     shutil.copyfile(ASSETS / "constitutions" / "good.yaml", tmp_path / "constitution.yaml")
     single = run_cmd([sys.executable, "-m", "cai.pipeline", *sl_args(tmp_path, "single")], tmp_path)

@@ -29,6 +29,7 @@ def lines(path):
     return path.read_text().splitlines()
 
 
+@pytest.mark.slow  # the longest tiny-model runs go to `make test-slow`
 def test_online_dpo_rounds_resume_and_costs(sl_run):
     from cai.models import resolve_model
 

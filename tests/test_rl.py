@@ -65,6 +65,7 @@ def test_rl_stage_with_trl_group_algorithms(sl_run, algorithm):
     assert rl["algorithm"] == algorithm and rl["steps"] >= 1 and rl["first_reward"] is not None
 
 
+@pytest.mark.slow  # the longest tiny-model runs go to `make test-slow`
 def test_group_rl_keeps_the_sl_cai_model_as_kl_anchor_over_rounds(sl_run, monkeypatch):
     """RLOO with rounds=2: round 2 starts from round 1's policy, but TRL's frozen reference must still be the
     SL-CAI weights (TRL builds it from the policy's own path, which drifted the anchor to each round's start)."""

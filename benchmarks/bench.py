@@ -708,91 +708,95 @@ def predict(fit: dict, row: dict) -> float:
 
 
 def bench_scaling(cfg, plan: dict, fast) -> dict:
-    """Generation and labeling on synthetic prompts of set lengths (`synthetic_prompts`) through the backend's own
-    paths: against batch size and prompt length on the sweeps' model, against width on the tiny preset widened;
-    PPO step time against rollout batch size and width (one subprocess); a cost model fitted on each; the plot."""
-    import gc
-
-    from cai.backends import Sampling
-    from cai.backends.transformers_backend import TransformersBackend
+    """Generation and labeling on prompts of set lengths (`synthetic_prompts`) through the backend's own paths,
+    against batch size and prompt length on the sweeps' model and against width on the tiny preset widened; PPO
+    step time against rollout batch size and width; a cost model fitted on each; the plot."""
     from cai.io import write_atomic
-    from cai.models import resolve_model, tiny_dir
 
-    b0, l0 = cfg.scaling_batch, cfg.scaling_prompt_length
-    rows: dict[tuple, dict] = {}
-
-    def measure(backend, name: str, sweep: str, kind: str, batch: int, length: int) -> None:
-        key = (backend.ref.identity, kind, batch, length)
-        if key not in rows:
-            rows[key] = {"model": name, "sweeps": [], **scaling_measure(backend, kind, batch, length, cfg, plan["text"])}
-            r = rows[key]
-            print(f"  scaling {kind} {name} batch {batch} prompt {r['prompt_tokens_mean']:.0f}: "
-                  f"{r['rate']:,.2f} {r['unit']}", flush=True)
-        rows[key]["sweeps"].append(sweep)
-
-    def warm_up(backend) -> None:  # kernel and allocator set-up, outside the timings
-        conv = synthetic_prompts(backend.tokenizer, plan["text"], 1, l0)
-        backend.generate(conv, Sampling(max_new_tokens=2), [0])
-        backend.option_logprobs([backend.chat_prompt(conv[0])], ["A", "B"])
-
-    ref = resolve_model(plan["model"])
-    reuse = fast is not None and fast.ref.identity == ref.identity
-    backend = fast if reuse else TransformersBackend(ref, dtype=cfg.dtype, device=cfg.device, progress=False)
-    warm_up(backend)
-    sweep_shape = model_shape(backend.model)
-    for kind in ("generate", "label"):
-        for b in plan["scaling_batches"]:
-            measure(backend, plan["model"], "batch", kind, b, l0)
-        for length in plan["scaling_prompt_lengths"]:
-            measure(backend, plan["model"], "prompt_length", kind, b0, length)
-    if not reuse:
-        del backend
-        gc.collect()
-    shapes, paths = {}, {}
-    for h in plan["scaling_widths"]:
-        paths[h] = str(tiny_dir(hidden_size=h))
-        backend = TransformersBackend(resolve_model(paths[h]), dtype=cfg.dtype, device=cfg.device, progress=False)
-        warm_up(backend)
-        shapes[h] = model_shape(backend.model)
-        for kind in ("generate", "label"):
-            measure(backend, f"tiny-w{h}", "width", kind, b0, l0)
-        del backend
-        gc.collect()
-    table_rows = list(rows.values())
-    throughput_fit = fit_nonnegative(table_rows, THROUGHPUT_FEATURES)
-    for r in table_rows:
+    rows, shapes, paths = scaling_throughput(cfg, plan, fast)
+    throughput_fit = fit_nonnegative(rows, THROUGHPUT_FEATURES)
+    for r in rows:
         r["predicted_seconds"] = predict(throughput_fit, r)
-
-    runs = [{"model": paths[h], "overrides": plan["ppo_overrides"][b], "hidden_size": h, "rollout_batch": b}
-            for h in plan["scaling_widths"] for b in plan["scaling_ppo_batches"]]
-    print(f"  scaling ppo: {len(runs)} runs of {cfg.ppo_steps} steps in a subprocess", flush=True)
-    ppo_rows = []
-    for run, res in zip(runs, run_ppo_child(cfg, [{"model": r["model"], "overrides": r["overrides"]} for r in runs])):
-        steps, h = res["step_seconds"], run["hidden_size"]
-        tokens = run["rollout_batch"] * (res["prompt_tokens_mean"] + res["answer_tokens_mean"])
-        ppo_rows.append({"hidden_size": h, "params": shapes[h]["params"], "rollout_batch": run["rollout_batch"],
-                         "mini_batch_size": res["mini_batch_size"], "ppo_steps": res["steps"],
-                         "first_step_seconds": steps[0], "step_seconds": sum(steps[1:]) / len(steps[1:])
-                         if len(steps) > 1 else steps[0], "rollout_tokens": tokens, "bf16": res["bf16"], "one": 1.0,
-                         "param_tokens": shapes[h]["params"] * tokens})
+    ppo_rows = scaling_ppo(cfg, plan, shapes, paths)
     ppo_fit = fit_nonnegative(ppo_rows, PPO_FEATURES, target="step_seconds")
     for r in ppo_rows:
         r["predicted_seconds"] = predict(ppo_fit, r)
 
-    big = 4 * max(plan["scaling_batches"])
-    prediction = {"model": plan["model"], "batch": big, "prompt_length": l0, "new_tokens": cfg.scaling_new_tokens}
+    big, l0, n = 4 * max(plan["scaling_batches"]), cfg.scaling_prompt_length, cfg.scaling_new_tokens
+    prediction = {"model": plan["model"], "batch": big, "prompt_length": l0, "new_tokens": n}
     for kind in ("generate", "label"):
-        feats = throughput_features(sweep_shape, *predicted_counts(kind, big, l0, cfg.scaling_new_tokens))
-        seconds = predict(throughput_fit, feats)
-        done = big * cfg.scaling_new_tokens if kind == "generate" else big / 2
-        prediction[kind] = done / seconds if seconds > 0 else None
-    out = {"model": plan["model"], "batch": b0, "prompt_length": l0, "new_tokens": cfg.scaling_new_tokens,
-           "widths": plan["scaling_widths"], "rows": table_rows, "ppo": ppo_rows,
+        seconds = predict(throughput_fit, throughput_features(shapes[plan["model"]],
+                                                              *predicted_counts(kind, big, l0, n)))
+        prediction[kind] = (big * n if kind == "generate" else big / 2) / seconds if seconds > 0 else None
+    out = {"model": plan["model"], "batch": cfg.scaling_batch, "prompt_length": l0, "new_tokens": n,
+           "widths": plan["scaling_widths"], "rows": rows, "ppo": ppo_rows,
            "fit": {"throughput": throughput_fit, "ppo": ppo_fit}, "prediction": prediction}
     plot = scaling_plot_path(cfg)
     write_atomic(plot, scaling_svg(out))
     out["plot"] = str(plot)
     return out
+
+
+def scaling_throughput(cfg, plan: dict, fast) -> tuple[list[dict], dict, dict]:
+    """The generation and labeling rows: the batch and prompt-length sweeps on the sweeps' model (the bench's own
+    backend when it is the same model), then each width. A point two sweeps share is measured once. Returns the
+    rows, each model's shape (by sweep model name and by width) and each width's model directory."""
+    import gc
+
+    from cai.backends import Sampling
+    from cai.backends.transformers_backend import TransformersBackend
+    from cai.feedback import OPTIONS
+    from cai.models import resolve_model, tiny_dir
+
+    b0, l0 = cfg.scaling_batch, cfg.scaling_prompt_length
+    rows: dict[tuple, dict] = {}
+    shapes, paths = {}, {}
+    ref = resolve_model(plan["model"])
+    models = [(plan["model"], ref, [("batch", b, l0) for b in plan["scaling_batches"]]
+               + [("prompt_length", b0, length) for length in plan["scaling_prompt_lengths"]])]
+    for h in plan["scaling_widths"]:
+        paths[h] = str(tiny_dir(hidden_size=h))
+        models.append((h, resolve_model(paths[h]), [("width", b0, l0)]))
+    for name, model_ref, points in models:
+        reuse = fast is not None and fast.ref.identity == model_ref.identity
+        backend = fast if reuse else TransformersBackend(model_ref, dtype=cfg.dtype, device=cfg.device, progress=False)
+        # warm-up (kernel and allocator set-up), outside the timings
+        conv = synthetic_prompts(backend.tokenizer, plan["text"], 1, l0)
+        backend.generate(conv, Sampling(max_new_tokens=2), [0])
+        backend.option_logprobs([backend.chat_prompt(conv[0])], list(OPTIONS))
+        shapes[name] = model_shape(backend.model)
+        label = name if isinstance(name, str) else f"tiny-w{name}"
+        for kind in ("generate", "label"):
+            for sweep, batch, length in points:
+                key = (model_ref.identity, kind, batch, length)
+                if key not in rows:
+                    rows[key] = {"model": label, "sweeps": [],
+                                 **scaling_measure(backend, kind, batch, length, cfg, plan["text"])}
+                    print(f"  scaling {kind} {label} batch {batch} prompt {rows[key]['prompt_tokens_mean']:.0f}: "
+                          f"{rows[key]['rate']:,.2f} {rows[key]['unit']}", flush=True)
+                rows[key]["sweeps"].append(sweep)
+        if not reuse:
+            del backend
+            gc.collect()
+    return list(rows.values()), shapes, paths
+
+
+def scaling_ppo(cfg, plan: dict, shapes: dict, paths: dict) -> list[dict]:
+    """PPO at each rollout batch size on each width, in one subprocess: seconds per step after the first."""
+    runs = [(h, b) for h in plan["scaling_widths"] for b in plan["scaling_ppo_batches"]]
+    print(f"  scaling ppo: {len(runs)} runs of {cfg.ppo_steps} steps in a subprocess", flush=True)
+    results = run_ppo_child(cfg, [{"model": paths[h], "overrides": plan["ppo_overrides"][b]} for h, b in runs])
+    rows = []
+    for (h, b), res in zip(runs, results):
+        steps = res["step_seconds"]
+        tokens = b * (res["prompt_tokens_mean"] + res["answer_tokens_mean"])
+        rows.append({"hidden_size": h, "params": shapes[h]["params"], "rollout_batch": b,
+                     "mini_batch_size": res["mini_batch_size"], "ppo_steps": res["steps"],
+                     "first_step_seconds": steps[0],
+                     "step_seconds": sum(steps[1:]) / len(steps[1:]) if len(steps) > 1 else steps[0],
+                     "rollout_tokens": tokens, "bf16": res["bf16"], "one": 1.0,
+                     "param_tokens": shapes[h]["params"] * tokens})
+    return rows
 
 
 def scaling_plot_path(cfg) -> Path:

@@ -836,8 +836,8 @@ SVG_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", 
 
 def log_ticks(lo: float, hi: float, data: list[float], at_data: bool) -> list[float]:
     """Ticks of a log axis spanning [lo, hi]: with at_data, the data's own values when there are at most six of
-    them (batch sizes, widths); else 1-2-5 steps (powers of ten alone when those are too many), or the data's
-    extremes when no step falls in the range."""
+    them (batch sizes, widths); else 1-2-5 steps (powers of ten alone when those are too many), with the data's
+    extremes added when fewer than two steps fall in the range."""
     import math
 
     values = sorted(set(data))
@@ -847,10 +847,12 @@ def log_ticks(lo: float, hi: float, data: list[float], at_data: bool) -> list[fl
              for m in (1, 2, 5) if lo <= m * 10.0**e <= hi]
     if len(ticks) > 8:
         ticks = [t for t in ticks if f"{t:.0e}".startswith("1")]
-    return ticks if len(ticks) >= 2 else [values[0], values[-1]]
+    return ticks if len(ticks) >= 2 else sorted(set(ticks + [values[0], values[-1]]))
 
 
 def tick_label(v: float) -> str:
+    if v == int(v) and abs(v) < 1e4:
+        return str(int(v))
     for suffix, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(v) >= size:
             return f"{v / size:.3g}{suffix}"

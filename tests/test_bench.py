@@ -182,7 +182,7 @@ def test_svg_is_well_formed_with_a_line_per_series_and_log_ticks():
     width, height = float(root.get("width")), float(root.get("height"))
     texts = [t.text for t in root.iter(f"{SVG}text")]
     assert {"1", "4", "16"} <= set(texts) and "a & <b>" in texts and "batch size (log)" in texts
-    assert {"1", "10", "100", "1k", "10k"} <= set(texts)  # 1-2-5 ticks over 1..19683, powers of ten only
+    assert {"1", "10", "100", "1000", "10k"} <= set(texts)  # 1-2-5 ticks over 1..19683, powers of ten only
     for g in root.iter(f"{SVG}g"):
         if g.get("class") == "panel":
             ox, oy = (float(v) for v in g.get("transform")[len("translate("):-1].split(","))

@@ -1,4 +1,4 @@
-"""`python benchmarks/bench.py [sections=gen,label,roofline,accuracy,ppo,demo] [key=value ...]` (`make bench`)
+"""`python benchmarks/bench.py [sections=gen,label,roofline,accuracy,ppo,scaling,demo] [key=value ...]` (`make bench`)
 
 Measures the pipeline's hot paths on one model (default: the bundled SmolLM2-135M), each against a naive
 baseline measured in the same run, and prints the ratios beside the targets of issue 6:
@@ -14,6 +14,9 @@ baseline measured in the same run, and prints the ratios beside the targets of i
   high-water mark of the subprocess's resident set, ru_maxrss), once per variant in `ppo_variants`: full (the demo
   config as it is), separate (full, with a value model of its own), lora (LoRA adapters: the reference is the
   policy with its adapters disabled, the value a head on the policy's backbone);
+- scaling: how generation tokens/s and labeling labels/s grow with batch size and prompt length (on
+  `scaling_model`), and with model width (the tiny preset widened), and PPO step time with rollout batch size and
+  width; a table, an SVG plot beside `out`, and a cost model fitted on them to predict a bigger run's cost;
 - demo: `make demo` (constitution check, SL then RL demo configs) on a fresh run directory, timed.
 Every ratio is computed from rates measured in this run. The results (and the machine) go to `out` as JSON.
 """
@@ -36,7 +39,7 @@ from cai.errors import CaiError, cli_main
 from cai.paths import PROJECT_ROOT
 from cai.prompts import load_labeled_set
 
-SECTIONS = ("gen", "label", "roofline", "accuracy", "ppo", "demo")
+SECTIONS = ("gen", "label", "roofline", "accuracy", "ppo", "scaling", "demo")
 PPO_VARIANTS = {"full": [], "separate": ["ppo.value_model=separate"],
                 "lora": ["ppo.lora.enabled=true", "ppo.value_model=auto"]}
 TEMPLATES = "prompts/templates/feedback_mc.txt,prompts/templates/feedback_mc_shared_prefix.txt"
@@ -48,6 +51,9 @@ class BenchConfig:
                                           "(demo takes ~8 minutes)")
     model: str = F("smollm2-135m", "model of every section (tiny: seconds, for tests)")
     dtype: str = F("auto", "dtype of the fast paths (auto: bf16 where the CPU has it); baselines are float32")
+    device: str = F("auto", "device of the fast paths, the baselines and the scaling section's models: auto (cuda "
+                            "when available) | cpu | cuda | cuda:N; PPO runs where accelerate puts it (cuda when "
+                            "available)", device=True)
     batch_size: int = F(16, "batch size of the fast paths (generation, labeling)")
     gen_prompts: int = F(12, "critique requests generated (red-team prompts of the labeled set)")
     gen_tokens: int = F(80, "new tokens per request; EOS is ignored on both paths, so each makes exactly this many")
@@ -64,10 +70,24 @@ class BenchConfig:
     repeats: int = F(1, "time each fast path and baseline this many times and keep the fastest (noisy machines)")
     matmul_size: int = F(2048, "side of the square matmuls that measure FLOP/s")
     ppo_config: str = F("pipelines/demo_rl.yaml", "stage config whose ppo settings and prompts the ppo section uses")
-    ppo_steps: int = F(4, "PPO steps in the ppo section (the demo runs 4)")
+    ppo_steps: int = F(4, "PPO steps of each run in the ppo and scaling sections (the demo runs 4); s/step leaves out "
+                          "the first step, which includes loading")
     ppo_variants: str = F("full,separate,lora", "comma-separated PPO variants of the ppo section, each in its own "
                                                 "subprocess: " + ", ".join(f"{k} ({' '.join(v) or 'the config as it is'})"
                                                                          for k, v in PPO_VARIANTS.items()))
+    scaling_model: str = F("", "model of the scaling section's batch and prompt-length sweeps ('' = model)")
+    scaling_batches: str = F("1,4,16", "scaling: batch sizes of the batch sweep (one batch of that many requests each)")
+    scaling_prompt_lengths: str = F("64,256,1024", "scaling: prompt lengths of the prompt-length sweep, in tokens of "
+                                                   "the chat prompt (template included)")
+    scaling_batch: int = F(4, "scaling: batch size of the prompt-length and width sweeps", ge=1)
+    scaling_prompt_length: int = F(256, "scaling: prompt length (tokens) of the batch and width sweeps", ge=1)
+    scaling_new_tokens: int = F(32, "scaling: new tokens per generated answer (EOS ignored: exactly this many)", ge=1)
+    scaling_widths: str = F("64,128,256", "scaling: hidden sizes of the width sweep: the tiny preset (2 layers, "
+                                          "hidden 64) widened, random init, cached like it; generation, labeling "
+                                          "and PPO on each")
+    scaling_ppo_batches: str = F("4,8", "scaling: PPO rollout batch sizes, each run on every width (ppo_config's "
+                                        "ppo settings otherwise, ppo_steps steps, all in one subprocess)")
+    scaling_plot: str = F("", "scaling: the SVG plot ('' = beside out: runs/bench.json -> runs/bench.scaling.svg)")
     demo_runs_dir: str = F("", "runs_dir of the demo section's fresh run (default: a temporary directory, removed)")
     seed: int = F(0, "seed of sampling and principle choice")
     out: str = F("runs/bench.json", "JSON file for the results")
@@ -103,8 +123,8 @@ def machine() -> dict:
 def describe(m: dict) -> str:
     return (f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
             f"bf16 {'yes' if m['cpu_bf16'] else 'no'}{' (AMX)' if m.get('amx') else ''}, "
-            f"{m.get('memory_gb', '?')} GB RAM, torch {m['torch']}, transformers {m['transformers']}, "
-            f"load average at start {m['load_average_at_start'][0]}")
+            f"{m.get('memory_gb', '?')} GB RAM, {'GPU ' + m['gpu'] + ', ' if m.get('gpu') else ''}torch {m['torch']}, "
+            f"transformers {m['transformers']}, load average at start {m['load_average_at_start'][0]}")
 
 
 # --- inputs ------------------------------------------------------------------------------------------------
@@ -203,7 +223,7 @@ def bench_gen(cfg, fast, naive_model) -> dict:
     fast_tokens = sum(o.completion_tokens for o in outs)
 
     def naive_one(conv, new_tokens):
-        ids = torch.tensor([tok(fast.chat_prompt(conv), add_special_tokens=False)["input_ids"]])
+        ids = torch.tensor([tok(fast.chat_prompt(conv), add_special_tokens=False)["input_ids"]], device=naive_model.device)
         with torch.inference_mode():
             out = naive_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=0.7,
                                        top_p=0.9, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -245,9 +265,9 @@ def naive_option_logprob(model, tok, prompt: str, option: str) -> float:
 
     n = len(tok(prompt, add_special_tokens=False)["input_ids"])
     full = tok(prompt + option, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([full])
+    ids = torch.tensor([full], device=model.device)
     with torch.inference_mode():
-        logits = model(input_ids=ids, logits_to_keep=len(full) - n + 1).logits[0, :-1].float()
+        logits = model(input_ids=ids, logits_to_keep=len(full) - n + 1).logits[0, :-1].float().cpu()
     logp = torch.log_softmax(logits, dim=-1)
     return float(sum(logp[j, full[n + j]] for j in range(len(full) - n)))
 
@@ -295,16 +315,19 @@ def bench_label(cfg, fast, naive_model) -> dict:
 # --- roofline ----------------------------------------------------------------------------------------------
 
 
-def matmul_flops(dtype, n: int, seconds: float = 0.5) -> float:
-    """FLOP/s of an (n x n) @ (n x n) matmul: best of repeated timings for about `seconds`."""
+def matmul_flops(dtype, n: int, seconds: float = 0.5, device="cpu") -> float:
+    """FLOP/s of an (n x n) @ (n x n) matmul on `device`: best of repeated timings for about `seconds`."""
     import torch
 
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
+    sync()
     best, end = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < end or best == float("inf"):
         t = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
 
@@ -312,14 +335,10 @@ def matmul_flops(dtype, n: int, seconds: float = 0.5) -> float:
 def flops_per_token(model, context: float) -> tuple[float, str]:
     """Forward FLOPs per token: 2 * non-embedding params + 2 * n_layers * context * d_attn (Kaplan et al. 2020,
     https://arxiv.org/abs/2001.08361 table 1); the vocabulary projection runs for the scored position only."""
-    c = model.config
-    skip = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
-            for p in m.parameters()}
-    n = sum(p.numel() for p in model.parameters() if id(p) not in skip)
-    d_attn = c.num_attention_heads * getattr(c, "head_dim", c.hidden_size // c.num_attention_heads)
-    value = 2 * n + 2 * c.num_hidden_layers * context * d_attn
-    return value, (f"2 x {n:,} non-embedding params + 2 x {c.num_hidden_layers} layers x {context:.0f} context x "
-                   f"{d_attn} d_attn (Kaplan et al. 2020)")
+    s = model_shape(model)
+    value = 2 * s["params_nonembed"] + 2 * s["layers"] * context * s["d_attn"]
+    return value, (f"2 x {s['params_nonembed']:,} non-embedding params + 2 x {s['layers']} layers x {context:.0f} "
+                   f"context x {s['d_attn']} d_attn (Kaplan et al. 2020)")
 
 
 def bench_roofline(cfg, fast, label: dict | None) -> dict:
@@ -327,8 +346,8 @@ def bench_roofline(cfg, fast, label: dict | None) -> dict:
 
     context = label["mean_prompt_tokens"] if label else 256.0
     per_token, formula = flops_per_token(fast.model, context)
-    flops = {name: matmul_flops(dt, cfg.matmul_size) for name, dt in (("bfloat16", torch.bfloat16),
-                                                                       ("float32", torch.float32))}
+    flops = {name: matmul_flops(dt, cfg.matmul_size, device=fast.device)
+             for name, dt in (("bfloat16", torch.bfloat16), ("float32", torch.float32))}
     roof = {name: f / per_token for name, f in flops.items()}
     out = {"matmul_size": cfg.matmul_size, "matmul_gflop_s": {k: v / 1e9 for k, v in flops.items()},
            "flops_per_token": per_token, "formula": formula, "context": context, "roofline_tok_s": roof}
@@ -386,25 +405,50 @@ def bench_ppo_variants(cfg) -> dict:
 
 
 def bench_ppo(cfg, overrides: list[str] = ()) -> dict:
+    result = run_ppo_child(cfg, [{"model": cfg.model, "overrides": list(overrides)}])[0]
+    steps = result["step_seconds"]
+    return {**result, "first_step_seconds": steps[0],
+            "step_seconds_mean": sum(steps[1:]) / len(steps[1:]) if len(steps) > 1 else steps[0]}
+
+
+def run_ppo_child(cfg, runs: list[dict]) -> list[dict]:
+    """PPO runs ({"model", "overrides"} each, one after the other) in one subprocess; a result per run."""
     with tempfile.TemporaryDirectory(prefix="cai-bench-ppo-") as tmp:
         spec = Path(tmp) / "spec.json"
-        spec.write_text(json.dumps({"model": cfg.model, "config": cfg.ppo_config, "steps": cfg.ppo_steps,
-                                    "seed": cfg.seed, "dir": tmp, "overrides": list(overrides)}))
+        spec.write_text(json.dumps({"config": cfg.ppo_config, "steps": cfg.ppo_steps, "seed": cfg.seed, "dir": tmp,
+                                    "runs": runs}))
         t = time.perf_counter()
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--ppo-child", str(spec)], capture_output=True,
                               text=True)
         wall = time.perf_counter() - t
         if proc.returncode != 0:
-            raise RuntimeError(f"ppo section: the PPO subprocess failed:\n{proc.stderr[-3000:]}")
-        result = json.loads((Path(tmp) / "result.json").read_text())
-    steps = result["step_seconds"]
-    return {**result, "subprocess_seconds": wall, "first_step_seconds": steps[0],
-            "step_seconds_mean": sum(steps[1:]) / len(steps[1:]) if len(steps) > 1 else steps[0]}
+            raise RuntimeError(f"the PPO subprocess failed:\n{proc.stderr[-3000:]}")
+        results = json.loads((Path(tmp) / "result.json").read_text())
+    return [{**r, "subprocess_seconds": wall} for r in results]
 
 
 def ppo_child(spec_path: str) -> None:
+    """The spec's PPO runs, one after the other (`ppo_run`); their results go to result.json beside the spec."""
+    import torch
+
+    spec = json.loads(Path(spec_path).read_text())
+    results = []
+    for i, run in enumerate(spec["runs"]):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        work = Path(spec["dir"]) / f"run-{i}"
+        work.mkdir()
+        result = ppo_run(run["model"], spec["config"], spec["steps"], spec["seed"], work, run.get("overrides", []))
+        # the process's high-water mark so far (KiB on Linux): the ppo section runs one run per subprocess
+        result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        result["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        results.append(result)
+    (Path(spec["dir"]) / "result.json").write_text(json.dumps(results))
+
+
+def ppo_run(model: str, config: str, steps: int, seed: int, work: Path, overrides: list[str]) -> dict:
     """PPO as the RL stage runs it: a PM from the model (fresh scalar head) scores answers, the value model starts
-    from the PM (the demo's value_init), the reference is the starting policy."""
+    as the config says, the reference is the starting policy. Returns the time of every step and the settings."""
     import torch
 
     from cai.config import load_config
@@ -415,13 +459,11 @@ def ppo_child(spec_path: str) -> None:
     from cai.train.pm import init_pm, load_pm, score_answers
     from cai.train.ppo import run_ppo
 
-    spec = json.loads(Path(spec_path).read_text())
-    work = Path(spec["dir"])
-    cfg = load_config([f"config={spec['config']}", f"ppo.steps={spec['steps']}", f"ppo.save_every={spec['steps']}",
-                       "ppo.sample_every=0", *spec.get("overrides", [])])
-    ref = resolve_model(spec["model"])
+    cfg = load_config([f"config={config}", f"ppo.steps={steps}", f"ppo.save_every={steps}", "ppo.sample_every=0",
+                       *overrides])
+    ref = resolve_model(model)
     tok = load_tokenizer(ref)
-    pm = init_pm(ref, tok, spec["seed"])
+    pm = init_pm(ref, tok, seed)
     pm.save_pretrained(work / "pm", safe_serialization=True)
     tok.save_pretrained(work / "pm")
     del pm
@@ -431,15 +473,457 @@ def ppo_child(spec_path: str) -> None:
                       prompts, cfg.ppo, work / "ppo", Metrics(work / "metrics.jsonl", "rl"),
                       value_init=resolve_model(str(work / "pm")) if cfg.ppo.value_init == "pm" else None,
                       reference=ref, progress=False)
-    cumulative = [r["rl/ppo/seconds"] for r in read_jsonl(work / "metrics.jsonl") if "rl/ppo/seconds" in r]
+    rows = read_jsonl(work / "metrics.jsonl")
+    cumulative = [r["rl/ppo/seconds"] for r in rows if "rl/ppo/seconds" in r]
     step_seconds = [b - a for a, b in zip([0.0] + cumulative, cumulative)]
-    result = {"steps": len(step_seconds), "step_seconds": step_seconds, "bf16": summary.get("bf16"),
-              "overrides": spec.get("overrides", []), "lora": summary.get("lora"),
-              "value_model": summary.get("value_model"), "shared_reference": summary.get("shared_reference"),
-              "rollout_batch_size": cfg.ppo.rollout_batch_size, "max_new_tokens": cfg.ppo.max_new_tokens,
-              "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # KiB on Linux
-              "torch_threads": torch.get_num_threads()}
-    (work / "result.json").write_text(json.dumps(result))
+    answer_lengths = [r["rl/ppo/answer_length"] for r in rows if "rl/ppo/answer_length" in r]
+    prompt_lengths = [len(tok(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                      tokenize=False), add_special_tokens=False)["input_ids"])
+                      for p in prompts]
+    return {"steps": len(step_seconds), "step_seconds": step_seconds, "bf16": summary.get("bf16"),
+            "overrides": overrides, "lora": summary.get("lora"), "value_model": summary.get("value_model"),
+            "shared_reference": summary.get("shared_reference"), "rollout_batch_size": cfg.ppo.rollout_batch_size,
+            "mini_batch_size": cfg.ppo.mini_batch_size, "max_new_tokens": cfg.ppo.max_new_tokens,
+            "prompt_tokens_mean": sum(prompt_lengths) / len(prompt_lengths),
+            "answer_tokens_mean": sum(answer_lengths) / len(answer_lengths), "torch_threads": torch.get_num_threads()}
+
+
+# --- scaling: throughput and PPO step time against batch size, prompt length and model width ----------------------
+
+SCALING_LISTS = ("scaling_batches", "scaling_prompt_lengths", "scaling_widths", "scaling_ppo_batches")
+THROUGHPUT_FEATURES = ("passes", "weight_bytes", "flops", "sampled")  # cost model of a generate / scoring call
+PPO_FEATURES = ("one", "params", "param_tokens")  # the cost model of one PPO step
+
+
+def int_list(cfg, name: str) -> list[int]:
+    """A comma-separated setting of whole numbers >= 1, in its order, repeats dropped."""
+    raw = str(getattr(cfg, name))
+    try:
+        values = [int(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise CaiError(f"{name}={raw}: expected a comma-separated list of whole numbers >= 1, e.g. 1,4,16")
+    return list(dict.fromkeys(values))
+
+
+def chat_text(tok, content: str) -> str:
+    """A one-turn user conversation as the backends prompt it (cai's chat prompts: the generation prompt added)."""
+    return tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+
+
+def n_tokens(tok, text: str) -> int:
+    return len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def scaling_plan(cfg) -> dict:
+    """The scaling section's settings, checked before any work starts: the size lists, widths the tiny preset can
+    take, prompt lengths that leave room for text inside the chat template, the PPO settings at each rollout batch
+    size. Returns the lists by setting name, the sweeps' model, the PPO overrides per rollout batch size and the
+    text prompts are cut from (the labeled set's prompts and answers)."""
+    from cai.config import load_config
+    from cai.models import load_tokenizer, resolve_model, tiny_config
+
+    plan = {name: int_list(cfg, name) for name in SCALING_LISTS}
+    for h in plan["scaling_widths"]:
+        try:
+            tiny_config(h)
+        except CaiError as e:
+            raise CaiError(f"scaling_widths={cfg.scaling_widths}: {e}") from None
+    plan["model"] = cfg.scaling_model or cfg.model
+    lengths = [("scaling_prompt_lengths", cfg.scaling_prompt_lengths, plan["scaling_prompt_lengths"]),
+               ("scaling_prompt_length", cfg.scaling_prompt_length, [cfg.scaling_prompt_length])]
+    for model in dict.fromkeys([plan["model"], "tiny"]):  # the sweeps' model; the width sweep's tokenizer
+        overhead = n_tokens(tok := load_tokenizer(resolve_model(model)), chat_text(tok, ""))
+        for name, raw, values in lengths:
+            if min(values) <= overhead:
+                raise CaiError(f"{name}={raw}: {min(values)} tokens leaves no room for a prompt inside {model}'s "
+                               f"chat template ({overhead} tokens); expected lengths > {overhead}")
+    mini = load_config([f"config={cfg.ppo_config}"]).ppo.mini_batch_size
+    plan["ppo_overrides"] = {b: [f"ppo.rollout_batch_size={b}", f"ppo.mini_batch_size={min(b, mini)}"]
+                             for b in plan["scaling_ppo_batches"]}
+    for overrides in plan["ppo_overrides"].values():  # the settings the PPO runs will load, checked now
+        load_config([f"config={cfg.ppo_config}", *overrides])
+    plan["text"] = "\n\n".join(t for r in load_labeled_set(cfg.labeled_set) for t in (r["prompt"], r["better"], r["worse"]))
+    return plan
+
+
+def synthetic_prompts(tok, text: str, n: int, length: int) -> list[list[dict]]:
+    """n one-turn conversations whose chat prompts are `length` tokens (give or take a token where the cut text
+    re-tokenizes differently): slices of `text` (cycled) at n evenly spaced offsets, so the rows share nothing
+    but the chat template's own prefix."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    k = length - n_tokens(tok, chat_text(tok, ""))
+    step = max(1, len(ids) // n)
+    return [[{"role": "user", "content": tok.decode([ids[(i * step + j) % len(ids)] for j in range(k)])}]
+            for i in range(n)]
+
+
+class ForwardCounter:
+    """Counts what a model's forward passes compute while attached: passes, tokens in, rows that go through the
+    vocabulary projection and attended (query, key) position pairs (padded width), for the cost model."""
+
+    def __init__(self, model):
+        self.passes = self.tokens = self.logit_rows = self.attended = 0
+        self._handle = model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs) -> None:
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        rows, q = ids.shape
+        mask = kwargs.get("attention_mask")
+        keep = int(kwargs.get("logits_to_keep") or q)  # 0 / absent: every position
+        self.passes += 1
+        self.tokens += rows * q
+        self.logit_rows += rows * min(keep, q)
+        self.attended += rows * q * (mask.shape[1] if mask is not None else q)
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def model_shape(model) -> dict:
+    """What the cost model needs of a model: parameters (all; outside the embeddings), the vocabulary projection's
+    size, layers, attention width, and the bytes of weights one forward pass reads."""
+    c = model.config
+    embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+                  for p in m.parameters()}
+    nonembed = sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+    head = model.get_output_embeddings().weight.numel()
+    return {"params": sum(p.numel() for p in model.parameters()), "params_nonembed": nonembed, "head": head,
+            "layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
+            "d_attn": c.num_attention_heads * getattr(c, "head_dim", c.hidden_size // c.num_attention_heads),
+            "pass_bytes": (nonembed + head) * next(model.parameters()).element_size()}
+
+
+def throughput_features(shape: dict, passes: float, tokens: float, logit_rows: float, attended: float,
+                        sampled: float) -> dict:
+    """The cost model's inputs for forward passes that computed this much: passes, bytes of weights read (every
+    weight once a pass), FLOPs (2 per weight per token, the vocabulary projection for the rows that need it,
+    attention as Kaplan et al. 2020 table 1 counts it: 2 x layers x d_attn per attended position pair) and tokens
+    sampled (each a softmax and a top-256 over the vocabulary, on the CPU)."""
+    return {"passes": passes, "weight_bytes": passes * shape["pass_bytes"],
+            "flops": 2 * shape["params_nonembed"] * tokens + 2 * shape["head"] * logit_rows
+                     + 2 * shape["layers"] * shape["d_attn"] * attended, "sampled": sampled}
+
+
+def predicted_counts(kind: str, batch: int, length: int, new_tokens: int) -> tuple[int, ...]:
+    """(passes, tokens, logit rows, attended pairs, sampled tokens) of one batch, counted as the backend runs it
+    without shared prefixes: generation is a prefill and new_tokens - 1 decode steps; option scoring a prefill."""
+    if kind == "label":
+        return 1, batch * length, batch, batch * length * length, 0
+    decode = new_tokens - 1
+    return (1 + decode, batch * (length + decode), batch * new_tokens,
+            batch * (length * length + sum(length + j for j in range(1, decode + 1))), batch * new_tokens)
+
+
+def scaling_measure(backend, kind: str, batch: int, length: int, cfg, text: str) -> dict:
+    """One batch of `batch` prompts of `length` tokens through the backend: generation (kind=generate:
+    scaling_new_tokens each, EOS ignored, the SL demo's sampling) or option scoring (kind=label: both letters from
+    one forward, as the labeler scores them; a label is the two orders of one question, so labels = prompts / 2).
+    Timed (fastest of `repeats`), with what its forward passes computed (the counts of one call)."""
+    from cai.backends import Sampling
+    from cai.feedback import OPTIONS
+
+    convs = synthetic_prompts(backend.tokenizer, text, batch, length)
+    prompts = [backend.chat_prompt(c) for c in convs]
+    saved = backend.batch_size, backend.eos_ids
+    backend.batch_size, backend.eos_ids = batch, set()  # one batch; every row makes exactly new_tokens tokens
+    counter = ForwardCounter(backend.model)
+    try:
+        if kind == "generate":
+            sampling = Sampling(max_new_tokens=cfg.scaling_new_tokens, temperature=0.7, top_p=0.9)
+            seconds, outs = best_of(cfg.repeats, lambda: backend.generate(convs, sampling, list(range(batch))))
+            done = sum(o.completion_tokens for o in outs)
+        else:
+            seconds, _ = best_of(cfg.repeats, lambda: backend.option_logprobs(prompts, list(OPTIONS)))
+            done = batch / 2
+    finally:
+        counter.close()
+        backend.batch_size, backend.eos_ids = saved
+    shape = model_shape(backend.model)
+    counts = {k: getattr(counter, k) / cfg.repeats for k in ("passes", "tokens", "logit_rows", "attended")}
+    counts["sampled"] = done if kind == "generate" else 0
+    return {"kind": kind, "batch": batch, "prompt_length": length,
+            "prompt_tokens_mean": sum(n_tokens(backend.tokenizer, p) for p in prompts) / batch,
+            "new_tokens": cfg.scaling_new_tokens if kind == "generate" else 0, "seconds": seconds,
+            "rate": done / seconds, "unit": "tok/s" if kind == "generate" else "labels/s",
+            "hidden_size": shape["hidden_size"], "params": shape["params"],
+            "params_nonembed": shape["params_nonembed"], "dtype": _dtype(backend.model), **counts,
+            **throughput_features(shape, **counts)}
+
+
+def fit_nonnegative(rows: list[dict], features: tuple[str, ...], target: str = "seconds") -> dict:
+    """Least squares of target ~ sum_k c_k * feature_k with every c_k >= 0, on relative errors (each row divided
+    by its target, so a 10 ms and a 10 s measurement weigh alike).
+
+    Every subset of the features is solved by its normal equations and the best fit without a negative
+    coefficient wins: the exact non-negative least-squares solution (its nonzero coefficients are the
+    unconstrained fit on their subset), found by enumeration, which is cheap for a handful of features.
+    Returns {"coefficients": {feature: c}, "rms_rel_error", "max_rel_error", "rows"}."""
+    import itertools
+
+    k = len(features)
+    x = [[r[f] / r[target] for f in features] for r in rows]
+    scale = [max(abs(row[j]) for row in x) or 1.0 for j in range(k)]  # columns of similar size: a stable solve
+    xs = [[row[j] / scale[j] for j in range(k)] for row in x]
+    best = None
+    for size in range(1, k + 1):
+        for subset in itertools.combinations(range(k), size):
+            c = _normal_equations([[row[j] for j in subset] for row in xs], [1.0] * len(xs))
+            if c is None or min(c) < 0:
+                continue
+            coef = [0.0] * k
+            for j, v in zip(subset, c):
+                coef[j] = v / scale[j]
+            errors = [sum(coef[j] * row[j] for j in range(k)) - 1.0 for row in x]  # predicted / measured - 1
+            sse = sum(e * e for e in errors)
+            if best is None or sse < best[0]:
+                best = (sse, coef, errors)
+    if best is None:
+        raise ValueError(f"no non-negative fit of {target} on {features}")
+    _, coef, errors = best
+    return {"coefficients": dict(zip(features, coef)), "rms_rel_error": (best[0] / len(errors)) ** 0.5,
+            "max_rel_error": max(abs(e) for e in errors), "rows": len(rows)}
+
+
+def _normal_equations(a: list[list[float]], y: list[float]) -> list[float] | None:
+    """argmin |a c - y|^2 by the normal equations (Gaussian elimination, partial pivoting); None when singular."""
+    k = len(a[0])
+    m = [[sum(r[i] * r[j] for r in a) for j in range(k)] + [sum(r[i] * v for r, v in zip(a, y))] for i in range(k)]
+    tiny = 1e-12 * max(m[i][i] for i in range(k))
+    for col in range(k):
+        pivot = max(range(col, k), key=lambda i: abs(m[i][col]))
+        if abs(m[pivot][col]) <= tiny:
+            return None
+        m[col], m[pivot] = m[pivot], m[col]
+        for i in range(k):
+            if i != col:
+                f = m[i][col] / m[col][col]
+                m[i] = [u - f * v for u, v in zip(m[i], m[col])]
+    return [m[i][k] / m[i][i] for i in range(k)]
+
+
+def predict(fit: dict, row: dict) -> float:
+    return sum(c * row[f] for f, c in fit["coefficients"].items())
+
+
+def bench_scaling(cfg, plan: dict, fast) -> dict:
+    """Generation and labeling on prompts of set lengths (`synthetic_prompts`) through the backend's own paths,
+    against batch size and prompt length on the sweeps' model and against width on the tiny preset widened; PPO
+    step time against rollout batch size and width; a cost model fitted on each; the plot."""
+    from cai.io import write_atomic
+
+    rows, shapes, paths = scaling_throughput(cfg, plan, fast)
+    throughput_fit = fit_nonnegative(rows, THROUGHPUT_FEATURES)
+    for r in rows:
+        r["predicted_seconds"] = predict(throughput_fit, r)
+    ppo_rows = scaling_ppo(cfg, plan, shapes, paths)
+    ppo_fit = fit_nonnegative(ppo_rows, PPO_FEATURES, target="step_seconds")
+    for r in ppo_rows:
+        r["predicted_seconds"] = predict(ppo_fit, r)
+
+    big, l0, n = 4 * max(plan["scaling_batches"]), cfg.scaling_prompt_length, cfg.scaling_new_tokens
+    prediction = {"model": plan["model"], "batch": big, "prompt_length": l0, "new_tokens": n}
+    for kind in ("generate", "label"):
+        seconds = predict(throughput_fit, throughput_features(shapes[plan["model"]],
+                                                              *predicted_counts(kind, big, l0, n)))
+        prediction[kind] = (big * n if kind == "generate" else big / 2) / seconds if seconds > 0 else None
+    out = {"model": plan["model"], "batch": cfg.scaling_batch, "prompt_length": l0, "new_tokens": n,
+           "widths": plan["scaling_widths"], "rows": rows, "ppo": ppo_rows,
+           "fit": {"throughput": throughput_fit, "ppo": ppo_fit}, "prediction": prediction}
+    plot = scaling_plot_path(cfg)
+    write_atomic(plot, scaling_svg(out))
+    out["plot"] = str(plot)
+    return out
+
+
+def scaling_throughput(cfg, plan: dict, fast) -> tuple[list[dict], dict, dict]:
+    """The generation and labeling rows: the batch and prompt-length sweeps on the sweeps' model (the bench's own
+    backend when it is the same model), then each width. A point two sweeps share is measured once. Returns the
+    rows, each model's shape (by sweep model name and by width) and each width's model directory."""
+    import gc
+
+    from cai.backends import Sampling
+    from cai.backends.transformers_backend import TransformersBackend
+    from cai.feedback import OPTIONS
+    from cai.models import resolve_model, tiny_dir
+
+    b0, l0 = cfg.scaling_batch, cfg.scaling_prompt_length
+    rows: dict[tuple, dict] = {}
+    shapes, paths = {}, {}
+    ref = resolve_model(plan["model"])
+    models = [(plan["model"], ref, [("batch", b, l0) for b in plan["scaling_batches"]]
+               + [("prompt_length", b0, length) for length in plan["scaling_prompt_lengths"]])]
+    for h in plan["scaling_widths"]:
+        paths[h] = str(tiny_dir(hidden_size=h))
+        models.append((h, resolve_model(paths[h]), [("width", b0, l0)]))
+    for name, model_ref, points in models:
+        reuse = fast is not None and fast.ref.identity == model_ref.identity
+        backend = fast if reuse else TransformersBackend(model_ref, dtype=cfg.dtype, device=cfg.device, progress=False)
+        # warm-up (kernel and allocator set-up), outside the timings
+        conv = synthetic_prompts(backend.tokenizer, plan["text"], 1, l0)
+        backend.generate(conv, Sampling(max_new_tokens=2), [0])
+        backend.option_logprobs([backend.chat_prompt(conv[0])], list(OPTIONS))
+        shapes[name] = model_shape(backend.model)
+        label = name if isinstance(name, str) else f"tiny-w{name}"
+        for kind in ("generate", "label"):
+            for sweep, batch, length in points:
+                key = (model_ref.identity, kind, batch, length)
+                if key not in rows:
+                    rows[key] = {"model": label, "sweeps": [],
+                                 **scaling_measure(backend, kind, batch, length, cfg, plan["text"])}
+                    print(f"  scaling {kind} {label} batch {batch} prompt {rows[key]['prompt_tokens_mean']:.0f}: "
+                          f"{rows[key]['rate']:,.2f} {rows[key]['unit']}", flush=True)
+                rows[key]["sweeps"].append(sweep)
+        if not reuse:
+            del backend
+            gc.collect()
+    return list(rows.values()), shapes, paths
+
+
+def scaling_ppo(cfg, plan: dict, shapes: dict, paths: dict) -> list[dict]:
+    """PPO at each rollout batch size on each width, in one subprocess: seconds per step after the first."""
+    runs = [(h, b) for h in plan["scaling_widths"] for b in plan["scaling_ppo_batches"]]
+    print(f"  scaling ppo: {len(runs)} runs of {cfg.ppo_steps} steps in a subprocess", flush=True)
+    results = run_ppo_child(cfg, [{"model": paths[h], "overrides": plan["ppo_overrides"][b]} for h, b in runs])
+    rows = []
+    for (h, b), res in zip(runs, results):
+        steps = res["step_seconds"]
+        tokens = b * (res["prompt_tokens_mean"] + res["answer_tokens_mean"])
+        rows.append({"hidden_size": h, "params": shapes[h]["params"], "rollout_batch": b,
+                     "mini_batch_size": res["mini_batch_size"], "ppo_steps": res["steps"],
+                     "first_step_seconds": steps[0],
+                     "step_seconds": sum(steps[1:]) / len(steps[1:]) if len(steps) > 1 else steps[0],
+                     "rollout_tokens": tokens, "bf16": res["bf16"], "one": 1.0,
+                     "param_tokens": shapes[h]["params"] * tokens})
+    return rows
+
+
+def scaling_plot_path(cfg) -> Path:
+    if cfg.scaling_plot:
+        return Path(cfg.scaling_plot)
+    out = Path(cfg.out)
+    return out.with_name(out.name.removesuffix(".json") + ".scaling.svg")
+
+
+def scaling_svg(s: dict) -> str:
+    """The scaling section's four log-log panels: throughput against batch size, prompt length and width; PPO
+    step time against width, one line per rollout batch size."""
+    names = {"generate": "generation, new tokens/s", "label": "labeling, labels/s"}
+
+    def lines(sweep: str, x: str) -> list[dict]:
+        return [{"name": name, "points": sorted((r[x], r["rate"]) for r in s["rows"]
+                                                if r["kind"] == kind and sweep in r["sweeps"])}
+                for kind, name in names.items()]
+
+    ppo_batches = list(dict.fromkeys(r["rollout_batch"] for r in s["ppo"]))
+    return svg_loglog([
+        {"title": f"{s['model']}: vs batch size (prompts of {s['prompt_length']} tokens)", "x": "batch size",
+         "y": "per second", "series": lines("batch", "batch")},
+        {"title": f"{s['model']}: vs prompt length (batch {s['batch']})", "x": "prompt tokens",
+         "y": "per second", "series": lines("prompt_length", "prompt_length")},
+        {"title": f"tiny preset widened: vs width (batch {s['batch']}, {s['prompt_length']} tokens)",
+         "x": "hidden size", "y": "per second", "series": lines("width", "hidden_size")},
+        {"title": "tiny preset widened: PPO step time vs width", "x": "hidden size", "y": "seconds per step",
+         "series": [{"name": f"rollout batch {b}", "points": sorted((r["hidden_size"], r["step_seconds"])
+                                                                   for r in s["ppo"] if r["rollout_batch"] == b)}
+                    for b in ppo_batches]},
+    ], title=f"make bench, scaling section: {s['new_tokens']} new tokens per answer; lines join measurements")
+
+
+SVG_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+
+
+def log_ticks(lo: float, hi: float, data: list[float], at_data: bool) -> list[float]:
+    """Ticks of a log axis spanning [lo, hi]: with at_data, the data's own values when there are at most six of
+    them (batch sizes, widths); else 1-2-5 steps (powers of ten alone when those are too many), with the data's
+    extremes added when fewer than two steps fall in the range."""
+    import math
+
+    values = sorted(set(data))
+    if at_data and len(values) <= 6:
+        return values
+    ticks = [m * 10.0**e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+             for m in (1, 2, 5) if lo <= m * 10.0**e <= hi]
+    if len(ticks) > 8:
+        ticks = [t for t in ticks if f"{t:.0e}".startswith("1")]
+    return ticks if len(ticks) >= 2 else sorted(set(ticks + [values[0], values[-1]]))
+
+
+def tick_label(v: float) -> str:
+    if v == int(v) and abs(v) < 1e4:
+        return str(int(v))
+    for suffix, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= size:
+            return f"{v / size:.3g}{suffix}"
+    return f"{v:.3g}"
+
+
+def svg_loglog(panels: list[dict], title: str = "", columns: int = 2) -> str:
+    """Log-log line charts as one self-contained SVG, no plotting library: panels = [{"title", "x", "y" (axis
+    labels), "series": [{"name", "points": [(x, y), ...]}]}], laid out `columns` to a row. Each series is a
+    polyline (class "series") with a dot per point; each panel has ticks on both axes and a legend on its right.
+    Points with x or y <= 0 cannot be drawn on a log axis and are left out."""
+    import math
+    from xml.sax.saxutils import escape, quoteattr
+
+    pw, ph = 560, 320  # panel size
+    left, right, top, bottom = 62, 190, 34, 48  # plot area margins inside a panel; the legend sits on the right
+    head = 30 if title else 0
+    rows_n = -(-len(panels) // columns)
+    width, height = pw * min(columns, len(panels)), head + ph * rows_n
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{width}" height="{height}" fill="white"/>']
+    if title:
+        out.append(f'<text x="10" y="20" font-size="13">{escape(title)}</text>')
+    for n, panel in enumerate(panels):
+        ox, oy = pw * (n % columns), head + ph * (n // columns)
+        x0, x1, y0, y1 = left, pw - right, top, ph - bottom  # plot area, in panel coordinates
+        series = [[(x, y) for x, y in s["points"] if x > 0 and y > 0] for s in panel["series"]]
+        xs = [x for pts in series for x, _ in pts] or [1.0]
+        ys = [y for pts in series for _, y in pts] or [1.0]
+
+        def span(values):  # log range with a margin; a single value gets a factor of 2 either side
+            lo, hi = min(values), max(values)
+            pad = 0.08 * (math.log10(hi) - math.log10(lo)) or math.log10(2)
+            return 10 ** (math.log10(lo) - pad), 10 ** (math.log10(hi) + pad)
+
+        (xlo, xhi), (ylo, yhi) = span(xs), span(ys)
+
+        def px(x, lo=xlo, hi=xhi):
+            return x0 + (x1 - x0) * (math.log10(x) - math.log10(lo)) / (math.log10(hi) - math.log10(lo))
+
+        def py(y, lo=ylo, hi=yhi):
+            return y1 - (y1 - y0) * (math.log10(y) - math.log10(lo)) / (math.log10(hi) - math.log10(lo))
+
+        out.append(f'<g class="panel" transform="translate({ox},{oy})">')
+        out.append(f'<text x="{x0}" y="20" font-size="12" font-weight="bold">{escape(panel["title"])}</text>')
+        for t in log_ticks(xlo, xhi, xs, at_data=True):
+            out.append(f'<line x1="{px(t):.1f}" y1="{y0}" x2="{px(t):.1f}" y2="{y1}" stroke="#e4e4e4"/>'
+                       f'<line x1="{px(t):.1f}" y1="{y1}" x2="{px(t):.1f}" y2="{y1 + 4}" stroke="#444"/>'
+                       f'<text x="{px(t):.1f}" y="{y1 + 16}" text-anchor="middle">{tick_label(t)}</text>')
+        for t in log_ticks(ylo, yhi, ys, at_data=False):
+            out.append(f'<line x1="{x0}" y1="{py(t):.1f}" x2="{x1}" y2="{py(t):.1f}" stroke="#e4e4e4"/>'
+                       f'<line x1="{x0 - 4}" y1="{py(t):.1f}" x2="{x0}" y2="{py(t):.1f}" stroke="#444"/>'
+                       f'<text x="{x0 - 6}" y="{py(t) + 4:.1f}" text-anchor="end">{tick_label(t)}</text>')
+        out.append(f'<rect x="{x0}" y="{y0}" width="{x1 - x0}" height="{y1 - y0}" fill="none" stroke="#444"/>')
+        out.append(f'<text x="{(x0 + x1) / 2:.1f}" y="{ph - 12}" text-anchor="middle">{escape(panel["x"])} '
+                   '(log)</text>')
+        out.append(f'<text transform="translate(14,{(y0 + y1) / 2:.1f}) rotate(-90)" text-anchor="middle">'
+                   f'{escape(panel["y"])} (log)</text>')
+        for i, (s, pts) in enumerate(zip(panel["series"], series)):
+            color = SVG_COLORS[i % len(SVG_COLORS)]
+            coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+            out.append(f'<polyline class="series" data-name={quoteattr(s["name"])} points="{coords}" fill="none" '
+                       f'stroke="{color}" stroke-width="1.8"/>')
+            out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"/>' for x, y in pts]
+            ly = y0 + 8 + 18 * i
+            out.append(f'<g class="legend"><line x1="{x1 + 12}" y1="{ly}" x2="{x1 + 34}" y2="{ly}" stroke="{color}" '
+                       f'stroke-width="1.8"/><text x="{x1 + 40}" y="{ly + 4}">{escape(s["name"])}</text></g>')
+        out.append("</g>")
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
 
 
 # --- make demo ---------------------------------------------------------------------------------------------
@@ -521,6 +1005,7 @@ def run_bench(cfg) -> dict:
             raise CaiError(f"{name}={getattr(cfg, name)}: expected 1 or more")
     if "ppo" in sections:
         ppo_variants(cfg)
+    plan = scaling_plan(cfg) if "scaling" in sections else None
     if any(s in sections for s in ("gen", "label", "accuracy")):  # inputs are checked before any model loads
         load_labeled_set(cfg.labeled_set)
         constitutions(cfg)
@@ -533,9 +1018,9 @@ def run_bench(cfg) -> dict:
     fast = naive = None
     if needs_models:
         ref = resolve_model(cfg.model)
-        fast = TransformersBackend(ref, dtype=cfg.dtype, batch_size=cfg.batch_size, progress=False)
+        fast = TransformersBackend(ref, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size, progress=False)
         if "gen" in sections or "label" in sections:
-            naive = load_causal_lm(ref, "float32", "cpu")
+            naive = load_causal_lm(ref, "float32", cfg.device)
     for section in SECTIONS:
         if section not in sections:
             continue
@@ -551,6 +1036,8 @@ def run_bench(cfg) -> dict:
             results["accuracy"] = bench_accuracy(cfg, fast)
         elif section == "ppo":
             results["ppo"] = bench_ppo_variants(cfg)
+        elif section == "scaling":
+            results["scaling"] = bench_scaling(cfg, plan, fast)
         elif section == "demo":
             results["demo"] = bench_demo(cfg)
         print(f"[{section}] done in {time.perf_counter() - t:.1f} s", flush=True)
@@ -595,7 +1082,10 @@ def print_report(r: dict) -> None:
               f"{'= policy with adapters off' if p['shared_reference'] else 'a second copy'}): {p['steps']} steps of "
               f"{p['rollout_batch_size']} rollouts x <= {p['max_new_tokens']} tokens: {p['step_seconds_mean']:.1f} "
               f"s/step after the first ({p['first_step_seconds']:.1f} s incl. loading), peak RSS "
-              f"{p['peak_rss_gb']:.2f} GB")
+              f"{p['peak_rss_gb']:.2f} GB" + (f", GPU peak {p['gpu_peak_gb']:.2f} GB allocated"
+                                              if p.get("gpu_peak_gb") is not None else ""))
+    if "scaling" in r:
+        print_scaling(r["scaling"])
     if "demo" in r:
         d = r["demo"]
         print("make demo: " + ", ".join(f"{k} {v:.0f} s" for k, v in d["seconds"].items())
@@ -603,6 +1093,65 @@ def print_report(r: dict) -> None:
     if r["targets"]:
         print("\n" + table([(t["name"], f"{t['value']:.2f}", t["target"], "met" if t["met"] else "NOT met")
                             for t in r["targets"]], ("measure", "value", "target", "")))
+
+
+def print_scaling(s: dict) -> None:
+    """The scaling section's tables, its two cost models and how to read them."""
+    from cai.io import table
+
+    def ratio(r):
+        return f"{r['seconds' if 'seconds' in r else 'step_seconds'] / r['predicted_seconds']:.2f}" \
+            if r["predicted_seconds"] > 0 else "-"
+
+    print(f"\nscaling: generation ({s['new_tokens']} new tokens per answer, EOS ignored) and labeling (both letters "
+          "from one forward; a label = a question in both orders = 2 scored prompts), one batch of prompts cut to "
+          "length from the labeled set per row:")
+    print(table([(r["kind"], ",".join(r["sweeps"]), r["model"], r["hidden_size"], f"{r['params'] / 1e6:.2f}M",
+                  r["batch"], f"{r['prompt_tokens_mean']:.0f}", f"{r['seconds']:.3f}", f"{r['rate']:,.2f} {r['unit']}",
+                  f"{r['passes']:.0f}", f"{r['flops'] / 1e9:,.3f}", ratio(r)) for r in s["rows"]],
+                ("measure", "sweep", "model", "width", "params", "batch", "prompt tok", "seconds", "rate", "passes",
+                 "GFLOP", "measured/fit")))
+    fit = s["fit"]["throughput"]
+    c = fit["coefficients"]
+    terms = [f"forward passes x {c['passes'] * 1e3:.3g} ms" if c["passes"] else "0 x forward passes",
+             f"weight bytes read / {1 / c['weight_bytes'] / 1e9:.3g} GB/s" if c["weight_bytes"] else "0 x weight bytes",
+             f"FLOPs / {1 / c['flops'] / 1e9:.3g} GFLOP/s" if c["flops"] else "0 x FLOPs",
+             f"sampled tokens x {c['sampled'] * 1e3:.3g} ms" if c["sampled"] else "0 x sampled tokens"]
+    print(f"cost model of generation and labeling (least squares on relative error over the {fit['rows']} rows, "
+          f"coefficients >= 0; a 0 term is one these rows do not need):\n  seconds = {' + '.join(terms)}"
+          f"  (rms error {fit['rms_rel_error']:.0%}, worst {fit['max_rel_error']:.0%}: the measured/fit column)")
+    print("  how to read: every forward pass costs a fixed overhead (Python, kernel launches), a read of every weight "
+          "(memory-bound: decode steps at small batch) and 2 FLOPs per weight per token (compute-bound: long "
+          "prompts, big batches); every sampled token a softmax and top-k over the vocabulary. A batch of b prompts of L tokens making n new tokens, on a model with N "
+          "non-embedding weights, a V x d vocabulary projection and `layers` layers of attention width d_attn, is "
+          "n passes (a prefill, n - 1 decode steps; labeling: 1 pass, no new tokens), weight bytes = passes x (N + V "
+          "d) x bytes per weight, FLOPs = 2 N b (L + n - 1) + 2 V d b n + 2 layers d_attn b (L^2 + (n - 1)(L + n/2)), "
+          "sampled tokens = b n. "
+          "Tokens/s = b n / seconds rises with b while the per-pass terms dominate and levels off where the FLOPs "
+          "term takes over; longer prompts add prefill FLOPs and L^2 attention.")
+    pr = s["prediction"]
+    print(f"  predicted by the fit for {pr['model']} at batch {pr['batch']}, {pr['prompt_length']}-token prompts: "
+          + (f"generation {pr['generate']:,.1f} tok/s" if pr["generate"] else "generation -") + ", "
+          + (f"labeling {pr['label']:,.2f} labels/s" if pr["label"] else "labeling -")
+          + " (beyond the measured batches: check one measurement before relying on it)")
+    print(f"\nscaling, PPO ({s['ppo'][0]['ppo_steps']} steps per run, s/step after the first; the tiny preset "
+          "widened, the ppo_config's ppo settings):")
+    print(table([(r["hidden_size"], f"{r['params'] / 1e6:.2f}M", r["rollout_batch"], f"{r['rollout_tokens']:.0f}",
+                  f"{r['step_seconds']:.3f}", f"{r['first_step_seconds']:.2f}", ratio(r)) for r in s["ppo"]],
+                ("width", "params", "rollout batch", "rollout tokens", "s/step", "first step s", "measured/fit")))
+    fit = s["fit"]["ppo"]
+    c = fit["coefficients"]
+    print(f"cost model of a PPO step (least squares on relative error over the {fit['rows']} runs, coefficients "
+          f">= 0):\n  s/step = {c['one']:.3g} s + {c['params'] * 1e6:.3g} s x P + {c['param_tokens'] * 1e9:.3g} s x P "
+          f"x T, P = parameters in millions, T = rollout tokens (prompts + answers of a step) in thousands  (rms "
+          f"error {fit['rms_rel_error']:.0%}, worst {fit['max_rel_error']:.0%})")
+    print("  how to read: the first term is what a step costs whatever the model (Python, logging); the second grows "
+          "with the weights alone (the optimizer's pass over every parameter, every weight read once per forward, "
+          "and a forward per sampled token); the third is the FLOPs of sampling, scoring and the updates, "
+          "proportional to parameters x tokens. These models are 2 layers with a 49,152-token vocabulary (P is "
+          "mostly embedding), so use the fit on your model's P and T as a first estimate and time one step of the "
+          "real run (sections=ppo).")
+    print(f"plot: {s['plot']}")
 
 
 @cli_main

@@ -106,18 +106,31 @@ def smollm2_dir() -> Path:
     return final
 
 
-def tiny_dir(seed: int = 0) -> Path:
-    """A random-init 2-layer Llama with SmolLM2's tokenizer, cached so tests load it in well under a second."""
+def tiny_config(hidden_size: int = TINY_CONFIG["hidden_size"]) -> dict:
+    """The tiny preset's config, widened to `hidden_size` (the MLP at twice the width, as in the preset; 2 layers
+    and 4 attention heads kept): the models of the bench's scaling section."""
+    if hidden_size == TINY_CONFIG["hidden_size"]:
+        return dict(TINY_CONFIG)
+    if hidden_size < 8 or hidden_size % 8:
+        raise CaiError(f"hidden_size={hidden_size}: expected a multiple of 8 (4 attention heads of an even size)")
+    return {**TINY_CONFIG, "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size}
+
+
+def tiny_dir(seed: int = 0, hidden_size: int = TINY_CONFIG["hidden_size"]) -> Path:
+    """A random-init 2-layer Llama with SmolLM2's tokenizer, cached so tests load it in well under a second;
+    another hidden_size gives the preset widened (`tiny_config`), cached under its own key."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    key = hashlib.sha256(json.dumps([TINY_CONFIG, seed]).encode()).hexdigest()[:12]
-    final = cache_dir() / "models" / f"tiny-{key}"
+    config_values = tiny_config(hidden_size)
+    key = hashlib.sha256(json.dumps([config_values, seed]).encode()).hexdigest()[:12]
+    width = "" if hidden_size == TINY_CONFIG["hidden_size"] else f"w{hidden_size}-"
+    final = cache_dir() / "models" / f"tiny-{width}{key}"
     if (final / "model.safetensors").exists():
         return final
     tok = AutoTokenizer.from_pretrained(smollm2_dir())
     config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, **TINY_CONFIG)
+                         pad_token_id=tok.pad_token_id, **config_values)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tok.pad_token_id

@@ -34,10 +34,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cai.config import F, build_config, parse_overrides
+from cai.backends import Sampling
+from cai.config import CritiqueConfig, F, FeedbackConfig, build_config, help_text, load_config, parse_overrides
+from cai.constitution import load_constitution
+from cai.critique import ChainSettings, choose_principle, critique_request
 from cai.errors import CaiError, cli_main
+from cai.io import read_jsonl, table, write_atomic
+from cai.models import cpu_supports_bf16, load_causal_lm, load_tokenizer, resolve_model, tiny_config, tiny_dir
 from cai.paths import PROJECT_ROOT
-from cai.prompts import load_labeled_set
+from cai.prompts import PromptRecord, load_few_shot, load_labeled_set, load_prompts
+from cai.records import stable_hash
+from cai.store import JsonlStore, Metrics
+from cai.templates import load_template
 
 SECTIONS = ("gen", "label", "roofline", "accuracy", "ppo", "scaling", "demo")
 PPO_VARIANTS = {"full": [], "separate": ["ppo.value_model=separate"],
@@ -101,7 +109,6 @@ def machine() -> dict:
     import torch
     import transformers
 
-    from cai.models import cpu_supports_bf16
 
     info = {"cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
             "torch_threads": torch.get_num_threads(), "cpu_bf16": cpu_supports_bf16(), "torch": torch.__version__,
@@ -132,7 +139,6 @@ def describe(m: dict) -> str:
 
 def as_pairs(rows: list[dict]) -> list[dict]:
     """Pairs as cai.feedback takes them; the better answer is answer_a in every other pair (row order)."""
-    from cai.records import stable_hash
 
     pairs = []
     for i, r in enumerate(rows):
@@ -143,9 +149,7 @@ def as_pairs(rows: list[dict]) -> list[dict]:
 
 
 def label_settings(cfg, template: str, k: int):
-    from cai.config import FeedbackConfig
-    from cai.feedback import LabelSettings
-    from cai.templates import load_template
+    from cai.feedback import LabelSettings  # heavy (imports torch)
 
     f = FeedbackConfig()
     return LabelSettings(seed=cfg.seed, principles_per_pair=k, conversation_template=load_template(f.conversation_template),
@@ -153,7 +157,6 @@ def label_settings(cfg, template: str, k: int):
 
 
 def constitutions(cfg) -> dict:
-    from cai.constitution import load_constitution
 
     return {"harmless": load_constitution(cfg.harmless_constitution),
             "helpful": load_constitution(cfg.helpful_constitution)}
@@ -163,8 +166,7 @@ def ai_label(pairs: list[dict], cfg, settings, backend) -> tuple[list[dict], dic
     """cai.feedback.label_pairs on a fresh store, each category with its own constitution.
 
     Returns the comparisons and every scored prompt's P(option A), by request key."""
-    from cai.feedback import label_pairs, label_requests
-    from cai.store import JsonlStore
+    from cai.feedback import label_pairs, label_requests  # heavy (imports torch)
 
     comps, p_option_a = [], {}
     with tempfile.TemporaryDirectory(prefix="cai-bench-") as tmp:
@@ -185,11 +187,6 @@ def ai_label(pairs: list[dict], cfg, settings, backend) -> tuple[list[dict], dic
 def critique_conversations(cfg, n: int) -> list[list[dict]]:
     """Real SL critique requests (cai.critique's templates, few-shot, principle choice) on red-team prompts,
     each critiquing the labeled set's harmful answer."""
-    from cai.backends import Sampling
-    from cai.config import CritiqueConfig
-    from cai.critique import ChainSettings, choose_principle, critique_request
-    from cai.prompts import PromptRecord, load_few_shot
-    from cai.templates import load_template
 
     rows = [r for r in load_labeled_set(cfg.labeled_set) if r["category"] == "harmless"]
     if n > len(rows):
@@ -207,7 +204,6 @@ def critique_conversations(cfg, n: int) -> list[list[dict]]:
 def bench_gen(cfg, fast, naive_model) -> dict:
     import torch
 
-    from cai.backends import Sampling
 
     convs = critique_conversations(cfg, cfg.gen_prompts)
     sampling = Sampling(max_new_tokens=cfg.gen_tokens, temperature=0.7, top_p=0.9)  # the SL demo's sampling
@@ -275,8 +271,8 @@ def naive_option_logprob(model, tok, prompt: str, option: str) -> float:
 def bench_label(cfg, fast, naive_model) -> dict:
     from tqdm import tqdm
 
-    from cai.feedback import OPTIONS, label_requests
-    from cai.losses import preference_probs_from_option_logprobs
+    from cai.feedback import OPTIONS, label_requests  # heavy (imports torch)
+    from cai.losses import preference_probs_from_option_logprobs  # heavy (imports torch)
 
     pairs = as_pairs(load_labeled_set(cfg.labeled_set)[:cfg.label_pairs])
     settings = label_settings(cfg, cfg.template, cfg.principles)
@@ -451,13 +447,8 @@ def ppo_run(model: str, config: str, steps: int, seed: int, work: Path, override
     as the config says, the reference is the starting policy. Returns the time of every step and the settings."""
     import torch
 
-    from cai.config import load_config
-    from cai.io import read_jsonl
-    from cai.models import load_tokenizer, resolve_model
-    from cai.prompts import load_prompts
-    from cai.store import Metrics
-    from cai.train.pm import init_pm, load_pm, score_answers
-    from cai.train.ppo import run_ppo
+    from cai.train.pm import init_pm, load_pm, score_answers  # heavy (imports torch)
+    from cai.train.ppo import run_ppo  # heavy (imports torch)
 
     cfg = load_config([f"config={config}", f"ppo.steps={steps}", f"ppo.save_every={steps}", "ppo.sample_every=0",
                        *overrides])
@@ -521,8 +512,6 @@ def scaling_plan(cfg) -> dict:
     take, prompt lengths that leave room for text inside the chat template, the PPO settings at each rollout batch
     size. Returns the lists by setting name, the sweeps' model, the PPO overrides per rollout batch size and the
     text prompts are cut from (the labeled set's prompts and answers)."""
-    from cai.config import load_config
-    from cai.models import load_tokenizer, resolve_model, tiny_config
 
     plan = {name: int_list(cfg, name) for name in SCALING_LISTS}
     for h in plan["scaling_widths"]:
@@ -621,8 +610,7 @@ def scaling_measure(backend, kind: str, batch: int, length: int, cfg, text: str)
     scaling_new_tokens each, EOS ignored, the SL demo's sampling) or option scoring (kind=label: both letters from
     one forward, as the labeler scores them; a label is the two orders of one question, so labels = prompts / 2).
     Timed (fastest of `repeats`), with what its forward passes computed (the counts of one call)."""
-    from cai.backends import Sampling
-    from cai.feedback import OPTIONS
+    from cai.feedback import OPTIONS  # heavy (imports torch)
 
     convs = synthetic_prompts(backend.tokenizer, text, batch, length)
     prompts = [backend.chat_prompt(c) for c in convs]
@@ -711,7 +699,6 @@ def bench_scaling(cfg, plan: dict, fast) -> dict:
     """Generation and labeling on prompts of set lengths (`synthetic_prompts`) through the backend's own paths,
     against batch size and prompt length on the sweeps' model and against width on the tiny preset widened; PPO
     step time against rollout batch size and width; a cost model fitted on each; the plot."""
-    from cai.io import write_atomic
 
     rows, shapes, paths = scaling_throughput(cfg, plan, fast)
     throughput_fit = fit_nonnegative(rows, THROUGHPUT_FEATURES)
@@ -743,10 +730,8 @@ def scaling_throughput(cfg, plan: dict, fast) -> tuple[list[dict], dict, dict]:
     rows, each model's shape (by sweep model name and by width) and each width's model directory."""
     import gc
 
-    from cai.backends import Sampling
-    from cai.backends.transformers_backend import TransformersBackend
-    from cai.feedback import OPTIONS
-    from cai.models import resolve_model, tiny_dir
+    from cai.backends.transformers_backend import TransformersBackend  # heavy (imports torch)
+    from cai.feedback import OPTIONS  # heavy (imports torch)
 
     b0, l0 = cfg.scaling_batch, cfg.scaling_prompt_length
     rows: dict[tuple, dict] = {}
@@ -992,8 +977,7 @@ def targets(r: dict) -> list[dict]:
 
 
 def run_bench(cfg) -> dict:
-    from cai.backends.transformers_backend import TransformersBackend, configure_cpu_threads
-    from cai.models import load_causal_lm, resolve_model
+    from cai.backends.transformers_backend import TransformersBackend, configure_cpu_threads  # heavy (imports torch)
 
     sections = [s.strip() for s in cfg.sections.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]
@@ -1046,7 +1030,6 @@ def run_bench(cfg) -> dict:
 
 
 def print_report(r: dict) -> None:
-    from cai.io import table
 
     f = lambda v, d=1: f"{v:,.{d}f}"  # noqa: E731
     print(f"\nmodel {r['model']} on {describe(r['machine'])}")
@@ -1097,7 +1080,6 @@ def print_report(r: dict) -> None:
 
 def print_scaling(s: dict) -> None:
     """The scaling section's tables, its two cost models and how to read them."""
-    from cai.io import table
 
     def ratio(r):
         return f"{r['seconds' if 'seconds' in r else 'step_seconds'] / r['predicted_seconds']:.2f}" \
@@ -1160,14 +1142,12 @@ def main(argv: list[str]) -> int:
         ppo_child(argv[1])
         return 0
     if "--help" in argv or "-h" in argv:
-        from cai.config import help_text
 
         print(__doc__)
         print("\n".join(help_text(BenchConfig)))
         return 0
     cfg = build_config(BenchConfig, {}, "command line", parse_overrides(argv))
     results = run_bench(cfg)
-    from cai.io import write_atomic
 
     write_atomic(cfg.out, json.dumps(results, indent=1))
     print_report(results)

@@ -603,6 +603,12 @@ class DPOStageConfig(PairStageConfig):
 # --- the tools on top: labeling page, evaluation, comparison -----------------------------------------------
 
 
+def _socket_timeout_field(who: str):
+    """The socket timeout of the two HTTP servers (labeling page, cai.serve)."""
+    return F(30.0, f"seconds {who} may take to send a request or read an answer before its connection is closed "
+                   "(slow clients do not hold server threads)", gt=0)
+
+
 @dataclass(frozen=True)
 class LabelConfig(Checked):
     run: str = F("", "run name: pairs from <runs_dir>/<run>/rl/round-*/comparisons.jsonl, labels in <run>/human/")
@@ -613,8 +619,7 @@ class LabelConfig(Checked):
     seed: int = F(0, "seed of the per-annotator left/right order of the answers")
     export: str = F("", "write the labels to this JSONL file (cai.human import format) and exit")
     export_demonstrations: str = F("", "write the better answers to this JSONL file (prompt, answer, ...) and exit")
-    timeout: float = F(30.0, "seconds a browser may take to send a request or read an answer before its "
-                             "connection is closed (slow clients do not hold server threads)", gt=0)
+    timeout: float = _socket_timeout_field("a browser")
 
     overlap: int = F(0, "give each pair to this many annotators (0: every annotator labels every pair)", ge=0)
     gold: str = F("", "JSONL of gold pairs with a known answer (id, category, prompt, better, worse: the format of "
@@ -640,8 +645,7 @@ class ServeConfig(Checked):
     default_max_tokens: int = F(256, "max_tokens of a chat request that gives none (at most max_tokens)", ge=1)
     max_logprobs: int = F(100, "largest logprobs (top-K) a /v1/completions request may ask for; beyond: 400",
                           ge=1, le=1000)
-    timeout: float = F(30.0, "seconds a client may take to send a request or read an answer before its "
-                             "connection is closed (slow clients do not hold server threads)", gt=0)
+    timeout: float = _socket_timeout_field("a client")
 
     def rules(self, prefix: str) -> None:
         if not str(self.model).strip():

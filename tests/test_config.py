@@ -10,6 +10,7 @@ import pytest
 
 from cai.config import SLConfig, help_text, load_config, stable_hash
 from cai.errors import CaiError
+from cai.io import YAML_MAX_ALIASES, YAML_MAX_BYTES, read_yaml
 from cai.paths import PROJECT_ROOT
 
 PIPELINES = sorted((PROJECT_ROOT / "pipelines").glob("*.yaml"))
@@ -213,8 +214,6 @@ def test_config_yaml_duplicate_key_is_an_error_at_its_line(tmp_path):
 
 
 def test_config_yaml_has_the_constitution_loaders_limits(tmp_path):
-    from cai.io import YAML_MAX_ALIASES, YAML_MAX_BYTES, read_yaml
-
     bomb = tmp_path / "bomb.yaml"  # "billion laughs": 90 aliases expanding to 10**9 values
     lines = ["stage: sl", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 10)]

@@ -65,8 +65,11 @@ lint: setup
 	$(PY) -m ruff check cai benchmarks tests
 	$(VENV)/bin/lint-imports
 
+# The fast suite runs in TEST_WORKERS processes (pytest-xdist; auto: one per core), each with one torch thread;
+# a test file stays in one worker, so its module fixtures are built once. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= auto
 test: setup browser lint
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-slow: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m slow $(PYTEST_ARGS)

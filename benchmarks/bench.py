@@ -993,6 +993,8 @@ def run_bench(cfg) -> dict:
     if any(s in sections for s in ("gen", "label", "accuracy")):  # inputs are checked before any model loads
         load_labeled_set(cfg.labeled_set)
         constitutions(cfg)
+        if "gen" in sections:
+            critique_conversations(cfg, cfg.gen_prompts)  # enough red-team rows for gen_prompts
         for t in [cfg.template, *cfg.accuracy_templates.split(",")]:
             label_settings(cfg, t.strip(), cfg.principles)
     configure_cpu_threads()  # the same threads for the fast paths and the baselines

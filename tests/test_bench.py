@@ -93,6 +93,9 @@ def test_help_and_bad_input_fail_in_one_line(tmp_path):
     assert proc.returncode == 0 and "sections" in proc.stdout and "gen_tokens" in proc.stdout
     proc = bench("sections=gen,typo", "model=tiny", timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "sections=gen,typo" in proc.stderr
+    proc = bench("sections=gen", "model=tiny", "gen_prompts=1000", "progress=false", timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "gen_prompts=1000" in proc.stderr
+    assert "machine:" not in proc.stdout  # refused before any model loads
     proc = bench("sections=ppo", "model=tiny", "ppo_variants=full,loar", timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "ppo_variants=full,loar" in proc.stderr
     bad = tmp_path / "pairs.jsonl"

@@ -476,7 +476,21 @@ def ppo_run(model: str, config: str, steps: int, seed: int, work: Path, override
             "shared_reference": summary.get("shared_reference"), "rollout_batch_size": cfg.ppo.rollout_batch_size,
             "mini_batch_size": cfg.ppo.mini_batch_size, "max_new_tokens": cfg.ppo.max_new_tokens,
             "prompt_tokens_mean": sum(prompt_lengths) / len(prompt_lengths),
-            "answer_tokens_mean": sum(answer_lengths) / len(answer_lengths), "torch_threads": torch.get_num_threads()}
+            "answer_tokens_mean": sum(answer_lengths) / len(answer_lengths), "torch_threads": torch.get_num_threads(),
+            # PPO's own account (cai.train.ppo.mark_phase): the phase that reached the peak, and the most resident
+            # at the end of each phase over the steps (GiB; the bench's peak_rss_gb also counts making the PM)
+            "peak_phase": summary.get("peak_rss_phase"), "phase_rss_gib": phase_rss(rows)}
+
+
+def phase_rss(rows: list[dict]) -> dict[str, float]:
+    """phase -> the largest resident set (GiB) logged at its end over the PPO steps' metrics rows."""
+    out: dict[str, float] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k.startswith("rl/ppo/rss_gib/"):
+                phase = k[len("rl/ppo/rss_gib/"):]
+                out[phase] = max(out.get(phase, 0.0), v)
+    return out
 
 
 # --- scaling: throughput and PPO step time against batch size, prompt length and model width ----------------------
@@ -1069,6 +1083,10 @@ def print_report(r: dict) -> None:
               f"s/step after the first ({p['first_step_seconds']:.1f} s incl. loading), peak RSS "
               f"{p['peak_rss_gb']:.2f} GB" + (f", GPU peak {p['gpu_peak_gb']:.2f} GB allocated"
                                               if p.get("gpu_peak_gb") is not None else ""))
+        if p.get("phase_rss_gib"):
+            print("  resident at the end of each phase (GiB, most over the steps): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in p["phase_rss_gib"].items())
+                  + (f"; the peak was reached in: {p['peak_phase']}" if p.get("peak_phase") else ""))
     if "scaling" in r:
         print_scaling(r["scaling"])
     if "demo" in r:

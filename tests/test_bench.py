@@ -79,6 +79,9 @@ def test_accuracy_ppo_targets_and_report(results):
     assert set(r["ppo"]) == {"full", "lora"}
     for p in r["ppo"].values():
         assert p["steps"] == len(p["step_seconds"]) == 2 and 0 < p["peak_rss_gb"] < 6
+        assert {"setup", "sample", "logprobs", "score", "update"} == set(p["phase_rss_gib"])
+        assert max(p["phase_rss_gib"].values()) <= p["peak_rss_gb"]
+        assert p["peak_phase"] in {*p["phase_rss_gib"], "checkpoint", "publish"}
     assert r["ppo"]["lora"]["lora"] and r["ppo"]["lora"]["shared_reference"] and not r["ppo"]["full"]["lora"]
     names = [t["name"] for t in r["targets"]]
     assert len(names) == 5 and all(isinstance(t["met"], bool) for t in r["targets"])
@@ -86,6 +89,7 @@ def test_accuracy_ppo_targets_and_report(results):
     assert r["machine"]["cores"] >= 1 and "torch" in r["machine"]
     for name in names:
         assert name in stdout
+    assert stdout.count("resident at the end of each phase") == 2
 
 
 def test_help_and_bad_input_fail_in_one_line(tmp_path):

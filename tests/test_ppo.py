@@ -7,6 +7,7 @@ answer" is a reward it can learn in a few steps.
 """
 
 import json
+import resource
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,13 @@ def test_reward_rises_and_kl_stays_bounded(learned):
     assert summary["steps"] == 20 and summary["resumed_from"] is None
     assert summary["first_reward_mean"] == reward[0] and summary["last_reward_mean"] == reward[-1]
     assert summary["last_kl"] == kl[-1]
+    # memory: the resident set at the end of each phase, and the phase that reached the peak (<= the process's)
+    phases = {"sample", "logprobs", "score", "update"}
+    assert all(phases <= {k.rsplit("/", 1)[1] for k in r if k.startswith("rl/ppo/rss_gib/")} for r in steps)
+    assert "rl/ppo/rss_gib/setup" in steps[0] and "rl/ppo/rss_gib/setup" not in steps[1]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    assert 0 < max(r["rl/ppo/rss_gib/update"] for r in steps) <= summary["peak_rss_gib"] <= peak + 1e-3
+    assert summary["peak_rss_phase"] in phases | {"setup", "checkpoint", "publish"}
 
 
 def test_policy_changes_and_reference_does_not(learned):

@@ -24,6 +24,17 @@ TRAIN_INFO = "cai_train.json"
 ADAPTER_DIR = "adapter"  # a LoRA-trained model's adapter, beside its merged weights
 
 
+def memory_gib() -> tuple[float, float] | None:
+    """(resident set now, its peak so far) of this process in GiB, from /proc/self/status (VmRSS, VmHWM); None
+    where /proc lacks them (not Linux). Read only: the peak is never reset, so `ru_maxrss` and /usr/bin/time still
+    see the whole run's."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        return int(fields["VmRSS"].split()[0]) / 2**20, int(fields["VmHWM"].split()[0]) / 2**20
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def training_key(data: bytes, base: ModelRef, settings: dict, seed: int) -> str:
     return stable_hash({"data": hashlib.sha256(data).hexdigest(), "base": base.identity, "settings": settings,
                         "seed": seed})

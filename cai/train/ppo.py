@@ -10,6 +10,8 @@ https://arxiv.org/abs/2203.02155; Bai et al. 2022 CAI section 4 https://arxiv.or
 All maths is in `cai.losses`; this file is the loop. It runs on `accelerate`: the policy and value model are one
 prepared module with one optimizer (as TRL's PolicyAndValueWrapper), so `accelerate launch` with a DDP or
 DeepSpeed ZeRO-2 config runs this same loop; each process rolls out its own `rollout_batch_size` prompts.
+Memory: each phase's end logs the resident set (`rl/ppo/rss_gib/<phase>`) and the peak so far, and the summary
+names the phase in which the run's peak was reached (docs/SCALE.md's memory model, checked against it).
 ZeRO-3 and FSDP are refused: rollouts and the frozen reference need whole weights on every process (see
 `cai.launch.sharded_launch`).
 
@@ -25,7 +27,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -58,6 +60,7 @@ from cai.train.common import (
     TRAIN_INFO,
     first_non_finite,
     is_lora,
+    memory_gib,
     save_pretrained_merged,
     swap_into_place,
     use_bf16,
@@ -315,6 +318,22 @@ class Setup:
     ptx_data: list | None
     encoded: list[list[int]]  # chat-templated prompt ids
     bf16: bool
+    memory: dict = field(default_factory=dict)  # phase -> GiB resident at its end (this step's phases)
+    peak: tuple = (0.0, "")  # (the process's peak resident set so far in GiB, the phase in which it was reached)
+
+
+def mark_phase(st: Setup, phase: str, log: bool = True) -> None:
+    """Record the resident set at the end of `phase` (setup, sample, logprobs, score, update; checkpoint and
+    publish, which come after a step's metrics, only count for the peak: log=False), and the phase if the
+    process's peak rose during it (the peak never falls, so the last phase that raised it is where the run's
+    peak was reached)."""
+    mem = memory_gib()
+    if mem is None:
+        return
+    if log:
+        st.memory[phase] = mem[0]
+    if mem[1] > st.peak[0]:
+        st.peak = (mem[1], phase)
 
 
 class Rollout(NamedTuple):
@@ -464,6 +483,7 @@ def rollout(st: Setup, cfg: PPOConfig, reward_fn: RewardFn, batch_prompts: list[
     with accelerator.autocast():
         answers, mask, has_eos = sample_answers(unwrapped.policy, prompt_ids, prompt_mask, st.eos_ids, st.pad_id,
                                                 cfg, seeds)
+    mark_phase(st, "sample")
     T = answers.shape[1]
     input_ids = torch.cat([prompt_ids, answers], dim=1)
     attention_mask = torch.cat([prompt_mask, mask], dim=1)
@@ -484,6 +504,7 @@ def rollout(st: Setup, cfg: PPOConfig, reward_fn: RewardFn, batch_prompts: list[
     values, entropy = torch.cat(values), torch.cat(entropy)
     fmask = mask.float()
     logprobs, ref_logprobs, values = logprobs * fmask, ref_logprobs * fmask, values * fmask
+    mark_phase(st, "logprobs")
 
     # -- 3. scores and KL-shaped per-token rewards ---------------------------------------------------------
     texts = [st.tokenizer.decode(a[m.bool()].tolist(), skip_special_tokens=True) for a, m in zip(answers, mask)]
@@ -491,6 +512,7 @@ def rollout(st: Setup, cfg: PPOConfig, reward_fn: RewardFn, batch_prompts: list[
     if raw_scores.shape != (B,):
         raise CaiError(f"reward_fn returned {raw_scores.shape[0]} scores for {B} answers; expected one each")
     check_finite("reward_fn scores", raw_scores)
+    mark_phase(st, "score")
     scores = apply_missing_eos_penalty(raw_scores, has_eos, cfg.missing_eos_penalty)
     rewards, kl = rewards_with_kl(scores, logprobs, ref_logprobs, mask, st.kl_ctl.value, cfg.kl_estimator)
     if cfg.whiten_rewards and mask.sum() >= 2:  # whitening needs two tokens (a batch of one 1-token answer)
@@ -592,6 +614,10 @@ def step_metrics(st: Setup, cfg: PPOConfig, ro: Rollout, stats: dict[str, list],
     logged["rl/ppo/kl_coef"] = st.kl_ctl.value
     logged["rl/ppo/seconds"] = round(time.time() - started, 2)
     # a policy that wins the PM by repeating itself shows here (this process's answers; cai.measures)
+    for phase, gib in st.memory.items():  # this process's resident set at the end of each phase so far
+        logged[f"rl/ppo/rss_gib/{phase}"] = round(gib, 3)
+    if st.peak[1]:
+        logged["rl/ppo/peak_rss_gib"] = round(st.peak[0], 3)
     deg = degeneration(ro.texts)
     logged["rl/ppo/repetition_share"] = deg["repetition_share"]
     logged["rl/ppo/distinct_2"] = deg["distinct_2"]
@@ -626,6 +652,7 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
     start_time = time.time()
     st = setup(policy, cfg, prompts, value_init, sft_examples, reference)
     accelerator = st.accelerator
+    mark_phase(st, "setup")
 
     # -- resume ----------------------------------------------------------------------------------------------
     start, history, resumed_from = 0, {"reward_mean": [], "kl": []}, None
@@ -665,6 +692,7 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
             ro = rollout(st, cfg, reward_fn, [prompts[i] for i in idx], idx,
                          [_row_seed(cfg.seed, step, r) for r in rows])
             stats = update(st, cfg, ro, step, (step - 1) * updates_per_step)
+            mark_phase(st, "update")
         except FloatingPointError as e:
             bar.close()
             where = f"last good checkpoint: {last_good} (rerun to resume from it)" if last_good else "no checkpoint yet"
@@ -681,6 +709,7 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
                                      f"{row['answer'][:80]!r}" for row in logged["rl/ppo/samples"]))
         if accelerator.is_main_process:
             metrics.log(logged, step=step)
+        st.memory.clear()
         history["reward_mean"].append(logged["rl/ppo/reward_mean"])
         history["kl"].append(logged["rl/ppo/kl"])
         history.setdefault("rollout_tokens", []).append(int(ro.mask.sum()) * world)  # cai.compare's compute cost
@@ -691,6 +720,7 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
 
         if step % cfg.save_every == 0 or step == cfg.steps:
             last_good = str(save_checkpoint(st, cfg, ckpt_root, step, history))
+            mark_phase(st, "checkpoint", log=False)
     bar.close()
 
     # -- the trained policy: safetensors + tokenizer + summary, published by rename ---------------------------
@@ -702,7 +732,10 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
                "last_kl": history["kl"][-1] if history["kl"] else None, "kl_coef": st.kl_ctl.value,
                "rollout_tokens": sum(history.get("rollout_tokens", [])),
                "bf16": st.bf16, "lora": cfg.lora.enabled, "value_model": value_model_kind(cfg),
-               "shared_reference": st.reference is None, "seconds": round(seconds, 1), "resumed_from": resumed_from, "config": _config_record(cfg)}
+               "shared_reference": st.reference is None, "seconds": round(seconds, 1), "resumed_from": resumed_from, "config": _config_record(cfg),
+               # this process's peak resident set and the phase that reached it (the file: through training;
+               # the returned summary: publishing included)
+               "peak_rss_gib": round(st.peak[0], 3) if st.peak[1] else None, "peak_rss_phase": st.peak[1] or None}
     trained = accelerator.unwrap_model(st.model).policy
     # gathers shards under DeepSpeed ZeRO-2; a LoRA policy is saved merged + its adapter
     state_dict = None if is_lora(trained) else accelerator.get_state_dict(st.model)
@@ -717,4 +750,7 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
         swap_into_place(tmp, out_dir / "policy")
         metrics.log({"rl/ppo/train_seconds": seconds, "rl/ppo/steps_run": cfg.steps - start}, step=cfg.steps)
     accelerator.wait_for_everyone()
+    mark_phase(st, "publish", log=False)
+    if st.peak[1]:
+        summary.update(peak_rss_gib=round(st.peak[0], 3), peak_rss_phase=st.peak[1])
     return summary

@@ -35,13 +35,15 @@ demo: setup
 	  "sets=[prompts/sets/red_team_eval.jsonl,prompts/sets/helpful_eval.jsonl]" prompts.limit=16 \
 	  sampling.max_new_tokens=64 out=runs/demo/eval
 
-# The CPU quality recipe (under 90 minutes on 2 cores): SL-CAI, RL-CAI, then base / SL-CAI / RL-CAI answer the
-# held-out red-team and helpful prompts; the table gives refusal and repetition rates against the base model.
-QUALITY_EVAL = "models=[smollm2-135m,runs/quality/sl/model,runs/quality/rl/round-1/policy]" \
+# The CPU quality recipe (under 90 minutes on 2 cores): SL-CAI, RL-CAI by PPO and by DPO, then base / SL-CAI /
+# both RL-CAI models answer the held-out red-team and helpful prompts; the table gives refusal and repetition rates
+# against the base model.
+QUALITY_EVAL = "models=[smollm2-135m,runs/quality/sl/model,runs/quality/rl/round-1/policy,runs/quality/rl/dpo/policy]" \
 	"sets=[prompts/sets/red_team_eval.jsonl,prompts/sets/helpful_eval.jsonl]" sampling.max_new_tokens=96
 quality: setup
 	$(PY) -m cai.pipeline config=pipelines/quality_sl.yaml
 	$(PY) -m cai.pipeline config=pipelines/quality_rl.yaml
+	$(PY) -m cai.pipeline config=pipelines/quality_dpo.yaml
 	$(PY) -m cai.evaluate $(QUALITY_EVAL) out=runs/quality/eval
 
 demo-sl: setup

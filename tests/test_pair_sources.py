@@ -11,6 +11,7 @@ import pytest
 
 from cai.backends import Sampling
 from cai.backends.fake import FakeBackend
+from cai.config import load_config
 from cai.constitution import load_constitution
 from cai.pair_sources import (
     ContrastSettings,
@@ -21,6 +22,7 @@ from cai.pair_sources import (
     load_contrast_context,
     revision_pairs,
 )
+from cai.paths import PROJECT_ROOT
 from cai.pipeline import main
 from cai.prompts import PromptRecord
 from cai.store import JsonlStore
@@ -223,3 +225,26 @@ def test_sl_context_distillation_trains_on_the_positive_context_answers(tmp_path
     assert all(e["completion"][0]["content"] in openers for e in distilled)
     card = (tmp_path / "runs" / "d" / "sl" / "model" / "README.md").read_text()
     assert "3 answers under the positive contrast context" in card
+
+
+def test_the_own_refusals_context_rejects_every_refusal_the_sl_model_is_trained_to_give():
+    """quality_dpo.yaml's premise: the SL-CAI model's refusal targets (harmless.yaml's positive openers, what
+    sft.data=contrast distills) are word for word among the rejected openers of helpful prompts, and the rest of
+    the file is helpful.yaml's, so editing one of those files without the other breaks the test."""
+    ctx = PROJECT_ROOT / "prompts" / "contrast"
+    harmless = load_contrast_context(str(ctx / "harmless.yaml"), 0)
+    helpful = load_contrast_context(str(ctx / "helpful.yaml"), 3)
+    own = load_contrast_context(str(ctx / "helpful_own_refusals.yaml"), 3)
+    assert set(harmless.positive.openers) <= set(own.negative.openers)
+    assert set(own.negative.openers) == set(helpful.negative.openers) | set(harmless.positive.openers)
+    assert own.few_shot == helpful.few_shot and own.positive.openers == helpful.positive.openers == []
+    assert own.positive.system.text == helpful.positive.system.text
+    assert own.negative.system.text == helpful.negative.system.text
+    assert own.negative.max_new_tokens == helpful.negative.max_new_tokens == 0
+    for name in ("quality_dpo", "demo_dpo"):
+        cfg = load_config([f"config={PROJECT_ROOT / 'pipelines' / f'{name}.yaml'}"])
+        assert cfg.pairs.contrast_helpful == "prompts/contrast/helpful_own_refusals.yaml"
+        assert cfg.pairs.contrast_harmless == "prompts/contrast/harmless.yaml"
+    for name in ("quality_sl", "demo_sl"):  # the SL-CAI models distill harmless.yaml's positive side
+        cfg = load_config([f"config={PROJECT_ROOT / 'pipelines' / f'{name}.yaml'}"])
+        assert (cfg.sft.data, cfg.sft.contrast_context) == ("contrast", "prompts/contrast/harmless.yaml")

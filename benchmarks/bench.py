@@ -479,11 +479,13 @@ def ppo_run(model: str, config: str, steps: int, seed: int, work: Path, override
             "answer_tokens_mean": sum(answer_lengths) / len(answer_lengths), "torch_threads": torch.get_num_threads(),
             # PPO's own account (cai.train.ppo.mark_phase): the phase that reached the peak, and the most resident
             # at the end of each phase over the steps (GiB; the bench's peak_rss_gb also counts making the PM)
-            "peak_phase": summary.get("peak_rss_phase"), "phase_rss_gib": phase_rss(rows)}
+            "peak_phase": summary.get("peak_rss_phase"), "phase_rss_gib": phase_rss(rows),
+            "first_step_phase_rss_gib": phase_rss([r for r in rows if r.get("step") == 1][:1])}
 
 
 def phase_rss(rows: list[dict]) -> dict[str, float]:
-    """phase -> the largest resident set (GiB) logged at its end over the PPO steps' metrics rows."""
+    """phase -> the largest resident set (GiB) logged at its end over these PPO metrics rows (the first step's
+    alone shows what comes before any update; a later step can still hold an update's freed buffers)."""
     out: dict[str, float] = {}
     for r in rows:
         for k, v in r.items():
@@ -1087,6 +1089,8 @@ def print_report(r: dict) -> None:
             print("  resident at the end of each phase (GiB, most over the steps): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in p["phase_rss_gib"].items())
                   + (f"; the peak was reached in: {p['peak_phase']}" if p.get("peak_phase") else ""))
+            print("  the same in the first step alone: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in p.get("first_step_phase_rss_gib", {}).items()))
     if "scaling" in r:
         print_scaling(r["scaling"])
     if "demo" in r:

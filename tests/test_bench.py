@@ -81,6 +81,8 @@ def test_accuracy_ppo_targets_and_report(results):
         assert p["steps"] == len(p["step_seconds"]) == 2 and 0 < p["peak_rss_gb"] < 6
         assert {"setup", "sample", "logprobs", "score", "update"} == set(p["phase_rss_gib"])
         assert max(p["phase_rss_gib"].values()) <= p["peak_rss_gb"]
+        first = p["first_step_phase_rss_gib"]
+        assert set(first) == set(p["phase_rss_gib"]) and all(first[k] <= p["phase_rss_gib"][k] for k in first)
         assert p["peak_phase"] in {*p["phase_rss_gib"], "checkpoint", "publish"}
     assert r["ppo"]["lora"]["lora"] and r["ppo"]["lora"]["shared_reference"] and not r["ppo"]["full"]["lora"]
     names = [t["name"] for t in r["targets"]]

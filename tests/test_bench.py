@@ -80,7 +80,7 @@ def test_accuracy_ppo_targets_and_report(results):
     for p in r["ppo"].values():
         assert p["steps"] == len(p["step_seconds"]) == 2 and 0 < p["peak_rss_gb"] < 6
         assert {"setup", "sample", "logprobs", "score", "update"} == set(p["phase_rss_gib"])
-        assert max(p["phase_rss_gib"].values()) <= p["peak_rss_gb"]
+        assert max(p["phase_rss_gib"].values()) <= p["peak_rss_gb"] + 5e-4  # logged rounded to 3 places
         first = p["first_step_phase_rss_gib"]
         assert set(first) == set(p["phase_rss_gib"]) and all(first[k] <= p["phase_rss_gib"][k] for k in first)
         assert p["peak_phase"] in {*p["phase_rss_gib"], "checkpoint", "publish"}

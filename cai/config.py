@@ -675,6 +675,7 @@ class EvalConfig(Checked):
                 "prompts/sets/helpful_eval.jsonl]; a set whose name starts with 'helpful' counts refusals as a cost"})
     refusal_patterns: str = F("prompts/detectors/refusal.txt", "file of refusal regular expressions", file=True)
     seed: int = F(0, "seed (for sampled evaluations)")
+    progress: bool = F(True, "show progress bars")
     out: str = F("", "JSONL file for the per-answer records (with models=: a directory for every model x set and "
                      "summary.json); default: print the summary only")
 

@@ -33,7 +33,7 @@ def evaluate(cfg, backend=None) -> tuple[list[dict], dict]:
         if not (Path(pm) / "config.json").exists():
             raise CaiError(f"pms: {pm}: no preference model there (no config.json)")
     own = backend is None
-    backend = backend_for(cfg.model) if own else backend
+    backend = backend_for(cfg.model, progress=cfg.progress) if own else backend
     outs = backend.generate([[{"role": "user", "content": p.prompt}] for p in prompts], sampling,
                             [cfg.seed + i for i in range(len(prompts))])
     records = [{"prompt_id": p.id, "category": p.category, "prompt": p.prompt, "answer": o.text,
@@ -92,7 +92,7 @@ def evaluate_matrix(cfg) -> dict:
     results: dict[str, dict[str, dict]] = {}
     for model in cfg.models:
         model_cfg = dataclasses.replace(cfg.model, model=str(model))
-        backend = backend_for(model_cfg)  # loaded once for every set
+        backend = backend_for(model_cfg, progress=cfg.progress)  # loaded once for every set
         for path in sets:
             one = dataclasses.replace(cfg, model=model_cfg, prompts=dataclasses.replace(cfg.prompts, path=str(path)),
                                       models=[], sets=[])

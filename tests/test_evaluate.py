@@ -64,9 +64,10 @@ def test_cli_on_the_tiny_model_with_a_pm(tmp_path):
     AutoTokenizer.from_pretrained(tiny).save_pretrained(tmp_path / "pm")
     out = tmp_path / "eval.jsonl"
     proc = subprocess.run([sys.executable, "-m", "cai.evaluate", "model.model=tiny", "prompts.limit=5",
-                           "sampling.max_new_tokens=5", f"pms=[{tmp_path / 'pm'}]", f"out={out}"],
+                           "sampling.max_new_tokens=5", f"pms=[{tmp_path / 'pm'}]", f"out={out}", "progress=false"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ans/s" not in proc.stderr  # progress=false: no generation bar
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(recs) == 5 and all(len(r["pm_scores"]) == 1 and r["answer_tokens"] <= 5 for r in recs)
     summary = json.loads(out.with_suffix(".summary.json").read_text())

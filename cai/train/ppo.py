@@ -571,6 +571,7 @@ def update(st: Setup, cfg: PPOConfig, ro: Rollout, step: int, first_update: int)
             for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clipfrac", clipfrac),
                          ("value_clipfrac", vf_clipfrac), ("approx_kl", approx_kl)):
                 stats[k].append(torch.as_tensor(v).detach().float())
+    _release_freed_memory()  # the backward's activations and gradients: else the next step holds them throughout
     return stats
 
 

@@ -24,14 +24,16 @@ lock: setup
 
 setup: $(STAMP)
 
-# The main job on the bundled model (SmolLM2-135M-Instruct): SL-CAI then RL-CAI with the demo configs.
-# Then base / SL-CAI / RL-CAI answer 16 held-out red-team and 16 helpful prompts: refusal and repetition
-# against the base model (a small sample: the quality recipe, `make quality`, measures on the full sets).
+# The main job on the bundled model (SmolLM2-135M-Instruct): SL-CAI, then RL-CAI by PPO and by DPO, with the demo
+# configs (the quality recipe at demo size; ~9 min on 2 idle cores). Then base / SL-CAI / both RL-CAI models answer
+# 16 held-out red-team and 16 helpful prompts: refusal and repetition against the base model (a small sample: the
+# quality recipe, `make quality`, measures on the full sets).
 demo: setup
 	$(PY) -m cai.constitution check constitutions/default.yaml constitutions/helpful_honest.yaml
 	$(PY) -m cai.pipeline config=pipelines/demo_sl.yaml
 	$(PY) -m cai.pipeline config=pipelines/demo_rl.yaml
-	$(PY) -m cai.evaluate "models=[smollm2-135m,runs/demo/sl/model,runs/demo/rl/round-1/policy]" \
+	$(PY) -m cai.pipeline config=pipelines/demo_dpo.yaml
+	$(PY) -m cai.evaluate "models=[smollm2-135m,runs/demo/sl/model,runs/demo/rl/round-1/policy,runs/demo/rl/dpo/policy]" \
 	  "sets=[prompts/sets/red_team_eval.jsonl,prompts/sets/helpful_eval.jsonl]" prompts.limit=16 \
 	  sampling.max_new_tokens=64 out=runs/demo/eval
 

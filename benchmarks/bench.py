@@ -56,7 +56,7 @@ TEMPLATES = "prompts/templates/feedback_mc.txt,prompts/templates/feedback_mc_sha
 @dataclass
 class BenchConfig:
     sections: str = F(",".join(SECTIONS), f"comma-separated sections to run, of {','.join(SECTIONS)} "
-                                          "(demo takes ~8 minutes)")
+                                          "(demo takes ~9 minutes)")
     model: str = F("smollm2-135m", "model of every section (tiny: seconds, for tests)")
     dtype: str = F("auto", "dtype of the fast paths (auto: bf16 where the CPU has it); baselines are float32")
     device: str = F("auto", "device of the fast paths, the baselines and the scaling section's models: auto (cuda "
@@ -942,7 +942,12 @@ def bench_demo(cfg) -> dict:
     parts = [("constitution check", ["-m", "cai.constitution", "check", "constitutions/default.yaml",
                                      "constitutions/helpful_honest.yaml"]),
              ("sl", ["-m", "cai.pipeline", "config=pipelines/demo_sl.yaml", *where]),
-             ("rl", ["-m", "cai.pipeline", "config=pipelines/demo_rl.yaml", *where])]
+             ("rl", ["-m", "cai.pipeline", "config=pipelines/demo_rl.yaml", *where]),
+             ("dpo", ["-m", "cai.pipeline", "config=pipelines/demo_dpo.yaml", *where])]
+    models = ["smollm2-135m", *(str(runs_dir / run / m) for m in ("sl/model", "rl/round-1/policy", "rl/dpo/policy"))]
+    parts.append(("evaluate", ["-m", "cai.evaluate", f"models=[{','.join(models)}]",
+                               "sets=[prompts/sets/red_team_eval.jsonl,prompts/sets/helpful_eval.jsonl]",
+                               "prompts.limit=16", "sampling.max_new_tokens=64", f"out={runs_dir / run / 'eval'}"]))
     runs_dir.mkdir(parents=True, exist_ok=True)
     log = runs_dir / f"{run}.log"
     seconds = {}

@@ -109,7 +109,6 @@ def machine() -> dict:
     import torch
     import transformers
 
-
     info = {"cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
             "torch_threads": torch.get_num_threads(), "cpu_bf16": cpu_supports_bf16(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
@@ -139,7 +138,6 @@ def describe(m: dict) -> str:
 
 def as_pairs(rows: list[dict]) -> list[dict]:
     """Pairs as cai.feedback takes them; the better answer is answer_a in every other pair (row order)."""
-
     pairs = []
     for i, r in enumerate(rows):
         a, b = (r["better"], r["worse"]) if i % 2 == 0 else (r["worse"], r["better"])
@@ -157,7 +155,6 @@ def label_settings(cfg, template: str, k: int):
 
 
 def constitutions(cfg) -> dict:
-
     return {"harmless": load_constitution(cfg.harmless_constitution),
             "helpful": load_constitution(cfg.helpful_constitution)}
 
@@ -187,7 +184,6 @@ def ai_label(pairs: list[dict], cfg, settings, backend) -> tuple[list[dict], dic
 def critique_conversations(cfg, n: int) -> list[list[dict]]:
     """Real SL critique requests (cai.critique's templates, few-shot, principle choice) on red-team prompts,
     each critiquing the labeled set's harmful answer."""
-
     rows = [r for r in load_labeled_set(cfg.labeled_set) if r["category"] == "harmless"]
     if n > len(rows):
         raise CaiError(f"gen_prompts={n}: {cfg.labeled_set} has only {len(rows)} harmless rows")
@@ -203,7 +199,6 @@ def critique_conversations(cfg, n: int) -> list[list[dict]]:
 
 def bench_gen(cfg, fast, naive_model) -> dict:
     import torch
-
 
     convs = critique_conversations(cfg, cfg.gen_prompts)
     sampling = Sampling(max_new_tokens=cfg.gen_tokens, temperature=0.7, top_p=0.9)  # the SL demo's sampling
@@ -528,7 +523,6 @@ def scaling_plan(cfg) -> dict:
     take, prompt lengths that leave room for text inside the chat template, the PPO settings at each rollout batch
     size. Returns the lists by setting name, the sweeps' model, the PPO overrides per rollout batch size and the
     text prompts are cut from (the labeled set's prompts and answers)."""
-
     plan = {name: int_list(cfg, name) for name in SCALING_LISTS}
     for h in plan["scaling_widths"]:
         try:
@@ -715,7 +709,6 @@ def bench_scaling(cfg, plan: dict, fast) -> dict:
     """Generation and labeling on prompts of set lengths (`synthetic_prompts`) through the backend's own paths,
     against batch size and prompt length on the sweeps' model and against width on the tiny preset widened; PPO
     step time against rollout batch size and width; a cost model fitted on each; the plot."""
-
     rows, shapes, paths = scaling_throughput(cfg, plan, fast)
     throughput_fit = fit_nonnegative(rows, THROUGHPUT_FEATURES)
     for r in rows:

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from cai.pipeline import main
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -50,8 +52,6 @@ def raw_exchange(host: str, port: int, data: bytes, timeout: float = 20) -> tupl
 def tiny_sl_run(root: Path, red_team_limit: int) -> tuple[Path, Path]:
     """A tiny SL-CAI run `r` under root/runs (the test constitution copied to root) to start RL from."""
     import shutil
-
-    from cai.pipeline import main
 
     const = root / "constitution.yaml"
     shutil.copyfile(ASSETS / "constitutions" / "good.yaml", const)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cai.models import TINY_CONFIG
 from tests.conftest import ROOT
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "CAI_THREADS": "1"}
@@ -61,8 +62,6 @@ def test_labeling_runs_each_shared_prefix_once_and_agrees_with_the_naive_labeler
 
 def test_flops_per_token_follows_the_formula(results):
     rf = results[0]["roofline"]
-    from cai.models import TINY_CONFIG
-
     h, i, layers = TINY_CONFIG["hidden_size"], TINY_CONFIG["intermediate_size"], TINY_CONFIG["num_hidden_layers"]
     kv = h // TINY_CONFIG["num_attention_heads"] * TINY_CONFIG["num_key_value_heads"]
     params = layers * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h) + h  # q,o + k,v + MLP + 2 norms, final norm

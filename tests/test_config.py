@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cai.config import SLConfig, help_text, load_config, stable_hash
+from cai.config import SLConfig, config_dict, help_text, load_config, stable_hash
 from cai.errors import CaiError
 from cai.io import YAML_MAX_ALIASES, YAML_MAX_BYTES, read_yaml
 from cai.paths import PROJECT_ROOT
@@ -35,9 +35,6 @@ def test_every_shipped_yaml_loads(path):
 
 @pytest.mark.parametrize("pair", [("rlhf", "rlaif"), ("demo_rlhf", "demo_rlaif")])
 def test_rlhf_and_rlaif_configs_differ_only_in_label_source(pair):
-
-    from cai.config import config_dict
-
     a, b = (config_dict(load_config([f"config={PROJECT_ROOT / 'pipelines' / f'{n}.yaml'}"])) for n in pair)
     assert (a["feedback"].pop("source"), b["feedback"].pop("source")) == ("human", "ai")
     a.pop("run"), b.pop("run")

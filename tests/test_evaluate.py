@@ -6,8 +6,10 @@ import sys
 
 import pytest
 
+from cai.config import EvalConfig, build_config, parse_overrides
 from cai.errors import CaiError
-from cai.evaluate import is_refusal, load_patterns, summarize
+from cai.evaluate import evaluate_matrix, is_refusal, load_patterns, summarize, verdict
+from cai.models import resolve_model
 
 from .conftest import ROOT
 
@@ -54,8 +56,6 @@ def test_cli_on_the_tiny_model_with_a_pm(tmp_path):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from cai.models import resolve_model
-
     tiny = resolve_model("tiny").path
     torch.manual_seed(0)
     pm = AutoModelForSequenceClassification.from_pretrained(tiny, num_labels=1)
@@ -82,9 +82,6 @@ def test_cli_rejects_a_missing_pm(tmp_path):
 
 def test_models_by_sets_against_the_first_model(tmp_path):
     """models=[...] x sets=[...]: every pair answered, changes against the first model (itself here: 0)."""
-    from cai.config import EvalConfig, build_config, parse_overrides
-    from cai.evaluate import evaluate_matrix
-
     cfg = build_config(EvalConfig, {}, "test", parse_overrides([
         "models=[tiny,tiny]", "sets=[prompts/sets/red_team_eval.jsonl,prompts/sets/helpful_eval.jsonl]",
         "prompts.limit=3", "sampling.max_new_tokens=4", f"out={tmp_path}"]))
@@ -97,8 +94,6 @@ def test_models_by_sets_against_the_first_model(tmp_path):
 
 def test_verdict_says_plainly_what_changed_against_the_base():
     """A hand-made matrix: the harmful set's extra refusals read as more harmless, the helpful set's as a cost."""
-    from cai.evaluate import verdict
-
     def summ(cats):
         return {"by_category": {c: {} for c in cats}}
 

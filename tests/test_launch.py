@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from cai.launch import on_main, sharded_launch
+from cai.pipeline import main
 
 from .conftest import ASSETS, ROOT
 
@@ -111,8 +112,6 @@ def test_on_main_runs_the_function_once_without_a_launch(monkeypatch):
 
 
 def test_stage_rl_refuses_a_sharding_launch_before_writing(tmp_path, monkeypatch, capsys):
-    from cai.pipeline import main
-
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(SystemExit) as e:
         main(["stage=rl", f"runs_dir={tmp_path / 'runs'}", "policy.model=tiny", "algorithm=ppo"])

@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from cai.backends import Sampling
+from cai.models import resolve_model
 from cai.pipeline import main
 from cai.records import stable_hash
 
@@ -31,8 +32,6 @@ def lines(path):
 
 @pytest.mark.slow  # the longest tiny-model runs go to `make test-slow`
 def test_online_dpo_rounds_resume_and_costs(sl_run):
-    from cai.models import resolve_model
-
     root, const = sl_run
     rl = root / "runs" / "r" / "rl"
     main(dpo_args(root, const, 1))  # offline DPO; then grown into two online rounds
@@ -101,7 +100,7 @@ def test_online_dpo_with_human_labels_only_is_refused(sl_run, capsys):
 
 @pytest.mark.slow  # a PPO run and a 5-model comparison: about a minute on 2 idle cores
 def test_compare_sets_offline_dpo_online_dpo_and_ppo_side_by_side_with_costs(sl_run, capsys):
-    from cai.compare import main as compare
+    from cai.compare import main as compare  # heavy (imports torch)
 
     root, const = sl_run
     rl = root / "runs" / "r" / "rl"

@@ -14,9 +14,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from cai.config import PMConfig
 from cai.errors import CaiError
 from cai.models import ModelRef, load_tokenizer, resolve_model
 from cai.store import Metrics
+from cai.train.pm import load_pm, score_answers, train_pm
 from cai.train.ppo import (
     PPOConfig,
     _linears_to_bf16,
@@ -256,9 +258,6 @@ def test_ppo_against_a_trained_preference_model(tmp_path):
     score once fell within 20 steps (0.38 -> 0.29; zero head 0.38 -> 0.92) and once rose (0.11 -> 0.42; zero head
     0.29 -> 0.59): the PM head read at every answer token gives values that only partly follow the returns
     (docs/ARCHITECTURE.md)."""
-    from cai.config import PMConfig
-    from cai.train.pm import load_pm, score_answers, train_pm
-
     words = ["the cat sat", "a dog ran far", "hello there friend", "blue sky today", "one two three"]
     comps = [{"key": f"c{i}", "prompt": PROMPTS[i % len(PROMPTS)], "answer_a": "\n" * (2 + i % 6),
               "answer_b": words[i % len(words)], "soft_label": 0.9} for i in range(40)]

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from cai.agreement import accuracy_weight, krippendorff_alpha
 from cai.pipeline import main
 
 from .conftest import tiny_sl_run
@@ -138,7 +139,7 @@ def test_rl_needs_an_sl_model(tmp_path):
 
 
 def test_dpo_pairs_drop_near_half():
-    from cai.train.dpo import preference_pairs
+    from cai.train.dpo import preference_pairs  # heavy (imports torch)
 
     comps = [{"prompt": "q", "answer_a": "x", "answer_b": "y", "soft_label": p} for p in (0.9, 0.55, 0.2, 0.5)]
     pairs = preference_pairs(comps, margin=0.1)
@@ -234,8 +235,6 @@ def test_several_labelers_consensus_and_agreement(sl_run, tmp_path):
     """feedback.labelers: the tiny model and the SL model label every pair; adding a labeler labels only with
     the new one; the soft label is the accuracy-weighted mean; diagnostics give each labeler's clear-pair
     accuracy and their agreement."""
-    from cai.agreement import accuracy_weight, krippendorff_alpha
-
     from .conftest import ROOT
 
     root, const = sl_run

@@ -614,11 +614,11 @@ def step_metrics(st: Setup, cfg: PPOConfig, ro: Rollout, stats: dict[str, list],
     logged["rl/ppo/reward_std"] = float(ro.rewards.sum(1).std()) if B > 1 else 0.0
     logged["rl/ppo/kl_coef"] = st.kl_ctl.value
     logged["rl/ppo/seconds"] = round(time.time() - started, 2)
-    # a policy that wins the PM by repeating itself shows here (this process's answers; cai.measures)
     for phase, gib in st.memory.items():  # this process's resident set at the end of each phase so far
         logged[f"rl/ppo/rss_gib/{phase}"] = round(gib, 3)
     if st.peak[1]:
         logged["rl/ppo/peak_rss_gib"] = round(st.peak[0], 3)
+    # a policy that wins the PM by repeating itself shows here (this process's answers; cai.measures)
     deg = degeneration(ro.texts)
     logged["rl/ppo/repetition_share"] = deg["repetition_share"]
     logged["rl/ppo/distinct_2"] = deg["distinct_2"]

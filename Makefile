@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.cai-installed
 
-.PHONY: setup lock demo demo-sl quality bench browser test test-slow lint clean
+.PHONY: setup lock demo demo-sl quality bench peer browser test test-slow lint clean
 
 # constraints.txt pins every package at the version the tests last passed with; `make lock` refreshes it.
 $(STAMP): pyproject.toml constraints.txt
@@ -55,6 +55,11 @@ demo-sl: setup
 # ~15 minutes on a 2-core CPU; leave the demo out with BENCH_ARGS="sections=gen,label,roofline,accuracy,ppo".
 bench: setup
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+# The bench's peer figure: llama.cpp single-stream on the bundled GGUF (gen section). PyPI has llama-cpp-python as
+# source only, so this compiles llama.cpp for this CPU (cmake + gcc; ~15 min on 2 cores). Not part of setup.
+peer: setup
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -c constraints.txt -e ".[peer]"
 
 # Debian's Chromium for the labeling page's browser test (Playwright drives it; no browser download).
 browser:

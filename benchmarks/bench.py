@@ -3,7 +3,8 @@
 Measures the pipeline's hot paths on one model (default: the bundled SmolLM2-135M), each against a naive
 baseline measured in the same run, and prints the ratios beside the targets of issue 6:
 - gen: critique generation tokens/s with `TransformersBackend.generate` (the SL stage's path: batched, length
-  bucketed, bf16 where the CPU has it) vs HF `model.generate` one prompt at a time, batch 1, float32;
+  bucketed, bf16 where the CPU has it) vs HF `model.generate` one prompt at a time, batch 1, float32; and, where
+  llama-cpp-python is installed (`make peer`), the peer: llama.cpp single-stream on the bundled GGUF;
 - label: AI labels/s with `cai.feedback.label_pairs` (both letters from one forward, a pair's K principles and
   both orders in one batch, shared-prefix KV cache) vs a naive labeler: one float32 forward of prompt+letter
   per option and per order, batch 1;
@@ -13,7 +14,9 @@ baseline measured in the same run, and prints the ratios beside the targets of i
 - ppo: a few PPO steps with the demo settings in a subprocess: time per step and peak RSS (the kernel's
   high-water mark of the subprocess's resident set, ru_maxrss), once per variant in `ppo_variants`: full (the demo
   config as it is), separate (full, with a value model of its own), lora (LoRA adapters: the reference is the
-  policy with its adapters disabled, the value a head on the policy's backbone);
+  policy with its adapters disabled, the value a head on the policy's backbone, activations recomputed in the
+  backward); lora_keep and full_ckpt (not run unless named) turn activation checkpointing off / on against those;
+  the peak is in GB (1e9 bytes), the per-phase figures in GiB;
 - scaling: how generation tokens/s and labeling labels/s grow with batch size and prompt length (on
   `scaling_model`), and with model width (the tiny preset widened), and PPO step time with rollout batch size and
   width; a table, an SVG plot beside `out`, and a cost model fitted on them to predict a bigger run's cost;
@@ -48,8 +51,11 @@ from cai.store import JsonlStore, Metrics
 from cai.templates import load_template
 
 SECTIONS = ("gen", "label", "roofline", "accuracy", "ppo", "scaling", "demo")
+# lora checkpoints activations (ppo.gradient_checkpointing=auto); lora_keep and full_ckpt show that trade each way
 PPO_VARIANTS = {"full": [], "separate": ["ppo.value_model=separate"],
-                "lora": ["ppo.lora.enabled=true", "ppo.value_model=auto"]}
+                "lora": ["ppo.lora.enabled=true", "ppo.value_model=auto"],
+                "lora_keep": ["ppo.lora.enabled=true", "ppo.value_model=auto", "ppo.gradient_checkpointing=false"],
+                "full_ckpt": ["ppo.gradient_checkpointing=true"]}
 TEMPLATES = "prompts/templates/feedback_mc.txt,prompts/templates/feedback_mc_shared_prefix.txt"
 
 
@@ -97,6 +103,7 @@ class BenchConfig:
                                         "ppo settings otherwise, ppo_steps steps, all in one subprocess)")
     scaling_plot: str = F("", "scaling: the SVG plot ('' = beside out: runs/bench.json -> runs/bench.scaling.svg)")
     demo_runs_dir: str = F("", "runs_dir of the demo section's fresh run (default: a temporary directory, removed)")
+    peer: bool = F(True, "gen: also time llama.cpp on the bundled GGUF when llama-cpp-python is installed (make peer)")
     seed: int = F(0, "seed of sampling and principle choice")
     out: str = F("runs/bench.json", "JSON file for the results")
     progress: bool = F(True, "show progress bars")
@@ -118,7 +125,7 @@ def machine() -> dict:
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name"))
         info["amx"] = "amx_bf16" in cpuinfo
         meminfo = Path("/proc/meminfo").read_text().split()
-        info["memory_gb"] = round(int(meminfo[meminfo.index("MemTotal:") + 1]) / 2**20, 1)
+        info["memory_gb"] = round(int(meminfo[meminfo.index("MemTotal:") + 1]) * 1024 / 1e9, 1)
     except (OSError, StopIteration, ValueError):
         pass
     if torch.cuda.is_available():
@@ -229,12 +236,55 @@ def bench_gen(cfg, fast, naive_model) -> dict:
         naive_one(c, cfg.gen_tokens) for c in tqdm(convs, desc="naive generate", disable=not cfg.progress, leave=False)))
     prompt_tokens = [o.prompt_tokens for o in outs]
     fast_rate, naive_rate = fast_tokens / fast_s, naive_tokens / naive_s
+    peer = bench_peer(cfg, [fast.chat_prompt(c) for c in convs])
+    if "tok_s" in peer:
+        peer["ratio"] = fast_rate / peer["tok_s"]  # ours against the peer's: > 1 is faster
     return {"requests": len(convs), "new_tokens": cfg.gen_tokens, "prompt_tokens_mean": sum(prompt_tokens) / len(outs),
             "fast": f"TransformersBackend.generate, batch {fast.batch_size}, {_dtype(fast.model)}",
             "baseline": "HF model.generate, one prompt at a time, batch 1, float32",
             "fast_tokens": fast_tokens, "fast_seconds": fast_s, "fast_tok_s": fast_rate,
             "naive_tokens": naive_tokens, "naive_seconds": naive_s, "naive_tok_s": naive_rate,
-            "ratio": fast_rate / naive_rate}
+            "ratio": fast_rate / naive_rate, "peer": peer}
+
+
+def bench_peer(cfg, prompts: list[str]) -> dict:
+    """The peer figure: llama.cpp (llama-cpp-python, `make peer` builds it from PyPI source) on the bundled model's
+    own GGUF file, one prompt at a time, on as many threads as the fast path, with the same chat prompts, sampling
+    and number of new tokens (EOS ignored). {"skipped": why} where it cannot run."""
+    if not cfg.peer:
+        return {"skipped": "peer=false"}
+    if cfg.model != "smollm2-135m":
+        return {"skipped": f"model={cfg.model} has no GGUF file (the peer runs the bundled smollm2-135m)"}
+    try:
+        import llama_cpp  # optional: make peer
+    except ImportError:
+        return {"skipped": "llama-cpp-python is not installed (make peer builds it from PyPI source)"}
+    import torch
+    from tqdm import tqdm
+
+    from cai.models import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    threads = torch.get_num_threads()
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=4096, n_threads=threads, n_threads_batch=threads,
+                          seed=cfg.seed, verbose=False)
+
+    def one(text: str, new_tokens: int) -> int:
+        ids = llm.tokenize(text.encode(), add_bos=False, special=True)
+        made = 0
+        # reset=True keeps what the context shares with the last request (the few-shot prefix): the peer at its best
+        for _ in llm.generate(ids, temp=0.7, top_p=0.9, top_k=0, reset=True):
+            made += 1
+            if made == new_tokens:
+                break
+        return made
+
+    one(prompts[0], 2)  # warm-up
+    seconds, tokens = best_of(cfg.repeats, lambda: sum(
+        one(t, cfg.gen_tokens) for t in tqdm(prompts, desc="llama.cpp generate", disable=not cfg.progress,
+                                             leave=False)))
+    return {"name": f"llama.cpp {llama_cpp.__version__} (llama-cpp-python), one prompt at a time, {threads} threads",
+            "weights": gguf.name, "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
 
 
 def best_of(n: int, fn):
@@ -431,8 +481,8 @@ def ppo_child(spec_path: str) -> None:
         work.mkdir()
         result = ppo_run(run["model"], spec["config"], spec["steps"], spec["seed"], work, run.get("overrides", []))
         # the process's high-water mark so far (KiB on Linux): the ppo section runs one run per subprocess
-        result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        result["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB -> GB
+        result["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None
         results.append(result)
     (Path(spec["dir"]) / "result.json").write_text(json.dumps(results))
 
@@ -468,6 +518,7 @@ def ppo_run(model: str, config: str, steps: int, seed: int, work: Path, override
                       for p in prompts]
     return {"steps": len(step_seconds), "step_seconds": step_seconds, "bf16": summary.get("bf16"),
             "overrides": overrides, "lora": summary.get("lora"), "value_model": summary.get("value_model"),
+            "gradient_checkpointing": summary.get("gradient_checkpointing"),
             "shared_reference": summary.get("shared_reference"), "rollout_batch_size": cfg.ppo.rollout_batch_size,
             "mini_batch_size": cfg.ppo.mini_batch_size, "max_new_tokens": cfg.ppo.max_new_tokens,
             "prompt_tokens_mean": sum(prompt_lengths) / len(prompt_lengths),
@@ -981,10 +1032,8 @@ def targets(r: dict) -> list[dict]:
     if "label_share" in r.get("roofline", {}):
         add(f"labeling share of {r['roofline']['label_dtype']} roofline", r["roofline"]["label_share"], ">=", 0.6)
     for name, p in r.get("ppo", {}).items():
-        if name == "lora":
-            add("PPO peak RSS, LoRA (GB)", p["peak_rss_gb"], "<=", 3)
-        else:
-            add(f"PPO peak RSS, {name} (GB)", p["peak_rss_gb"], "<=", 6)
+        label = "LoRA" if name == "lora" else name
+        add(f"PPO peak RSS, {label} (GB)", p["peak_rss_gb"], "<=", 3 if p["lora"] else 6)  # GB = 1e9 bytes
     if "demo" in r:
         add("make demo (minutes)", r["demo"]["total_minutes"], "<=", 10)
     return rows
@@ -1054,6 +1103,9 @@ def print_report(r: dict) -> None:
         print(f"generation: {g['requests']} critique requests x {g['new_tokens']} new tokens (mean prompt "
               f"{g['prompt_tokens_mean']:.0f} tokens): {f(g['fast_tok_s'])} tok/s ({g['fast']}) vs "
               f"{f(g['naive_tok_s'])} tok/s ({g['baseline']}) = {g['ratio']:.2f}x")
+        peer = g.get("peer", {})
+        print(f"  peer: {f(peer['tok_s'])} tok/s ({peer['name']}, {peer['weights']}); ours / peer = "
+              f"{peer['ratio']:.2f}x" if "tok_s" in peer else f"  peer: skipped ({peer.get('skipped', '?')})")
     if "label" in r:
         lb = r["label"]
         print(f"labeling: {lb['pairs']} pairs x {lb['principles']} principles x 2 orders = {lb['scored_prompts']} "
@@ -1078,7 +1130,8 @@ def print_report(r: dict) -> None:
                     ("template", "accuracy", "position consistency", "mean P(better)", "harmless", "helpful")))
     for name, p in r.get("ppo", {}).items():
         print(f"PPO {name} ({p['value_model']} value, {'LoRA' if p['lora'] else 'full'}, reference "
-              f"{'= policy with adapters off' if p['shared_reference'] else 'a second copy'}): {p['steps']} steps of "
+              f"{'= policy with adapters off' if p['shared_reference'] else 'a second copy'}"
+              f"{', activations recomputed' if p.get('gradient_checkpointing') else ''}): {p['steps']} steps of "
               f"{p['rollout_batch_size']} rollouts x <= {p['max_new_tokens']} tokens: {p['step_seconds_mean']:.1f} "
               f"s/step after the first ({p['first_step_seconds']:.1f} s incl. loading), peak RSS "
               f"{p['peak_rss_gb']:.2f} GB" + (f", GPU peak {p['gpu_peak_gb']:.2f} GB allocated"

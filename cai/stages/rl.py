@@ -129,7 +129,10 @@ def _ppo_round(cfg, policy, sl_ref, pm_key: str, score, texts: list[str], rdir: 
                metrics) -> dict:
     """PPO keyed like every trained model: same inputs -> reuse rdir/policy; else train in rdir/ppo/<key>/
     (checkpoints there, so a killed run resumes only the same job) and swap the policy into place."""
-    key = stable_hash(["ppo", policy.identity, sl_ref.identity, pm_key, key_dict(cfg.ppo), texts, ptx])
+    # gradient_checkpointing trades memory for time and trains the same model: it stays out of the key, so runs
+    # from before the setting existed are reused and turning it on or off retrains nothing
+    settings = {k: v for k, v in key_dict(cfg.ppo).items() if k != "gradient_checkpointing"}
+    key = stable_hash(["ppo", policy.identity, sl_ref.identity, pm_key, settings, texts, ptx])
     if trained_model_matches(rdir / "policy", key):
         return {**json.loads((rdir / "policy" / TRAIN_INFO).read_text()), "reused": True}
     work = rdir / "ppo" / key

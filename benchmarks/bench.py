@@ -43,7 +43,15 @@ from cai.constitution import load_constitution
 from cai.critique import ChainSettings, choose_principle, critique_request
 from cai.errors import CaiError, cli_main
 from cai.io import read_jsonl, table, write_atomic
-from cai.models import cpu_supports_bf16, load_causal_lm, load_tokenizer, resolve_model, tiny_config, tiny_dir
+from cai.models import (
+    cpu_supports_bf16,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model,
+    smollm2_gguf,
+    tiny_config,
+    tiny_dir,
+)
 from cai.paths import PROJECT_ROOT
 from cai.prompts import PromptRecord, load_few_shot, load_labeled_set, load_prompts
 from cai.records import stable_hash
@@ -261,8 +269,6 @@ def bench_peer(cfg, prompts: list[str]) -> dict:
         return {"skipped": "llama-cpp-python is not installed (make peer builds it from PyPI source)"}
     import torch
     from tqdm import tqdm
-
-    from cai.models import smollm2_gguf
 
     gguf = smollm2_gguf()
     threads = torch.get_num_threads()

@@ -20,6 +20,7 @@ import torch
 
 from cai.backends import Sampling, make_backend
 from cai.backends.transformers_backend import (
+    GrowingLayer,
     TransformersBackend,
     prepack_linear_weights,
     prepack_supported,
@@ -323,8 +324,6 @@ def test_generation_with_a_shared_prefix_matches_each_prompt_alone(sharp):
 
 
 def test_growing_cache_layer_equals_concatenation_across_growth_and_selection():
-    from cai.backends.transformers_backend import GrowingLayer
-
     layer, chunks = GrowingLayer(extra=3), [torch.randn(2, 1, n, 4) for n in (5, 2, 4, 1)]  # 5+3 room, then grows
     for k in chunks:
         keys, values = layer.update(k, -k)
@@ -338,8 +337,6 @@ def test_growing_cache_layer_equals_concatenation_across_growth_and_selection():
 
 def test_growing_cache_layer_crops_like_dynamic_layer():
     from transformers.cache_utils import DynamicLayer
-
-    from cai.backends.transformers_backend import GrowingLayer
 
     chunks = [torch.randn(2, 1, n, 4) for n in (5, 3)]
     for crop in (-2, -8, 0):

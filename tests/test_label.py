@@ -22,7 +22,7 @@ import pytest
 
 from cai.config import load_config, stable_hash
 from cai.errors import CaiError
-from cai.human import load_demonstrations, load_human_comparisons
+from cai.human import combine_human, load_demonstrations, load_human_comparisons
 from cai.label import (
     LabelSession,
     RequestError,
@@ -30,6 +30,7 @@ from cai.label import (
     export_labels,
     is_swapped,
     labels_path,
+    load_gold,
     load_pairs,
     main,
     page_comparisons,
@@ -37,6 +38,8 @@ from cai.label import (
     pair_id,
     start_server,
 )
+from cai.pipeline import main as pipeline_main
+from cai.records import human_comparison, pair_identity
 from cai.runs import RunLock
 from tests.conftest import raw_exchange as conftest_raw_exchange
 
@@ -147,8 +150,6 @@ def test_screen_order_is_mapped_back_and_exports_reimport(tmp_path):
 
 
 def test_pair_id_matches_feedback_pair_identity():
-    from cai.records import pair_identity
-
     a = {"prompt": "q", "answer_a": "x", "answer_b": "y"}
     b = {"prompt": "q", "answer_a": "y", "answer_b": "x"}
     c = {"prompt": "q", "answer_a": "x", "answer_b": "z"}
@@ -408,8 +409,7 @@ def test_export_never_writes_over_the_servers_files(tmp_path):
 
 
 def test_rl_and_sl_read_the_page(tmp_path):
-    from cai.pipeline import main as pipeline_main
-    from cai.stages.pairs import human_comparisons as _human_comparisons
+    from cai.stages.pairs import human_comparisons as _human_comparisons  # heavy (imports torch)
 
     runs = tmp_path / "runs"
     rl = lambda *o: load_config(["stage=rl", "run=r", f"runs_dir={runs}", "feedback.source=human", *o])  # noqa: E731
@@ -622,8 +622,6 @@ def gold_rows(n=2):
 
 
 def test_overlap_gold_and_combined_export(tmp_path):
-    from cai.label import load_gold
-
     run_dir = tmp_path / "run"
     pairs, _ = load_pairs(run_dir, str(write_jsonl(tmp_path / "pairs.jsonl", pair_rows(4))))
     gold = load_gold(str(write_jsonl(tmp_path / "gold.jsonl", gold_rows(2))), pairs)
@@ -670,9 +668,6 @@ def test_overlap_gold_and_combined_export(tmp_path):
 
 
 def test_combine_human_by_hand():
-    from cai.human import combine_human
-    from cai.records import human_comparison
-
     truth = [1, 1, 0, 1, 0, 0, 1, 0, 1, 0]
     wrong = {"good1": {0}, "good2": {4}, "good3": {7}, "adversary": set(range(10))}
     comps = []

@@ -8,12 +8,27 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cai.config import DPOConfig, GroupRLConfig, LoRAConfig, PMConfig, PPOConfig, SFTConfig, SLConfig, load_config
+from cai.config import (
+    DPOConfig,
+    GroupRLConfig,
+    LoRAConfig,
+    PMConfig,
+    PPOConfig,
+    SFTConfig,
+    SLConfig,
+    key_dict,
+    load_config,
+)
 from cai.errors import CaiError
 from cai.io import write_atomic
 from cai.models import load_tokenizer, resolve_model
 from cai.store import Metrics
-from cai.train.common import ADAPTER_DIR, TRAIN_INFO
+from cai.train.common import ADAPTER_DIR, TRAIN_INFO, with_lora
+from cai.train.dpo import train_dpo
+from cai.train.group_rl import train_group_rl
+from cai.train.pm import init_pm, load_pm, pm_training_key, score_answers, train_pm
+from cai.train.ppo import reference_logits, run_ppo, sample_answers, setup, uses_checkpointing
+from cai.train.sft import sft_training_key, train_sft
 
 LORA = LoRAConfig(enabled=True, r=4, alpha=8.0, dropout=0.0)
 
@@ -53,15 +68,11 @@ def test_lora_settings_are_checked_on_load(override, message):
 
 
 def test_lora_settings_off_leave_training_keys_as_before():
-    from cai.config import key_dict
-
     assert "lora" not in key_dict(SFTConfig()) and key_dict(SFTConfig(lora=LORA))["lora"]["r"] == 4
 
 
 def test_sft_with_lora_trains_the_adapters_and_publishes_a_merged_model(tmp_path):
     from transformers import AutoModelForCausalLM
-
-    from cai.train.sft import sft_training_key, train_sft
 
     ref = resolve_model("tiny")
     data = tmp_path / "sft.jsonl"
@@ -89,7 +100,6 @@ def test_sft_with_lora_trains_the_adapters_and_publishes_a_merged_model(tmp_path
 
 
 def test_pm_with_lora_learns_and_publishes_a_merged_pm(tmp_path):
-    from cai.train.pm import init_pm, load_pm, pm_training_key, score_answers, train_pm
     from tests.test_pm import yes_no_comparisons
 
     ref = resolve_model("tiny")
@@ -113,8 +123,6 @@ def test_pm_with_lora_learns_and_publishes_a_merged_pm(tmp_path):
 
 def test_a_target_module_the_model_lacks_is_named(tmp_path):
     from transformers import AutoModelForCausalLM
-
-    from cai.train.common import with_lora
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny").path)
     with pytest.raises(CaiError, match=r"sft.lora.target_modules=\['qkv'\]: .*q_proj"):
@@ -142,8 +150,6 @@ def test_ppo_lora_reference_is_the_policy_with_adapters_off(tmp_path):
     """One copy of the weights: the reference logits are the base model's, whatever the adapters hold."""
     from transformers import AutoModelForCausalLM
 
-    from cai.train.ppo import reference_logits, setup
-
     ref = resolve_model("tiny")
     st = setup(ref, ppo_cfg(), PROMPTS, None, None, None)
     assert st.reference is None
@@ -169,8 +175,6 @@ def test_ppo_lora_reference_is_the_policy_with_adapters_off(tmp_path):
 
 @pytest.mark.parametrize("value_model", ["shared", "separate"])
 def test_ppo_with_lora_trains_and_publishes_a_merged_policy(tmp_path, value_model):
-    from cai.train.ppo import run_ppo
-
     ref = resolve_model("tiny")
     out = tmp_path / "ppo"
     s = run_ppo(ref, newline_share, PROMPTS, ppo_cfg(value_model=value_model), out,
@@ -187,8 +191,6 @@ def test_ppo_with_lora_trains_and_publishes_a_merged_policy(tmp_path, value_mode
 
 
 def test_ppo_shared_value_head_without_lora_trains_every_weight(tmp_path):
-    from cai.train.ppo import run_ppo, setup
-
     cfg = ppo_cfg(lora=LoRAConfig(), value_model="shared", steps=2, learning_rate=1e-4, value_learning_rate=1e-4)
     st = setup(resolve_model("tiny"), cfg, PROMPTS, None, None, None)
     model = st.accelerator.unwrap_model(st.model)
@@ -208,8 +210,6 @@ def test_ppo_shared_value_head_without_lora_trains_every_weight(tmp_path):
 
 
 def test_dpo_with_lora(tmp_path):
-    from cai.train.dpo import train_dpo
-
     ref = resolve_model("tiny")
     comparisons = [{"prompt": f"question {i}?", "answer_a": "yes yes", "answer_b": "no no", "soft_label": 0.9}
                    for i in range(8)]
@@ -222,8 +222,6 @@ def test_dpo_with_lora(tmp_path):
 
 @pytest.mark.parametrize("algorithm", ["rloo", "grpo"])
 def test_group_rl_with_lora(tmp_path, algorithm):
-    from cai.train.group_rl import train_group_rl
-
     ref = resolve_model("tiny")
     cfg = GroupRLConfig(num_generations=2, max_completion_length=4, batch_size=4, learning_rate=1e-2, lora=LORA)
     def longer(prompts, answers):  # varies within a group (newline_share is 0 for every answer here)
@@ -238,8 +236,6 @@ def test_group_rl_with_lora(tmp_path, algorithm):
 @pytest.mark.parametrize("value_model", ["shared", "separate"])
 def test_ppo_gradient_checkpointing_keeps_gradients_and_the_sampling_cache(value_model):
     """auto turns it on under LoRA; the update's gradients and the sampled answers are those without it."""
-    from cai.train.ppo import sample_answers, setup, uses_checkpointing
-
     assert uses_checkpointing(ppo_cfg()) and not uses_checkpointing(ppo_cfg(lora=LoRAConfig()))
     assert not uses_checkpointing(ppo_cfg(gradient_checkpointing="false"))
     ref = resolve_model("tiny")

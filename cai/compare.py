@@ -49,7 +49,7 @@ from cai.human import load_human_comparisons, load_human_rankings, page_comparis
 from cai.io import read_jsonl, read_yaml, table, write_atomic
 from cai.losses import preference_probs_from_option_logprobs
 from cai.measures import degeneration, is_refusal, load_patterns
-from cai.models import pick_device, pick_dtype, resolve_model
+from cai.models import pick_device, pick_dtype, precision_name, resolve_model, uses_fp16_decode
 from cai.paths import resolve_path
 from cai.prompts import load_labeled_set, load_prompts
 from cai.records import calibration_bins, pair_identity, stable_hash
@@ -147,8 +147,9 @@ VLLM_DEFAULTS = ModelConfig()
 def expected_identity(spec: dict) -> str:
     """The identity make_backend(spec) will report, found without loading the model (so cached work loads none)."""
     if spec["backend"] == "transformers":
-        dtype = pick_dtype(spec["dtype"], pick_device(spec["device"]))
-        return f"{resolve_model(spec['model']).identity}:{str(dtype).removeprefix('torch.')}"
+        device = pick_device(spec["device"])
+        dtype = pick_dtype(spec["dtype"], device)
+        return f"{resolve_model(spec['model']).identity}:{precision_name(dtype, uses_fp16_decode(spec['dtype'], device))}"
     if spec["backend"] == "vllm":
         return vllm_identity(resolve_model(spec["model"]), spec["dtype"])
     if spec["backend"] == "openai":

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -235,6 +236,37 @@ def pick_dtype(dtype: str, device: str):
     if dtype not in table:
         raise CaiError(f"dtype={dtype}: expected one of auto, float32, bfloat16, float16")
     return table[dtype]
+
+
+@functools.lru_cache(maxsize=1)
+def fp16_decode_supported() -> bool:
+    """Whether this torch build has fbgemm's fp16-weight linear (float32 activations and sums, weights stored in
+    float16; vectorized with AVX2 + F16C) and it runs on this CPU."""
+    import torch
+
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    try:
+        packed = torch.ops.quantized.linear_prepack_fp16(torch.zeros(16, 16), None)
+        torch.ops.quantized.linear_dynamic_fp16(torch.zeros(1, 16), packed)
+    except (RuntimeError, AttributeError):
+        return False
+    return True
+
+
+def uses_fp16_decode(dtype: str, device: str) -> bool:
+    """Whether the transformers backend's own model decodes from float16 weight copies: `dtype=auto` on a CPU that
+    runs float32 (no bf16) where fbgemm's fp16 linear runs. An explicit `dtype=float32` stays float32 throughout."""
+    import torch
+
+    return (dtype == "auto" and device == "cpu" and pick_dtype(dtype, device) == torch.float32
+            and fp16_decode_supported())
+
+
+def precision_name(dtype, fp16_decode: bool) -> str:
+    """The precision part of a transformers backend's identity: the weights' dtype, `+fp16decode` where decode
+    steps read float16 weight copies (their texts differ from float32's)."""
+    return str(dtype).removeprefix("torch.") + ("+fp16decode" if fp16_decode else "")
 
 
 def pick_device(device: str) -> str:

@@ -371,3 +371,131 @@ def test_prepacked_linears_give_the_same_logits(backend, dtype, atol):
         expected = scaled(input_ids=ids).logits.float()
         assert torch.allclose(copied(input_ids=ids).logits.float(), expected, atol=atol * 10)
         assert torch.allclose(model(input_ids=ids).logits.float(), expected, atol=atol * 10)
+
+
+# -- cascade attention and float16 decode weights ------------------------------------------------------------
+
+def run_prefill_and_decode(be, rows, steps=5, leave_at=2, leaving=(0,)):
+    """Logits of a prefill and greedy decode steps (rows in `leaving` leave the batch at step `leave_at`)."""
+    with torch.inference_mode():
+        logits, mask, last, cache = be._prefill(rows, decode_tokens=steps + 1)
+        out, nxt = [logits.float()], logits.argmax(-1)
+        for step in range(steps):
+            if step == leave_at:
+                keep = torch.tensor([j for j in range(len(nxt)) if j not in leaving])
+                cache.batch_select_indices(keep)
+                mask, last, nxt = mask[keep], last[keep], nxt[keep]
+            mask, last = torch.cat([mask, mask.new_ones(len(nxt), 1)], 1), last + 1
+            logits = be.model(input_ids=nxt.view(-1, 1), attention_mask=mask, position_ids=last,
+                              past_key_values=cache, use_cache=True).logits[:, -1].float()
+            out.append(logits)
+            nxt = logits.argmax(-1)
+    return out
+
+
+def test_cascade_attention_gives_the_logits_of_copied_prefixes(sharp):
+    """Two groups of rows with a long shared prefix each, one row alone, rows leaving the batch: the cascade
+    (each prefix held once) computes what SDPA over per-row copies of the prefix computes."""
+    assert sharp.model.config._attn_implementation == "cai_cascade"  # the backend's own model, and its copies
+    demo = "Here is a long demonstration of the task, with plenty of words in it so the prefix is long. " * 3
+    rows = [sharp._encode(sharp.chat_prompt([U(demo + tail), A("Sure")])) for tail in
+            ("Hi?", "Which of these two answers is better?", "Cats or dogs, and why would anyone care?")]
+    rows += [sharp._encode(sharp.chat_prompt([U(("Another, different demonstration of a task. " * 4) + tail)]))
+             for tail in ("Short?", "A longer question about several things at once?")]
+    rows.append(sharp._encode(sharp.chat_prompt([U("A prompt that shares nothing.")])))
+    assert len({n for n, _ in shared_prefix_groups(rows, len(rows))}) == 3  # two shared prefixes and a lone row
+    cascade = run_prefill_and_decode(sharp, rows, leaving=(0, 4))
+    try:
+        sharp.model.set_attn_implementation("sdpa")
+        copied = run_prefill_and_decode(sharp, rows, leaving=(0, 4))
+    finally:
+        sharp.model.set_attn_implementation("cai_cascade")
+    for got, expected in zip(cascade, copied):
+        assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+
+
+def test_cascade_attention_with_one_group_decodes_without_a_mask(sharp):
+    """One group with no padding: transformers passes no mask to the decode steps (every position is seen)."""
+    demo = "The same long demonstration, repeated so that it is the larger part of the prompt. " * 3
+    rows = [sharp._encode(sharp.chat_prompt([U(demo + q)])) for q in ("Red?", "Blue?", "Gold?")]
+    assert len({len(r) for r in rows}) == 1 and len(shared_prefix_groups(rows, 3)) == 1
+    cascade = run_prefill_and_decode(sharp, rows, steps=3, leave_at=1, leaving=(1,))
+    try:
+        sharp.model.set_attn_implementation("sdpa")
+        copied = run_prefill_and_decode(sharp, rows, steps=3, leave_at=1, leaving=(1,))
+    finally:
+        sharp.model.set_attn_implementation("cai_cascade")
+    for got, expected in zip(cascade, copied):
+        assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+
+
+def test_float16_decode_weights_are_used_only_while_decoding(backend):
+    from cai.models import fp16_decode_supported
+
+    if not fp16_decode_supported():
+        pytest.skip("this torch build or CPU lacks fbgemm's fp16 linear")
+    model = load_causal_lm(backend.ref, "float32", "cpu")
+    ids = torch.tensor([backend._encode(mc_prompt(backend, QUESTIONS[1]))])
+    with torch.inference_mode():
+        plain = model(input_ids=ids).logits.float()
+        phase = prepack_linear_weights(model, fp16_decode=True)
+        assert phase.fp16_decode and model.cai_linear_phase is phase
+        assert torch.allclose(model(input_ids=ids).logits, plain, atol=1e-4)  # prompts: float32 weights
+        with phase.decoding():
+            half = model(input_ids=ids).logits
+        assert not phase.decode
+        # float16 weights: close to float32, and not the same computation
+        assert torch.allclose(half, plain, atol=5e-3) and not torch.allclose(half, plain, atol=1e-6)
+
+
+def test_the_backend_decodes_from_float16_weights_only_with_dtype_auto_on_a_float32_cpu(backend, monkeypatch):
+    from cai import models
+    from cai.compare import expected_identity
+
+    monkeypatch.setattr(models, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(models, "fp16_decode_supported", lambda: True)
+    auto = TransformersBackend(backend.ref, dtype="auto", device="cpu", progress=False)
+    assert auto.phase.fp16_decode and auto.identity.endswith(":float32+fp16decode")
+    spec = {"backend": "transformers", "model": "tiny", "dtype": "auto", "device": "cpu"}
+    assert expected_identity(spec) == auto.identity
+    assert expected_identity({**spec, "dtype": "float32"}) == backend.identity  # float32 stays float32 throughout
+    assert not backend.phase.fp16_decode and backend.identity.endswith(":float32")
+    # decode steps run from float16 weights: sampled texts are close to, not equal to, float32's in general; and
+    # a request's text does not depend on its neighbours
+    convs = [[U(q)] for q in QUESTIONS]
+    batch = auto.generate(convs, SAMPLED, [1, 2, 3])
+    assert [c.text for c in batch] == [auto.generate([c], SAMPLED, [s])[0].text for c, s in zip(convs, (1, 2, 3))]
+
+
+def test_cascade_attention_alone_equals_softmax_over_prefix_and_own_positions():
+    """The attention function by itself, on random tensors: grouped-query heads, two groups (one of them a
+    padded prefix), a causal own part with and without a mask, against SDPA over [prefix | own]."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from cai.backends.transformers_backend import cascade_attention
+
+    torch.manual_seed(0)
+    rows, heads, kv_heads, d, width, t = 3, 4, 2, 8, 5, 3
+    prefix_k, prefix_v = torch.randn(2, kv_heads, width, d), torch.randn(2, kv_heads, width, d)
+    prefix_mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])  # group 1's prefix is left-padded
+    group = torch.tensor([1, 0, 1])
+    layer = GrowingLayer(extra=4)
+    layer.update(prefix_k, prefix_v)
+    layer.share_prefix(group, prefix_mask)
+    own_k, own_v = torch.randn(rows, kv_heads, t, d), torch.randn(rows, kv_heads, t, d)
+    keys, values = layer.update(own_k, own_v)
+    assert layer.get_seq_length() == width + t
+    q = torch.randn(rows, heads, t, d)
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True)
+    full_k = repeat_kv(torch.cat([prefix_k[group], own_k], 2), 2)
+    full_v = repeat_kv(torch.cat([prefix_v[group], own_v], 2), 2)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    allowed = torch.cat([prefix_mask[group].bool()[:, None, None, :].expand(rows, 1, t, width),
+                         causal.expand(rows, 1, t, t)], -1)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, full_k, full_v, attn_mask=allowed, scale=0.3)
+    for mask in (allowed, None):  # None: transformers leaves a causal mask out; the prefix mask is the layer's
+        got, _ = cascade_attention(module, q, keys, values, mask, scaling=0.3)
+        assert got.shape == (rows, t, heads, d)
+        assert torch.allclose(got.transpose(1, 2), expected, atol=1e-5)

@@ -7,15 +7,27 @@ its batch neighbours), and finished rows leave the batch and the KV cache at onc
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import os
 
 import torch
 from tqdm import tqdm
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from cai.backends.base import Completion, Message, Sampling
-from cai.models import ModelRef, load_causal_lm, load_tokenizer
+from cai.models import (
+    ModelRef,
+    fp16_decode_supported,
+    load_causal_lm,
+    load_tokenizer,
+    precision_name,
+    uses_fp16_decode,
+)
 
 
 def configure_cpu_threads() -> None:
@@ -70,9 +82,28 @@ def prepack_supported(dtype: torch.dtype = torch.bfloat16) -> bool:
     return True
 
 
-def prepack_linear_weights(model) -> int:
+class LinearPhase:
+    """Which weights a packed model's linear layers compute from: `decode` is set by the backend around its
+    one-token decode steps (see `prepack_linear_weights`); prompts (prefill, option scoring) always run the
+    model's own precision."""
+
+    def __init__(self):
+        self.decode = False
+        self.packed = 0  # linear layers packed
+        self.fp16_decode = False  # whether any of them has float16 decode weights
+
+    @contextlib.contextmanager
+    def decoding(self):
+        self.decode, saved = True, self.decode
+        try:
+            yield
+        finally:
+            self.decode = saved
+
+
+def prepack_linear_weights(model, fp16_decode: bool = False) -> LinearPhase:
     """Let the bf16 and float32 linear layers of a CPU model compute from weights packed once for oneDNN. Returns
-    how many.
+    the model's `LinearPhase` (also `model.cai_linear_phase`); `.packed` counts the layers packed.
 
     `F.linear` on bf16 CPU tensors lays the weight out for oneDNN's AMX kernels again on every call; packing it
     once (what torch.compile's freezing does, with the same oneDNN ops) made a batch-12 decode step of SmolLM2
@@ -81,25 +112,64 @@ def prepack_linear_weights(model) -> int:
     (BENCHMARKS.md), with logits equal to rounding. The module keeps its original weight (for state_dict and tied
     embeddings); a weight changed in place after packing, or a copy of the module, computes with `F.linear`
     again; where the ops are missing from the torch build, nothing changes.
+
+    fp16_decode (float32 models only, where `fp16_decode_supported`): each layer also keeps a float16 copy of its
+    weight for fbgemm, used while the phase is `decode`. Decode steps are bound by reading the weights (a few
+    rows per weight), so half the bytes make them ~1.6x faster; activations and sums stay float32, and the
+    weights' rounding (11 significant bits) is finer than bf16's (8), the precision the CPUs with bf16 run in.
+    Prefill is compute-bound, where fbgemm's fp16 path is no faster, so prompts keep the float32 weights.
     """
     import types
 
     ops = torch.ops.mkldnn
-    count = 0
+    phase = LinearPhase()
+    half_ok = fp16_decode and fp16_decode_supported()
     for module in model.modules():
         w = getattr(module, "weight", None)
-        if (isinstance(module, torch.nn.Linear) and w.dtype in (torch.bfloat16, torch.float32)
-                and w.device.type == "cpu" and prepack_supported(w.dtype)):
-            packed = ops._reorder_linear_weight(w.detach(), 16)  # 16: the row-count hint of the packing
+        if not isinstance(module, torch.nn.Linear) or w.device.type != "cpu":
+            continue
+        packed = (ops._reorder_linear_weight(w.detach(), 16)  # 16: the row-count hint of the packing
+                  if w.dtype in (torch.bfloat16, torch.float32) and prepack_supported(w.dtype) else None)
+        half = (torch.ops.quantized.linear_prepack_fp16(w.detach(), None if module.bias is None else module.bias.detach())
+                if half_ok and w.dtype == torch.float32 else None)
+        if packed is not None or half is not None:
 
-            def forward(self, x, packed=packed, source=w, version=w._version):
+            def forward(self, x, packed=packed, half=half, source=w, version=w._version):
                 if self.weight is not source or source._version != version:  # changed since packing, or a copy
+                    return torch.nn.functional.linear(x, self.weight, self.bias)
+                if half is not None and phase.decode:
+                    return torch.ops.quantized.linear_dynamic_fp16(x, half)
+                if packed is None:
                     return torch.nn.functional.linear(x, self.weight, self.bias)
                 return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
             module.forward = types.MethodType(forward, module)
-            count += 1
-    return count
+            phase.packed += packed is not None
+            phase.fp16_decode |= half is not None
+    model.cai_linear_phase = phase
+    return phase
+
+
+@dataclasses.dataclass
+class SharedPrefix:
+    """The prefixes that groups of a batch's rows share, held once per group (see `GrowingLayer.share_prefix`).
+
+    keys, values: (groups, kv_heads, width, head_dim), left-padded; mask: (groups, 1, 1, width), 0 where a
+    position is real and -inf where it is padding; real: whether each group's prefix has a real position (a row
+    alone has none); group: (rows,) the group of each row; members: the rows of each group (index tensors), or
+    None when one group holds every row."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    mask: torch.Tensor
+    real: list[bool]
+    group: torch.Tensor
+    members: list[torch.Tensor] | None = None
+
+    def select(self, rows: torch.Tensor) -> SharedPrefix:
+        group = self.group[rows]
+        members = None if len(self.keys) == 1 else [(group == g).nonzero().squeeze(1) for g in range(len(self.keys))]
+        return dataclasses.replace(self, group=group, members=members)
 
 
 class GrowingLayer(DynamicLayer):
@@ -110,11 +180,16 @@ class GrowingLayer(DynamicLayer):
     (BENCHMARKS.md). Here keys and values live in buffers with `extra` positions of room beyond the first
     update (the tokens still to come; doubled when full); `keys`/`values` are views of the filled part.
     Shape: (batch, kv_heads, positions, head_dim).
+
+    After `share_prefix`, the positions so far are a `SharedPrefix`, held once per group of rows, and the
+    buffers hold each row's own positions after it; `cascade_attention` reads both. The views returned by
+    `update` then carry the layer (`.cai_layer`), which is how the attention function finds the prefix.
     """
 
     def __init__(self, extra: int = 256):
         super().__init__()
         self.extra = extra
+        self.prefix: SharedPrefix | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -134,13 +209,35 @@ class GrowingLayer(DynamicLayer):
         self.key_buffer[:, :, self.length:self.length + n] = key_states
         self.value_buffer[:, :, self.length:self.length + n] = value_states
         self.length += n
-        self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+        self._views()
         return self.keys, self.values
 
+    def _views(self) -> None:
+        self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+        if self.prefix is not None:
+            self.keys.cai_layer = self
+
+    def get_seq_length(self) -> int:
+        own = self.length if self.is_initialized and self.key_buffer is not None else 0
+        return own + (self.prefix.keys.shape[-2] if self.prefix is not None else 0)
+
+    def share_prefix(self, group: torch.Tensor, prefix_mask: torch.Tensor) -> None:
+        """Make the positions cached so far (one row per group, shape (groups, kv_heads, width, head_dim)) the
+        shared prefix of the rows whose group is `group` (rows,); prefix_mask (groups, width): 1 where a position
+        is real. Each row's own positions start empty."""
+        mask = torch.zeros(prefix_mask.shape, dtype=self.keys.dtype, device=self.keys.device)
+        mask = mask.masked_fill(prefix_mask == 0, float("-inf"))[:, None, None, :]
+        real = (prefix_mask != 0).any(-1).tolist()
+        self.prefix = SharedPrefix(self.keys.contiguous(), self.values.contiguous(), mask, real, group).select(
+            torch.arange(len(group), device=group.device))
+        self.length, self.key_buffer, self.value_buffer = 0, None, None
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.get_seq_length() > 0:
+        if self.prefix is not None:
+            self.prefix = self.prefix.select(indices)
+        if self.key_buffer is not None and self.length > 0:
             self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
-            self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+            self._views()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self.batch_select_indices(torch.arange(self.keys.shape[0], device=self.keys.device).repeat_interleave(repeats))
@@ -151,8 +248,10 @@ class GrowingLayer(DynamicLayer):
             raise ValueError(f"crop({tokens_to_remove}): expected a negative number of tokens to remove")
         if tokens_to_remove == 0 or not self.is_initialized:
             return
+        if self.prefix is not None and -tokens_to_remove > self.length:
+            raise ValueError(f"crop({tokens_to_remove}): only {self.length} positions follow the shared prefix")
         self.length = max(self.length + tokens_to_remove, 0)
-        self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+        self._views()
 
 
 class GrowingCache(DynamicCache):
@@ -160,6 +259,73 @@ class GrowingCache(DynamicCache):
 
     def __init__(self, extra: int = 256):
         Cache.__init__(self, layer_class_to_replicate=functools.partial(GrowingLayer, extra=extra))
+
+    def share_prefix(self, group: torch.Tensor, prefix_mask: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.share_prefix(group, prefix_mask)
+
+
+def cascade_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                      **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention that reads a prefix shared by a group of rows once for the whole group (cascade attention).
+
+    Where a `GrowingLayer` holds a `SharedPrefix`, each row's attention is split in two, both by the CPU's flash
+    kernel, which also returns the log-sum-exp of the scores: (1) all the queries of a group's rows against the
+    group's prefix, as one batch, and (2) each row's queries against its own positions; the two softmaxes are
+    then merged by their log-sum-exps, which is exactly the softmax over both. Before, the prefix's keys and
+    values were copied for every row of the group and read once per row at every decode step. Grouped-query
+    heads read their key/value head without copies (the query heads of one key/value head are folded into the
+    query length). Anything else goes to transformers' SDPA attention, unchanged.
+
+    Shapes: query (b, heads, t, d); key/value (b, kv_heads, own positions, d), the views `GrowingLayer.update`
+    returns; attention_mask None or bool (b, 1, t, prefix width + own positions). Returns (b, t, heads, d).
+    """
+    layer = getattr(key, "cai_layer", None)
+    if layer is None or layer.prefix is None or dropout or query.device.type != "cpu":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    pre = layer.prefix
+    b, heads, t, d = query.shape
+    kv_heads, own = key.shape[1], key.shape[2]
+    rep = heads // kv_heads
+    width = pre.keys.shape[-2]
+    q = query.reshape(b, kv_heads, rep * t, d)  # heads h = kv * rep + j: each kv head's queries, rep * t of them
+    if attention_mask is not None:
+        allowed = attention_mask[..., width:]
+    else:  # transformers leaves the mask out where it is causal with no padding: the own part is causal
+        allowed = (torch.arange(own, device=q.device)[None, :] <= torch.arange(t, device=q.device)[:, None] + own - t)
+        allowed = allowed.expand(b, 1, t, own)
+    seen_own = allowed.any(-1)  # (b, 1, t): padding queries may see none of their own positions
+    own_mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+    own_mask = own_mask[:, :, None].expand(b, 1, rep, t, own).reshape(b, 1, rep * t, own)
+    out_own, lse_own = flash(q, key, value, 0.0, False, attn_mask=own_mask, scale=scaling)
+    lse_own = lse_own.masked_fill(~seen_own[:, :, None].expand(b, 1, rep, t).reshape(b, 1, rep * t), float("-inf"))
+    if pre.members is None:  # one group: every row's queries against the prefix in one call
+        qg = q.transpose(0, 1).reshape(1, kv_heads, b * rep * t, d)
+        o, lse = flash(qg, pre.keys, pre.values, 0.0, False, attn_mask=pre.mask, scale=scaling)
+        out_pre = o.view(kv_heads, b, rep * t, d).transpose(0, 1)
+        lse_pre = lse.view(kv_heads, b, rep * t).transpose(0, 1)
+    else:
+        out_pre = torch.zeros_like(out_own)
+        lse_pre = torch.full_like(lse_own, float("-inf"))
+        for g, rows in enumerate(pre.members):
+            if len(rows) and pre.real[g]:  # a row alone has an empty prefix
+                n = len(rows)
+                qg = q[rows].transpose(0, 1).reshape(1, kv_heads, n * rep * t, d)
+                o, lse = flash(qg, pre.keys[g:g + 1], pre.values[g:g + 1], 0.0, False, attn_mask=pre.mask[g:g + 1],
+                               scale=scaling)
+                out_pre[rows] = o.view(kv_heads, n, rep * t, d).transpose(0, 1)
+                lse_pre[rows] = lse.view(kv_heads, n, rep * t).transpose(0, 1)
+    top = torch.maximum(lse_pre, lse_own).clamp(min=-1e30)[..., None]
+    w_pre, w_own = torch.exp(lse_pre[..., None] - top), torch.exp(lse_own[..., None] - top)
+    out = (out_pre * w_pre + out_own * w_own) / (w_pre + w_own).clamp(min=1e-30)
+    return out.reshape(b, heads, t, d).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("cai_cascade", cascade_attention)
+AttentionMaskInterface.register("cai_cascade", sdpa_mask)
 
 
 def shared_prefix_groups(rows: list[list[int]], max_group: int) -> list[tuple[int, list[int]]]:
@@ -207,13 +373,16 @@ class TransformersBackend:
         configure_cpu_threads()
         self.ref = ref
         self.tokenizer = tokenizer or load_tokenizer(ref, trust_remote_code)
-        if model is None:  # our own copy, for inference only: bf16 linear weights packed for the CPU
+        self.phase = LinearPhase()
+        if model is None:  # our own copy, for inference only: linear weights packed for the CPU
             model = load_causal_lm(ref, dtype, device, trust_remote_code)
-            prepack_linear_weights(model)
+            self.phase = prepack_linear_weights(model, fp16_decode=uses_fp16_decode(dtype, str(model.device)))
+            if model.device.type == "cpu" and model.config._attn_implementation == "sdpa":
+                model.set_attn_implementation("cai_cascade")  # shared prefixes read once (cascade_attention)
         self.model = model
         self.device = next(self.model.parameters()).device
-        # bf16 and fp32 runs of the same weights give different texts and scores: the dtype is part of the key
-        self.identity = f"{ref.identity}:{str(next(self.model.parameters()).dtype).removeprefix('torch.')}"
+        # bf16 and fp32 runs of the same weights give different texts and scores: the precision is part of the key
+        self.identity = f"{ref.identity}:{precision_name(next(self.model.parameters()).dtype, self.phase.fp16_decode)}"
         self.batch_size = batch_size
         self.progress = progress
         # prompt tokens prefilled (generation and option scoring): "prompt" = in the prompts, "forward" = run
@@ -276,7 +445,10 @@ class TransformersBackend:
         self.model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
                    past_key_values=cache, use_cache=True, logits_to_keep=1)
         sel = torch.tensor(group_of, device=self.device)
-        cache.batch_select_indices(sel)
+        if self.model.config._attn_implementation == "cai_cascade":
+            cache.share_prefix(sel, p_mask)  # each group's prefix stays one row; the rows' own tails follow it
+        else:
+            cache.batch_select_indices(sel)  # the prefix's cache rows copied for each row of its group
         t_ids, t_mask = self._left_pad(tails)
         positions = torch.tensor(start, device=self.device)[:, None] + (t_mask.cumsum(-1) - 1).clamp(min=0)
         mask = torch.cat([p_mask[sel], t_mask], dim=1)
@@ -337,8 +509,9 @@ class TransformersBackend:
                 alive = [alive[j] for j in keep]
             mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
             last_pos = last_pos + 1
-            out = self.model(input_ids=nxt.view(-1, 1).to(self.device), attention_mask=mask, position_ids=last_pos,
-                             past_key_values=cache, use_cache=True)
+            with self.phase.decoding():  # float16 weight copies where the backend made them (prepack_linear_weights)
+                out = self.model(input_ids=nxt.view(-1, 1).to(self.device), attention_mask=mask,
+                                 position_ids=last_pos, past_key_values=cache, use_cache=True)
             logits = out.logits[:, -1, :].float().cpu()
         return [Completion(text=texts[r] if texts[r] is not None else self.tokenizer.decode(tokens[r], skip_special_tokens=True),
                            prompt_tokens=len(prompts[r]), completion_tokens=len(tokens[r]), finish_reason=finish[r])

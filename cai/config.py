@@ -118,8 +118,8 @@ class ModelConfig(Checked):
     model: str = F("smollm2-135m", "preset (smollm2-135m, tiny), local model dir, or hub id (online only)")
     backend: str = F("transformers", "transformers | vllm (GPU, the vllm extra) | openai (an OpenAI-compatible "
                                      "server) | fake (control-flow tests)", choices=BACKENDS)
-    dtype: str = F("auto", "auto (bf16 where the CPU/GPU has it, else fp32) | float32 | bfloat16 | float16",
-                   choices=DTYPES)
+    dtype: str = F("auto", "auto (bf16 where the CPU/GPU has it; else fp32, decoding from fp16 weight copies on "
+                           "CPUs where fbgemm runs) | float32 | bfloat16 | float16", choices=DTYPES)
     device: str = F("auto", "auto | cpu | cuda | cuda:N", device=True)
     batch_size: int = F(16, "requests per forward batch (length-bucketed)", ge=1)
     trust_remote_code: bool = F(False, "allow model repos to run their own Python code (off unless you trust it)")

@@ -357,7 +357,7 @@ def test_prepacked_linears_give_the_same_logits(backend, dtype, atol):
     ids = torch.tensor([backend._encode(mc_prompt(backend, q)) for q in QUESTIONS[:1]])
     with torch.inference_mode():
         plain = model(input_ids=ids).logits.float()
-        assert prepack_linear_weights(model) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head
+        assert prepack_linear_weights(model).packed == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head
         packed = model(input_ids=ids).logits.float()
         assert torch.allclose(plain, packed, atol=atol)
         copied = copy.deepcopy(model)  # a copy whose weights then change computes with its own weights

@@ -283,3 +283,22 @@ def test_the_llama_cpp_peer_runs_on_the_bundled_gguf(tmp_path):
     assert peer["tok_s"] == pytest.approx(peer["tokens"] / peer["seconds"])
     assert peer["ratio"] == pytest.approx(g["fast_tok_s"] / peer["tok_s"])
     assert "ours / peer" in proc.stdout
+
+
+def test_decode_ab_times_the_four_variants_against_neither():
+    """benchmarks/decode_ab.py on the tiny model: every variant in every round, with its ratio to "neither" of the
+    same round; on a CPU with bf16 (no float16 decode weights there) it says why it cannot run, exit 2."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_ab.py"), "model=tiny", "gen_prompts=2",
+                           "gen_tokens=3", "repeats=2"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    from cai.models import uses_fp16_decode
+
+    if not uses_fp16_decode("auto", "cpu"):
+        assert proc.returncode == 2 and "neither float16 decode weights nor cascade attention" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rounds = [line.split() for line in proc.stdout.splitlines() if line.startswith("round")]
+    assert [(r[1], " ".join(r[2:-3])) for r in rounds] == [(str(i), v) for i in (1, 2)
+                                                            for v in ("neither", "fp16 decode", "cascade", "both")]
+    assert all(r[-1] == "x1.00" for r in rounds if r[2] == "neither")
+    summary = [line for line in proc.stdout.splitlines() if not line.startswith("round")]
+    assert len(summary) == 4 and summary[0].startswith("neither") and summary[0].endswith("1.00 1.00")

@@ -417,7 +417,9 @@ class TransformersBackend:
         (few-shot demonstrations, the feedback questions about one pair) run it once when that saves a tenth of
         the tokens or more (`shared_prefix_groups`; below that the extra pass and cache copy cost about as much):
         1. each group's prefix, left-padded, fills the cache, shape (groups, prefix width);
-        2. the cache rows are repeated for the rows of each group;
+        2. for generation, each group's prefix stays one row of the cache, which `cascade_attention` reads once
+           for all the group's rows at every step; for scoring (no steps after the prompt), the cache rows are
+           repeated for the rows of each group (faster there: 1.48-1.55 against 1.25-1.27 labels/s);
         3. the rows' own tails, left-padded, run on top: mask [prefix mask | tail mask], positions continuing
            from each prefix's real length, so every token attends to exactly what it would in one pass.
         """
@@ -445,9 +447,9 @@ class TransformersBackend:
         self.model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
                    past_key_values=cache, use_cache=True, logits_to_keep=1)
         sel = torch.tensor(group_of, device=self.device)
-        if self.model.config._attn_implementation == "cai_cascade":
+        if decode_tokens and self.model.config._attn_implementation == "cai_cascade":
             cache.share_prefix(sel, p_mask)  # each group's prefix stays one row; the rows' own tails follow it
-        else:
+        else:  # option scoring (no decode steps to read the prefix again): copying it measured faster
             cache.batch_select_indices(sel)  # the prefix's cache rows copied for each row of its group
         t_ids, t_mask = self._left_pad(tails)
         positions = torch.tensor(start, device=self.device)[:, None] + (t_mask.cumsum(-1) - 1).clamp(min=0)

@@ -248,7 +248,7 @@ def bench_gen(cfg, fast, naive_model) -> dict:
     if "tok_s" in peer:
         peer["ratio"] = fast_rate / peer["tok_s"]  # ours against the peer's: > 1 is faster
     return {"requests": len(convs), "new_tokens": cfg.gen_tokens, "prompt_tokens_mean": sum(prompt_tokens) / len(outs),
-            "fast": f"TransformersBackend.generate, batch {fast.batch_size}, {_dtype(fast.model)}",
+            "fast": f"TransformersBackend.generate, batch {fast.batch_size}, {fast.identity.rsplit(':', 1)[1]}",
             "baseline": "HF model.generate, one prompt at a time, batch 1, float32",
             "fast_tokens": fast_tokens, "fast_seconds": fast_s, "fast_tok_s": fast_rate,
             "naive_tokens": naive_tokens, "naive_seconds": naive_s, "naive_tok_s": naive_rate,

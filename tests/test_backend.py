@@ -375,11 +375,13 @@ def test_prepacked_linears_give_the_same_logits(backend, dtype, atol):
 
 # -- cascade attention and float16 decode weights ------------------------------------------------------------
 
-def run_prefill_and_decode(be, rows, steps=5, leave_at=2, leaving=(0,)):
-    """Logits of a prefill and greedy decode steps (rows in `leaving` leave the batch at step `leave_at`)."""
+def run_prefill_and_decode(be, rows, steps=5, leave_at=2, leaving=(0,), follow=None):
+    """Logits of a prefill and greedy decode steps (rows in `leaving` leave the batch at step `leave_at`); with
+    `follow` (another run's logits), each step feeds the tokens that run chose."""
     with torch.inference_mode():
         logits, mask, last, cache = be._prefill(rows, decode_tokens=steps + 1)
-        out, nxt = [logits.float()], logits.argmax(-1)
+        out = [logits.float()]
+        nxt = (follow or out)[0].argmax(-1)
         for step in range(steps):
             if step == leave_at:
                 keep = torch.tensor([j for j in range(len(nxt)) if j not in leaving])
@@ -389,7 +391,7 @@ def run_prefill_and_decode(be, rows, steps=5, leave_at=2, leaving=(0,)):
             logits = be.model(input_ids=nxt.view(-1, 1), attention_mask=mask, position_ids=last,
                               past_key_values=cache, use_cache=True).logits[:, -1].float()
             out.append(logits)
-            nxt = logits.argmax(-1)
+            nxt = (follow or out)[step + 1].argmax(-1)
     return out
 
 
@@ -407,11 +409,26 @@ def test_cascade_attention_gives_the_logits_of_copied_prefixes(sharp):
     cascade = run_prefill_and_decode(sharp, rows, leaving=(0, 4))
     try:
         sharp.model.set_attn_implementation("sdpa")
-        copied = run_prefill_and_decode(sharp, rows, leaving=(0, 4))
+        copied = run_prefill_and_decode(sharp, rows, leaving=(0, 4), follow=cascade)
     finally:
         sharp.model.set_attn_implementation("cai_cascade")
     for got, expected in zip(cascade, copied):
         assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+
+
+def test_cascade_attention_in_bf16_matches_copied_prefixes_to_bf16_rounding(backend):
+    """bf16 models (the CPUs with bf16 run them): the flash kernel's outputs are bf16 and its log-sum-exps
+    float32; the attention output goes back to bf16. Same rows, same tokens fed, both paths."""
+    be = TransformersBackend(backend.ref, dtype="bfloat16", device="cpu", batch_size=8, progress=False)
+    assert be.model.config._attn_implementation == "cai_cascade"
+    demo = "A long demonstration of the task, with plenty of words in it so the shared prefix is long. " * 3
+    rows = [be._encode(be.chat_prompt([U(demo + q)])) for q in QUESTIONS]
+    cascade = run_prefill_and_decode(be, rows, steps=3, leave_at=1, leaving=(1,))
+    be.model.set_attn_implementation("sdpa")
+    copied = run_prefill_and_decode(be, rows, steps=3, leave_at=1, leaving=(1,), follow=cascade)
+    for got, expected in zip(cascade, copied):
+        # bf16 rounding: log-probs within 0.008 measured (logits of magnitude ~1 carry ~3 significant digits)
+        assert torch.allclose(torch.log_softmax(got, -1), torch.log_softmax(expected, -1), atol=3e-2)
 
 
 def test_cascade_attention_with_one_group_decodes_without_a_mask(sharp):
@@ -422,7 +439,7 @@ def test_cascade_attention_with_one_group_decodes_without_a_mask(sharp):
     cascade = run_prefill_and_decode(sharp, rows, steps=3, leave_at=1, leaving=(1,))
     try:
         sharp.model.set_attn_implementation("sdpa")
-        copied = run_prefill_and_decode(sharp, rows, steps=3, leave_at=1, leaving=(1,))
+        copied = run_prefill_and_decode(sharp, rows, steps=3, leave_at=1, leaving=(1,), follow=cascade)
     finally:
         sharp.model.set_attn_implementation("cai_cascade")
     for got, expected in zip(cascade, copied):

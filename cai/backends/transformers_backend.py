@@ -320,8 +320,8 @@ def cascade_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
                 lse_pre[rows] = lse.view(kv_heads, n, rep * t).transpose(0, 1)
     top = torch.maximum(lse_pre, lse_own).clamp(min=-1e30)[..., None]
     w_pre, w_own = torch.exp(lse_pre[..., None] - top), torch.exp(lse_own[..., None] - top)
-    out = (out_pre * w_pre + out_own * w_own) / (w_pre + w_own).clamp(min=1e-30)
-    return out.reshape(b, heads, t, d).transpose(1, 2).contiguous(), None
+    out = (out_pre * w_pre + out_own * w_own) / (w_pre + w_own).clamp(min=1e-30)  # float32 (the lse are)
+    return out.to(query.dtype).reshape(b, heads, t, d).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register("cai_cascade", cascade_attention)

@@ -377,7 +377,8 @@ class TransformersBackend:
         if model is None:  # our own copy, for inference only: linear weights packed for the CPU
             model = load_causal_lm(ref, dtype, device, trust_remote_code)
             self.phase = prepack_linear_weights(model, fp16_decode=uses_fp16_decode(dtype, str(model.device)))
-            if model.device.type == "cpu" and model.config._attn_implementation == "sdpa":
+            if (model.device.type == "cpu" and model.config._attn_implementation == "sdpa"
+                    and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")):
                 model.set_attn_implementation("cai_cascade")  # shared prefixes read once (cascade_attention)
         self.model = model
         self.device = next(self.model.parameters()).device

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench import BenchConfig, critique_conversations  # noqa: E402
 
 from cai.backends import Sampling  # noqa: E402
+from cai.backends.transformers_backend import TransformersBackend  # noqa: E402
 from cai.config import build_config, parse_overrides  # noqa: E402
 from cai.errors import CaiError, cli_main  # noqa: E402
 from cai.models import resolve_model  # noqa: E402
@@ -31,8 +32,6 @@ VARIANTS = (("neither", False, False), ("fp16 decode", True, False), ("cascade",
 
 @cli_main
 def main(argv: list[str]) -> None:
-    from cai.backends.transformers_backend import TransformersBackend  # heavy
-
     cfg = build_config(BenchConfig, {}, "command line", parse_overrides(argv))
     be = TransformersBackend(resolve_model(cfg.model), batch_size=cfg.batch_size, progress=False)
     if not be.phase.fp16_decode or be.model.config._attn_implementation != "cai_cascade":

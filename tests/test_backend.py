@@ -12,22 +12,27 @@ from __future__ import annotations
 import copy
 import math
 import os
+from types import SimpleNamespace
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch
+from transformers.integrations.sdpa_attention import repeat_kv
 
+from cai import models
 from cai.backends import Sampling, make_backend
 from cai.backends.transformers_backend import (
     GrowingLayer,
     TransformersBackend,
+    cascade_attention,
     prepack_linear_weights,
     prepack_supported,
     sample_next,
     shared_prefix_groups,
 )
-from cai.models import load_causal_lm
+from cai.compare import expected_identity
+from cai.models import fp16_decode_supported, load_causal_lm
 
 U = lambda text: {"role": "user", "content": text}  # noqa: E731
 A = lambda text: {"role": "assistant", "content": text}  # noqa: E731
@@ -447,8 +452,6 @@ def test_cascade_attention_with_one_group_decodes_without_a_mask(sharp):
 
 
 def test_float16_decode_weights_are_used_only_while_decoding(backend):
-    from cai.models import fp16_decode_supported
-
     if not fp16_decode_supported():
         pytest.skip("this torch build or CPU lacks fbgemm's fp16 linear")
     model = load_causal_lm(backend.ref, "float32", "cpu")
@@ -466,9 +469,6 @@ def test_float16_decode_weights_are_used_only_while_decoding(backend):
 
 
 def test_the_backend_decodes_from_float16_weights_only_with_dtype_auto_on_a_float32_cpu(backend, monkeypatch):
-    from cai import models
-    from cai.compare import expected_identity
-
     if not models.fp16_decode_supported():
         pytest.skip("this torch build or CPU lacks fbgemm's fp16 linear")
     monkeypatch.setattr(models, "cpu_supports_bf16", lambda: False)  # a CPU with bf16 acts as one without
@@ -488,12 +488,6 @@ def test_the_backend_decodes_from_float16_weights_only_with_dtype_auto_on_a_floa
 def test_cascade_attention_alone_equals_softmax_over_prefix_and_own_positions():
     """The attention function by itself, on random tensors: grouped-query heads, two groups (one of them a
     padded prefix), a causal own part with and without a mask, against SDPA over [prefix | own]."""
-    from types import SimpleNamespace
-
-    from transformers.integrations.sdpa_attention import repeat_kv
-
-    from cai.backends.transformers_backend import cascade_attention
-
     torch.manual_seed(0)
     rows, heads, kv_heads, d, width, t = 3, 4, 2, 8, 5, 3
     prefix_k, prefix_v = torch.randn(2, kv_heads, width, d), torch.randn(2, kv_heads, width, d)

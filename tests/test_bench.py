@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cai.models import TINY_CONFIG
+from cai.models import TINY_CONFIG, uses_fp16_decode
 from tests.conftest import ROOT
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "CAI_THREADS": "1"}
@@ -290,8 +290,6 @@ def test_decode_ab_times_the_four_variants_against_neither():
     same round; on a CPU with bf16 (no float16 decode weights there) it says why it cannot run, exit 2."""
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_ab.py"), "model=tiny", "gen_prompts=2",
                            "gen_tokens=3", "repeats=2"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    from cai.models import uses_fp16_decode
-
     if not uses_fp16_decode("auto", "cpu"):
         assert proc.returncode == 2 and "neither float16 decode weights nor cascade attention" in proc.stderr
         return

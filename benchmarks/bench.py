@@ -1073,7 +1073,10 @@ def run_bench(cfg) -> dict:
     fast = naive = None
     if needs_models:
         ref = resolve_model(cfg.model)
+        before = resident_gb()
         fast = TransformersBackend(ref, dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size, progress=False)
+        if before is not None:  # what the fast path's own model holds: its weights in each form it computes from
+            results["backend_resident_gb"] = resident_gb() - before
         if "gen" in sections or "label" in sections:
             naive = load_causal_lm(ref, "float32", cfg.device)
     for section in SECTIONS:
@@ -1100,10 +1103,23 @@ def run_bench(cfg) -> dict:
     return results
 
 
+def resident_gb() -> float | None:
+    """This process's resident set now (GB, after a garbage collection), from /proc; None where there is none."""
+    import gc
+
+    gc.collect()
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def print_report(r: dict) -> None:
 
     f = lambda v, d=1: f"{v:,.{d}f}"  # noqa: E731
     print(f"\nmodel {r['model']} on {describe(r['machine'])}")
+    if "backend_resident_gb" in r:
+        print(f"fast path's model resident: {r['backend_resident_gb']:.2f} GB (RSS after loading it minus before)")
     if "gen" in r:
         g = r["gen"]
         print(f"generation: {g['requests']} critique requests x {g['new_tokens']} new tokens (mean prompt "

@@ -54,10 +54,11 @@ def backend():
 
 @pytest.fixture(scope="module")
 def sharp(backend):
-    model = copy.deepcopy(backend.model)
+    model = load_causal_lm(backend.ref, "float32", "cpu")  # the backend's own copy cannot be copied (dropped weights)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(3.0)
+    model.set_attn_implementation(backend.model.config._attn_implementation)  # cai_cascade where the torch build has it
     return TransformersBackend(backend.ref, model=model, tokenizer=backend.tokenizer, batch_size=8, progress=False)
 
 
@@ -378,6 +379,23 @@ def test_prepacked_linears_give_the_same_logits(backend, dtype, atol):
         assert torch.allclose(model(input_ids=ids).logits.float(), expected, atol=atol * 10)
 
 
+def test_the_backends_own_model_drops_the_packed_layers_weights_and_computes_the_same(backend):
+    if not prepack_supported(torch.float32):
+        pytest.skip("this CPU cannot run oneDNN's packed float32 linears")
+    assert backend.phase.dropped == 2 * 7  # every packed layer but lm_head, which is tied to the embeddings
+    kept = load_causal_lm(backend.ref, "float32", "cpu")
+    assert prepack_linear_weights(kept).dropped == 0
+    up = backend.model.model.layers[0].mlp.up_proj.weight
+    assert up.shape == kept.model.layers[0].mlp.up_proj.weight.shape and up.stride() == (0, 0)
+    assert backend.model.lm_head.weight is backend.model.model.embed_tokens.weight
+    assert sum(p.numel() for p in backend.model.parameters()) == sum(p.numel() for p in kept.parameters())
+    ids = torch.tensor([backend._encode(mc_prompt(backend, q)) for q in QUESTIONS[1:2]])
+    with torch.inference_mode():
+        assert torch.equal(backend.model(input_ids=ids).logits, kept(input_ids=ids).logits)
+        with pytest.raises(RuntimeError, match="dropped after packing"):  # a copy has no weights to compute with
+            copy.deepcopy(backend.model)(input_ids=ids)
+
+
 # -- cascade attention and float16 decode weights ------------------------------------------------------------
 
 def run_prefill_and_decode(be, rows, steps=5, leave_at=2, leaving=(0,), follow=None):
@@ -403,7 +421,7 @@ def run_prefill_and_decode(be, rows, steps=5, leave_at=2, leaving=(0,), follow=N
 def test_cascade_attention_gives_the_logits_of_copied_prefixes(sharp):
     """Two groups of rows with a long shared prefix each, one row alone, rows leaving the batch: the cascade
     (each prefix held once) computes what SDPA over per-row copies of the prefix computes."""
-    assert sharp.model.config._attn_implementation == "cai_cascade"  # the backend's own model, and its copies
+    assert sharp.model.config._attn_implementation == "cai_cascade"  # as the backend's own model
     demo = "Here is a long demonstration of the task, with plenty of words in it so the prefix is long. " * 3
     rows = [sharp._encode(sharp.chat_prompt([U(demo + tail), A("Sure")])) for tail in
             ("Hi?", "Which of these two answers is better?", "Cats or dogs, and why would anyone care?")]

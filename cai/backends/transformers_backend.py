@@ -91,6 +91,7 @@ class LinearPhase:
         self.decode = False
         self.packed = 0  # linear layers packed
         self.fp16_decode = False  # whether any of them has float16 decode weights
+        self.dropped = 0  # packed layers whose own weight was replaced by a placeholder (drop_originals)
 
     @contextlib.contextmanager
     def decoding(self):
@@ -101,7 +102,7 @@ class LinearPhase:
             self.decode = saved
 
 
-def prepack_linear_weights(model, fp16_decode: bool = False) -> LinearPhase:
+def prepack_linear_weights(model, fp16_decode: bool = False, drop_originals: bool = False) -> LinearPhase:
     """Let the bf16 and float32 linear layers of a CPU model compute from weights packed once for oneDNN. Returns
     the model's `LinearPhase` (also `model.cai_linear_phase`); `.packed` counts the layers packed.
 
@@ -118,12 +119,22 @@ def prepack_linear_weights(model, fp16_decode: bool = False) -> LinearPhase:
     rows per weight), so half the bytes make their linears 1.7-2.1x faster; activations and sums stay float32,
     and the weights' rounding (11 significant bits) is finer than bf16's (8), the precision of the bf16 CPUs.
     Prefill is compute-bound, where fbgemm's fp16 path is no faster, so prompts keep the float32 weights.
+
+    drop_originals (for a model used only for inference, like the backend's own copy): a packed layer's own
+    weight is replaced by a zero-stride placeholder of the same shape and dtype (4 bytes), so the weights are
+    held once in each precision they compute in, not once more in the layer (BENCHMARKS.md: the backend's
+    resident memory). Weights tied to the input embeddings are kept, as copies: a model loaded in the file's
+    dtype holds its weights as views of the safetensors file's memory map, which stays resident as long as any
+    of them lives. Parameter counts, shapes and dtypes stay; changing or copying the dropped weights raises,
+    since their values are gone.
     """
     import types
 
     ops = torch.ops.mkldnn
     phase = LinearPhase()
     half_ok = fp16_decode and fp16_decode_supported()
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
     for module in model.modules():
         w = getattr(module, "weight", None)
         if not isinstance(module, torch.nn.Linear) or w.device.type != "cpu":
@@ -132,10 +143,18 @@ def prepack_linear_weights(model, fp16_decode: bool = False) -> LinearPhase:
                   if w.dtype in (torch.bfloat16, torch.float32) and prepack_supported(w.dtype) else None)
         half = (torch.ops.quantized.linear_prepack_fp16(w.detach(), None if module.bias is None else module.bias.detach())
                 if half_ok and w.dtype == torch.float32 else None)
+        dropped = drop_originals and packed is not None and id(w) not in tied
+        if dropped:  # the values live on in `packed` (and `half`); the layer keeps a placeholder of their shape
+            w = module.weight = torch.nn.Parameter(torch.zeros((), dtype=w.dtype).expand(w.shape), requires_grad=False)
+            phase.dropped += 1
         if packed is not None or half is not None:
 
-            def forward(self, x, packed=packed, half=half, source=w, version=w._version):
+            def forward(self, x, packed=packed, half=half, source=w, version=w._version, dropped=dropped):
                 if self.weight is not source or source._version != version:  # changed since packing, or a copy
+                    if dropped:
+                        raise RuntimeError("this model's linear weights were dropped after packing "
+                                           "(prepack_linear_weights(drop_originals=True)): it runs inference only, "
+                                           "and cannot be changed or copied; load the model again instead")
                     return torch.nn.functional.linear(x, self.weight, self.bias)
                 if half is not None and phase.decode:
                     return torch.ops.quantized.linear_dynamic_fp16(x, half)
@@ -146,6 +165,13 @@ def prepack_linear_weights(model, fp16_decode: bool = False) -> LinearPhase:
             module.forward = types.MethodType(forward, module)
             phase.packed += packed is not None
             phase.fp16_decode |= half is not None
+    if phase.dropped:
+        # What remains (embeddings, norms) may still be views of the safetensors file's memory map, which keeps
+        # the whole file resident, dropped layers included: copies of them let the map go.
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                if 0 not in t.stride():
+                    t.data = t.data.clone()
     model.cai_linear_phase = phase
     return phase
 
@@ -376,7 +402,8 @@ class TransformersBackend:
         self.phase = LinearPhase()
         if model is None:  # our own copy, for inference only: linear weights packed for the CPU
             model = load_causal_lm(ref, dtype, device, trust_remote_code)
-            self.phase = prepack_linear_weights(model, fp16_decode=uses_fp16_decode(dtype, str(model.device)))
+            self.phase = prepack_linear_weights(model, fp16_decode=uses_fp16_decode(dtype, str(model.device)),
+                                                drop_originals=True)
             if (model.device.type == "cpu" and model.config._attn_implementation == "sdpa"
                     and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")):
                 model.set_attn_implementation("cai_cascade")  # shared prefixes read once (cascade_attention)

@@ -24,12 +24,12 @@ def measure(model, batch: int, prompt_len: int, steps: int) -> tuple[float, floa
         model(ids[:, :8])  # warm-up: first-call kernel setup is not what we measure
         cache = DynamicCache()
         t = time.perf_counter()
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
         prefill = batch * prompt_len / (time.perf_counter() - t)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         t = time.perf_counter()
         for _ in range(steps):
-            nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            nxt = model(nxt, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
         decode = batch * steps / (time.perf_counter() - t)
     return prefill, decode
 

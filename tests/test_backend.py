@@ -412,7 +412,7 @@ def run_prefill_and_decode(be, rows, steps=5, leave_at=2, leaving=(0,), follow=N
                 mask, last, nxt = mask[keep], last[keep], nxt[keep]
             mask, last = torch.cat([mask, mask.new_ones(len(nxt), 1)], 1), last + 1
             logits = be.model(input_ids=nxt.view(-1, 1), attention_mask=mask, position_ids=last,
-                              past_key_values=cache, use_cache=True).logits[:, -1].float()
+                              cache=cache, use_cache=True).logits[:, -1].float()
             out.append(logits)
             nxt = (follow or out)[step + 1].argmax(-1)
     return out

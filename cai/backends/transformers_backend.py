@@ -461,7 +461,7 @@ class TransformersBackend:
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             cache = GrowingCache(extra=decode_tokens) if decode_tokens else None
             # logits_to_keep=1: the vocabulary projection only for the last position (prompts can be long)
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                              use_cache=cache is not None, logits_to_keep=1)
             return out.logits[:, -1, :], mask, positions[:, -1:], cache
         start = [0] * len(rows)
@@ -473,7 +473,7 @@ class TransformersBackend:
         cache = GrowingCache(extra=max(len(t) for t in tails) + decode_tokens)
         p_ids, p_mask = self._left_pad([rows[m[0]][:n] for n, m in groups])
         self.model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
-                   past_key_values=cache, use_cache=True, logits_to_keep=1)
+                   cache=cache, use_cache=True, logits_to_keep=1)
         sel = torch.tensor(group_of, device=self.device)
         if decode_tokens and self.model.config._attn_implementation == "cai_cascade":
             cache.share_prefix(sel, p_mask)  # each group's prefix stays one row; the rows' own tails follow it
@@ -482,7 +482,7 @@ class TransformersBackend:
         t_ids, t_mask = self._left_pad(tails)
         positions = torch.tensor(start, device=self.device)[:, None] + (t_mask.cumsum(-1) - 1).clamp(min=0)
         mask = torch.cat([p_mask[sel], t_mask], dim=1)
-        out = self.model(input_ids=t_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        out = self.model(input_ids=t_ids, attention_mask=mask, position_ids=positions, cache=cache,
                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :], mask, positions[:, -1:], cache
 
@@ -541,7 +541,7 @@ class TransformersBackend:
             last_pos = last_pos + 1
             with self.phase.decoding():  # float16 weight copies where the backend made them (prepack_linear_weights)
                 out = self.model(input_ids=nxt.view(-1, 1).to(self.device), attention_mask=mask,
-                                 position_ids=last_pos, past_key_values=cache, use_cache=True)
+                                 position_ids=last_pos, cache=cache, use_cache=True)
             logits = out.logits[:, -1, :].float().cpu()
         return [Completion(text=texts[r] if texts[r] is not None else self.tokenizer.decode(tokens[r], skip_special_tokens=True),
                            prompt_tokens=len(prompts[r]), completion_tokens=len(tokens[r]), finish_reason=finish[r])

@@ -224,7 +224,7 @@ def sample_answers(policy: nn.Module, prompt_ids: torch.Tensor, prompt_mask: tor
     generators = [torch.Generator().manual_seed(s % (2**63)) for s in seeds]
     b, device = prompt_ids.shape[0], prompt_ids.device
     mask, positions, cache = prompt_mask, _positions(prompt_mask), DynamicCache()
-    out = policy(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+    out = policy(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, cache=cache,
                  use_cache=True, logits_to_keep=1)
     last_pos = positions[:, -1:]
     done = torch.zeros(b, dtype=torch.bool)
@@ -244,7 +244,7 @@ def sample_answers(policy: nn.Module, prompt_ids: torch.Tensor, prompt_mask: tor
         mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
         last_pos = last_pos + 1
         out = policy(input_ids=nxt.view(-1, 1).to(device), attention_mask=mask, position_ids=last_pos,
-                     past_key_values=cache, use_cache=True)
+                     cache=cache, use_cache=True)
     answers = torch.stack(tokens, dim=1).to(device)
     return answers, torch.stack(answer_mask, dim=1).to(device).long(), has_eos.to(device)
 

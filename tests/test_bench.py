@@ -52,7 +52,14 @@ def test_every_ratio_is_the_quotient_of_rates_measured_in_the_run(results):
     dt = rf["label_dtype"]
     assert rf["roofline_tok_s"][dt] == pytest.approx(rf["matmul_gflop_s"][dt] * 1e9 / rf["flops_per_token"])
     assert rf["label_share"] == pytest.approx(lb["forward_tok_s"] / rf["roofline_tok_s"][dt])
+    assert rf["label_ratio_at_roofline"] == pytest.approx(lb["ratio"] / rf["label_share"])
     assert all(v > 0 for v in (g["ratio"], lb["ratio"], rf["label_share"], *rf["matmul_gflop_s"].values()))
+
+
+def test_the_fast_paths_resident_model_is_sampled_and_printed(results):
+    r, stdout = results
+    assert r["backend_resident_gb"] > 0  # RSS after loading the fast path's model minus before (Linux /proc)
+    assert f"fast path's model resident: {r['backend_resident_gb']:.2f} GB" in stdout
 
 
 def test_labeling_runs_each_shared_prefix_once_and_agrees_with_the_naive_labeler(results):

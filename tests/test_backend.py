@@ -32,7 +32,7 @@ from cai.backends.transformers_backend import (
     shared_prefix_groups,
 )
 from cai.compare import expected_identity
-from cai.models import fp16_decode_supported, load_causal_lm
+from cai.models import fp16_decode_supported, load_causal_lm, resolve_model
 
 U = lambda text: {"role": "user", "content": text}  # noqa: E731
 A = lambda text: {"role": "assistant", "content": text}  # noqa: E731
@@ -397,6 +397,23 @@ def test_the_backends_own_model_drops_the_packed_layers_weights_and_computes_the
             assert torch.equal(backend.model(input_ids=ids).logits, expected)
         with pytest.raises(RuntimeError, match="dropped after packing"):  # a copy has no weights to compute with
             copy.deepcopy(backend.model)(input_ids=ids)
+
+
+def test_weights_read_outside_their_layer_are_not_dropped():
+    """A model whose code reads a Linear's weight directly (as some architectures and remote code do) keeps every
+    weight: with placeholders its logits would change, which the probe sees."""
+    if not prepack_supported(torch.float32):
+        pytest.skip("this CPU cannot run oneDNN's packed float32 linears")
+    model = load_causal_lm(resolve_model("tiny"), "float32", "cpu")
+    mlp = model.model.layers[0].mlp
+    mlp.forward = lambda x: torch.nn.functional.linear(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x), mlp.down_proj.weight)
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.inference_mode():
+        plain = model(input_ids=ids).logits
+        phase = prepack_linear_weights(model, drop_originals=True)
+        assert phase.packed == 2 * 7 + 1 and phase.dropped == 0
+        assert mlp.down_proj.weight.stride() != (0, 0)
+        assert torch.allclose(model(input_ids=ids).logits, plain, atol=1e-4)
 
 
 # -- cascade attention and float16 decode weights ------------------------------------------------------------

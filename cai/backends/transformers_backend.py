@@ -126,13 +126,16 @@ def prepack_linear_weights(model, fp16_decode: bool = False, drop_originals: boo
     resident memory). Weights tied to the input embeddings are kept, as copies: a model loaded in the file's
     dtype holds its weights as views of the safetensors file's memory map, which stays resident as long as any
     of them lives. Parameter counts, shapes and dtypes stay; changing or copying the dropped weights raises,
-    since their values are gone.
+    since their values are gone. A short probe runs before and after dropping: where the model's code reads a
+    Linear's weight other than through the layer (some architectures and remote code do), the logits differ and
+    every weight is put back (`.dropped` stays 0).
     """
     import types
 
     ops = torch.ops.mkldnn
     phase = LinearPhase()
     half_ok = fp16_decode and fp16_decode_supported()
+    droppable = []  # (module, its weight, its state) of packed layers whose weight only their forward reads
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     tied = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
     for module in model.modules():
@@ -143,15 +146,13 @@ def prepack_linear_weights(model, fp16_decode: bool = False, drop_originals: boo
                   if w.dtype in (torch.bfloat16, torch.float32) and prepack_supported(w.dtype) else None)
         half = (torch.ops.quantized.linear_prepack_fp16(w.detach(), None if module.bias is None else module.bias.detach())
                 if half_ok and w.dtype == torch.float32 else None)
-        dropped = drop_originals and packed is not None and id(w) not in tied
-        if dropped:  # the values live on in `packed` (and `half`); the layer keeps a placeholder of their shape
-            w = module.weight = torch.nn.Parameter(torch.zeros((), dtype=w.dtype).expand(w.shape), requires_grad=False)
-            phase.dropped += 1
         if packed is not None or half is not None:
+            state = {"source": w, "version": w._version, "dropped": False}
 
-            def forward(self, x, packed=packed, half=half, source=w, version=w._version, dropped=dropped):
-                if self.weight is not source or source._version != version:  # changed since packing, or a copy
-                    if dropped:
+            def forward(self, x, packed=packed, half=half, state=state):
+                source = state["source"]
+                if self.weight is not source or source._version != state["version"]:  # changed since packing, or a copy
+                    if state["dropped"]:
                         raise RuntimeError("this model's linear weights were dropped after packing "
                                            "(prepack_linear_weights(drop_originals=True)): it runs inference only, "
                                            "and cannot be changed or copied; load the model again instead")
@@ -165,15 +166,40 @@ def prepack_linear_weights(model, fp16_decode: bool = False, drop_originals: boo
             module.forward = types.MethodType(forward, module)
             phase.packed += packed is not None
             phase.fp16_decode |= half is not None
-    if phase.dropped:
-        # What remains (embeddings, norms) may still be views of the safetensors file's memory map, which keeps
-        # the whole file resident, dropped layers included: copies of them let the map go.
-        with torch.no_grad():
-            for t in [*model.parameters(), *model.buffers()]:
-                if 0 not in t.stride():
-                    t.data = t.data.clone()
+            if drop_originals and packed is not None and id(w) not in tied:
+                droppable.append((module, w, state))
+    if droppable:
+        _drop_original_weights(model, droppable, phase)
     model.cai_linear_phase = phase
     return phase
+
+
+def _drop_original_weights(model, droppable: list, phase: LinearPhase) -> None:
+    """Replace the layers' own weights by placeholders (see `prepack_linear_weights(drop_originals=True)`), if the
+    model then computes exactly what it did: a model whose code reads a Linear's weight other than through the
+    layer's forward (some architectures and remote code do) would otherwise compute with the placeholders, so
+    a short probe runs before and after, and any difference puts every weight back."""
+    probe = torch.arange(min(8, model.config.vocab_size), device="cpu")[None]
+    with torch.inference_mode():
+        before = model(input_ids=probe).logits
+    with torch.inference_mode(False):  # placeholders are ordinary tensors (with a version), whoever calls
+        for module, w, state in droppable:  # the values live on in the packed (and fp16) copies
+            module.weight = torch.nn.Parameter(torch.zeros((), dtype=w.dtype).expand(w.shape), requires_grad=False)
+            state.update(source=module.weight, version=module.weight._version, dropped=True)
+    with torch.inference_mode():
+        same = torch.equal(model(input_ids=probe).logits, before)
+    if not same:
+        for module, w, state in droppable:
+            module.weight = w
+            state.update(source=w, version=w._version, dropped=False)
+        return
+    phase.dropped = len(droppable)
+    # What remains (embeddings, norms) may still be views of the safetensors file's memory map, which keeps the
+    # whole file resident, dropped layers included: copies of them let the map go.
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if 0 not in t.stride():
+                t.data = t.data.clone()
 
 
 @dataclasses.dataclass

@@ -491,7 +491,8 @@ def disagreements(comps: list[dict], n: int) -> list[dict]:
 
 def label_report(run: Run, n_disagreements: int = 5) -> dict:
     """Per-round label diagnostics as the run saved them, AI-vs-human agreement and calibration on shared pairs,
-    and the PM's held-out calibration."""
+    the PM's held-out calibration, and the clear-pair accuracy of the last PM and of the last DPO policy's
+    implicit reward."""
     rounds = []
     for p in sorted((run.path / "rl").glob("round-*/label_diagnostics.json"),
                     key=lambda p: int(p.parent.name.split("-")[1]) if p.parent.name.split("-")[1].isdigit() else 0):
@@ -519,11 +520,16 @@ def label_report(run: Run, n_disagreements: int = 5) -> dict:
         pm_cal = (info.get("heldout") or {}).get("calibration") or []
         pm_heldout = (info.get("heldout") or {}).get("accuracy")
         pm_clear = info.get("clear_pairs")
+    online = _last_dpo_round(run)
+    dpo = online[1] if online else run.path / "rl" / "dpo" / "policy"
+    dpo_clear = json.loads((dpo / "cai_train.json").read_text()).get("clear_pairs") \
+        if (dpo / "cai_train.json").exists() else None
     return {"rounds": rounds, "ai_labels": len(ai), "human_labels": len(human),
             "human_shared": diag["human_shared"] if diag else 0,
             "human_agreement": diag["human_agreement"] if diag else None,
             "ai_vs_human_calibration": calibration_bins(pred, target), "pm_heldout_calibration": pm_cal,
             "pm_heldout_accuracy": pm_heldout, "pm_clear_pairs": pm_clear,
+            "dpo_clear_pairs": dpo_clear,
             "human_consensus": next((d["human_consensus"] for d in reversed(rounds) if d.get("human_consensus")), None),
             "disagreements": (disagreements(ai, n_disagreements) + next(
                 (d["human_consensus"]["disagreements"] for d in reversed(rounds) if d.get("human_consensus")),

@@ -450,6 +450,11 @@ class DPOConfig(Checked):
     bf16: str = F("auto", "auto | true | false", choices=_BOOL_WORDS)
     gradient_checkpointing: bool = F(False, "trade compute for memory")
     save_steps: int = F(50, "checkpoint every N optimizer steps", ge=1)
+    clear_pairs: str = F("prompts/sets/labeled_pairs.jsonl", "pairs with a known better answer (id, category, "
+                                                             "prompt, better, worse) the trained policy's implicit "
+                                                             "reward beta*log(pi/pi_ref) is checked on, as a PM is; "
+                                                             "pairs whose prompt it trained on are left out; '' = off",
+                         file=True)
     lora: LoRAConfig = _lora_field()
 
 

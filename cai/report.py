@@ -276,6 +276,32 @@ def evaluator_blocks(report: dict) -> list[tuple]:
     return b
 
 
+def reward_check_blocks(report: dict) -> list[tuple]:
+    """Per run: the last PM's held-out and clear-pair accuracy, and the last DPO policy's implicit reward on the
+    clear pairs (where the run has one)."""
+    b = []
+    b.append(("p", "The last round's preference model, and the last DPO policy's implicit reward "
+                   "beta*log(pi/pi_ref) (a DPO policy is its own reward model): accuracy on held-out comparisons "
+                   "(PM), and on clear pairs (a known better answer) whose prompts it never trained on; chance is "
+                   "0.5. For DPO, how often the starting model's and the policy's own likelihood put the better "
+                   "answer first."))
+    rows = []
+    for run, lab in report["labels"].items():
+        for what, clear in (("PM", lab.get("pm_clear_pairs")), ("DPO", lab.get("dpo_clear_pairs"))):
+            if what == "DPO" and not clear:
+                continue
+            clear = clear or {}
+            rows.append([run, what, _f(lab.get("pm_heldout_accuracy")) if what == "PM" else "-",
+                         _f(clear.get("accuracy")), clear.get("count", "-"),
+                         ", ".join(f"{c} {_f(v['accuracy'])}" for c, v in (clear.get("by_category") or {}).items())
+                         or "-",
+                         f"{_f(clear.get('start_likelihood_accuracy'))} / {_f(clear.get('policy_likelihood_accuracy'))}"
+                         if what == "DPO" else "-"])
+    b.append(("table", ["run", "model", "held-out accuracy", "clear-pair accuracy", "clear pairs", "by category",
+                        "likelihood ranking: start / policy"], rows))
+    return b
+
+
 def blocks(report: dict, plots: dict[str, str]) -> list[tuple]:
     labels = [m["label"] for m in report["models"]]
     sets = list(report["elo"])
@@ -366,14 +392,7 @@ def blocks(report: dict, plots: dict[str, str]) -> list[tuple]:
               [[run, lab["ai_labels"], lab["human_labels"], lab["human_shared"], _f(lab["human_agreement"])]
                for run, lab in report["labels"].items()]))
     b += evaluator_blocks(report)
-    b.append(("p", "The last round's preference model: accuracy on its held-out comparisons, and on clear pairs (a "
-                   "known better answer) whose prompts it never trained on; chance is 0.5."))
-    b.append(("table", ["run", "PM held-out accuracy", "PM clear-pair accuracy", "clear pairs", "by category"],
-              [[run, _f(lab.get("pm_heldout_accuracy")), _f((lab.get("pm_clear_pairs") or {}).get("accuracy")),
-                (lab.get("pm_clear_pairs") or {}).get("count", "-"),
-                ", ".join(f"{c} {_f(v['accuracy'])}" for c, v in ((lab.get("pm_clear_pairs") or {})
-                                                                  .get("by_category") or {}).items()) or "-"]
-               for run, lab in report["labels"].items()]))
+    b += reward_check_blocks(report)
     if "calibration" in plots:
         b.append(("img", plots["calibration"], "calibration"))
 

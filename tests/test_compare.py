@@ -426,3 +426,32 @@ def test_label_report_shows_evaluators_per_run_and_flags_disagreements(tmp_path)
     assert lab["human_consensus"]["annotators"]["bo"]["labels"] == 1
     text = json.dumps(evaluator_blocks({"labels": {"R": lab}}))
     assert "l0" in text and "0.75" in text and "annotators" in text and "bo" in text and "Fleiss" in text
+
+
+def test_label_report_shows_the_last_dpo_policys_implicit_reward_beside_the_pm(tmp_path):
+    """A DPO run's clear-pair check (cai.train.dpo.clear_pair_check, saved in the policy's cai_train.json) is
+    reported from the last DPO round that has a model, in the table beside the PM's."""
+    from cai.compare import Run, label_report
+    from cai.report import render_markdown, reward_check_blocks
+
+    run = tmp_path / "R"
+
+    def dpo_policy(where, accuracy):
+        where.mkdir(parents=True)
+        (where / "model.safetensors").write_bytes(b"")
+        (where / "config.json").write_text("{}")
+        (where / "cai_train.json").write_text(json.dumps({"clear_pairs": {
+            "count": 40, "left_out": 0, "accuracy": accuracy, "mean_margin": 0.1,
+            "by_category": {"harmless": {"count": 20, "accuracy": 0.9}, "helpful": {"count": 20, "accuracy": 0.4}},
+            "start_likelihood_accuracy": 0.55, "policy_likelihood_accuracy": 0.6}}))
+
+    assert label_report(Run("R", tmp_path, {}))["dpo_clear_pairs"] is None
+    dpo_policy(run / "rl" / "dpo" / "policy", 0.625)
+    assert label_report(Run("R", run, {}))["dpo_clear_pairs"]["accuracy"] == 0.625
+    dpo_policy(run / "rl" / "dpo" / "round-2" / "policy", 0.675)  # online DPO: its last round
+    lab = label_report(Run("R", run, {}))
+    assert lab["dpo_clear_pairs"]["accuracy"] == 0.675
+    md = render_markdown(reward_check_blocks({"labels": {"R": lab, "S": {"pm_clear_pairs": None}}}))
+    dpo_row = next(line for line in md.splitlines() if line.startswith("| R | DPO"))
+    assert "0.68" in dpo_row and "harmless 0.90, helpful 0.40" in dpo_row and "0.55 / 0.60" in dpo_row
+    assert "| S | PM |" in md and "| S | DPO" not in md

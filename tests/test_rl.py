@@ -113,14 +113,37 @@ def test_two_rounds_of_online_rlaif(sl_run):
     assert any(m.get("rl/ppo/ptx_loss", 0) > 0 for m in metrics)
 
 
-def test_dpo_stage(sl_run):
+def dpo_args(root, const, run="r"):
+    return ["stage=dpo", f"run={run}", f"runs_dir={root / 'runs'}", f"constitution={const}",
+            "pair_sampling.max_new_tokens=6", "red_team.limit=6", "helpful.limit=2", "feedback.labeler.model=tiny",
+            "feedback.principles_per_pair=2", "dpo.margin=0.0", "dpo.batch_size=4", "progress=false"]
+
+
+def test_dpo_stage(sl_run, capsys):
     root, const = sl_run
-    main(["stage=dpo", "run=r", f"runs_dir={root / 'runs'}", f"constitution={const}", "pair_sampling.max_new_tokens=6",
-          "red_team.limit=6", "helpful.limit=2", "feedback.labeler.model=tiny", "feedback.principles_per_pair=2", "dpo.margin=0.0", "dpo.batch_size=4",
-          "progress=false"])
+    main(dpo_args(root, const))
     s = json.loads((root / "runs" / "r" / "rl" / "dpo" / "summary.json").read_text())
     assert s["dpo"]["pairs"] == 8 and s["dpo"]["steps"] == 2
     assert (root / "runs" / "r" / "rl" / "dpo" / "policy" / "model.safetensors").exists()
+    # the implicit reward on the bundled clear pairs (none of them a prompt this run trained on)
+    clear = s["dpo"]["clear_pairs"]
+    assert clear["count"] + clear["left_out"] == 40 and 0 <= clear["accuracy"] <= 1
+    assert set(clear["by_category"]) == {"harmless", "helpful"}
+    assert "implicit reward beta*log(pi/pi_ref) on clear pairs" in capsys.readouterr().out
+
+
+def test_dpo_clear_pairs_are_checked_before_any_work(sl_run, tmp_path, capsys):
+    root, const = sl_run
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text(json.dumps({"id": "x", "category": "rude", "prompt": "p", "better": "b", "worse": "w"}) + "\n")
+    steps = root / "runs" / "r" / "rl" / "steps.jsonl"
+    before = steps.read_bytes() if steps.exists() else None
+    with pytest.raises(SystemExit) as e:
+        main(dpo_args(root, const) + [f"dpo.clear_pairs={bad}", "red_team.limit=7"])  # new pairs, were it to run
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pairs.jsonl:1" in err[0] and "harmless or helpful" in err[0]
+    assert (steps.read_bytes() if steps.exists() else None) == before
 
 
 @pytest.mark.parametrize("override", ["feedback.principles_per_pair=0", "pair_sampling.top_p=0", "rounds=0",

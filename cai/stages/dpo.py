@@ -18,6 +18,7 @@ from pathlib import Path
 from cai.io import read_jsonl, write_atomic, write_jsonl_atomic
 from cai.launch import is_main, on_main
 from cai.models import resolve_model
+from cai.prompts import load_labeled_set
 from cai.runs import RunLock, run_dir_for, start_run
 from cai.stages.pairs import (
     add_costs,
@@ -44,6 +45,7 @@ def run_dpo(cfg) -> dict:
     start_policy = policy_ref(cfg, run_dir)
     human = human_comparisons(cfg)  # with source=ai, only compared with the AI labels
     chains, contrast = pair_inputs(cfg, run_dir, constitution) if cfg.feedback.source != "human" else (None, None)
+    clear = load_labeled_set(cfg.dpo.clear_pairs) if cfg.dpo.clear_pairs else None  # checked before any work
     with RunLock(run_dir):  # launched: the main process holds it for all (cai.launch)
         rl_dir = run_dir / "rl"
         rl_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +78,7 @@ def run_dpo(cfg) -> dict:
                     f"feedback ({constitution.name}).\n")
             result = train_dpo(comps, policy, cfg.dpo, cfg.seed, rdir / "policy", rl_dir / "checkpoints",
                                metrics, card, device=cfg.policy.device, progress=cfg.progress,
-                               trust_remote_code=cfg.policy.trust_remote_code)
+                               trust_remote_code=cfg.policy.trust_remote_code, clear=clear)
             rounds.append({"round": r, "policy_from": policy.identity, "labels": labels, "dpo": result,
                            "cost": round_cost(labels or {}, comps, float(result.get("seconds", 0.0)))})
             earlier += comps
@@ -99,6 +101,13 @@ def print_dpo_summary(summary: dict) -> None:
               f"loss {d['train_loss']:.4f}{' (reused)' if d.get('reused') else ''}; cost: {c['ai_labels']} AI + "
               f"{c['human_labels']} human labels ({c['label_calls']} label calls), {c['tokens_generated']} tokens "
               f"generated, {c['seconds']} s")
+    clear = summary["dpo"].get("clear_pairs")
+    if clear and clear.get("accuracy") is not None:
+        cats = "  ".join(f"{c} {v['accuracy']:.3f} (n={v['count']})" for c, v in clear["by_category"].items())
+        print(f"  implicit reward beta*log(pi/pi_ref) on clear pairs it never trained on: accuracy "
+              f"{clear['accuracy']:.3f} (n={clear['count']}; chance 0.5; {cats}); likelihood ranks the better "
+              f"answer first: starting model {clear['start_likelihood_accuracy']:.3f}, DPO policy "
+              f"{clear['policy_likelihood_accuracy']:.3f}")
     c = summary["cost"]
     print(f"  total cost: {c['ai_labels'] + c['human_labels']} labels, {c['tokens_generated']} tokens generated, "
           f"{c['seconds']} s of compute; run {summary['run']}  total {summary['seconds']} s\n")

@@ -224,6 +224,24 @@ def save_trained(trainer, tokenizer, out_dir: Path, card: str, summary: dict, ck
     accelerator.wait_for_everyone()
 
 
+def clear_pair_stats(rows: list[dict], better: list[float], worse: list[float], left_out: int = 0) -> dict:
+    """How a scorer ranks clear pairs (a known better and worse answer; rows {category, ...} with the better and
+    worse answers' scores): the share where the better one scores higher, overall and per category, and the mean
+    margin (better - worse). Chance is 0.5; ties count as wrong. `left_out`: pairs not scored (e.g. trained on)."""
+    out = {"count": len(rows), "left_out": left_out, "accuracy": None, "mean_margin": None, "by_category": {}}
+    if len(better) != len(rows) or len(worse) != len(rows):
+        raise ValueError(f"clear_pair_stats: {len(rows)} pairs but {len(better)} and {len(worse)} scores")
+    if not rows:
+        return out
+    right = [b > w for b, w in zip(better, worse)]
+    out["accuracy"] = sum(right) / len(rows)
+    out["mean_margin"] = sum(b - w for b, w in zip(better, worse)) / len(rows)
+    for cat in sorted({r["category"] for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r["category"] == cat]
+        out["by_category"][cat] = {"count": len(idx), "accuracy": sum(right[i] for i in idx) / len(idx)}
+    return out
+
+
 def swap_into_place(tmp: Path, out_dir: Path) -> None:
     """Replace out_dir by the finished directory tmp (a killed swap leaves the old or the new one, or .old)."""
     old = out_dir.with_name(out_dir.name + ".old")

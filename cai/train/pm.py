@@ -33,7 +33,15 @@ from cai.models import ModelRef, load_tokenizer, pick_device, pick_dtype, safete
 from cai.prompts import load_labeled_set
 from cai.records import calibration_bins, expected_calibration_error, stable_hash
 from cai.store import Metrics
-from cai.train.common import common_args, finite_callback, last_checkpoint, metrics_callback, save_trained, with_lora
+from cai.train.common import (
+    clear_pair_stats,
+    common_args,
+    finite_callback,
+    last_checkpoint,
+    metrics_callback,
+    save_trained,
+    with_lora,
+)
 
 
 def pm_training_key(comparisons_sha: str, base: ModelRef, cfg, seed: int) -> str:
@@ -305,22 +313,12 @@ def clear_pair_accuracy(model, tokenizer, rows: list[dict], trained_prompts: set
     """Share of clear pairs (a known better and worse answer) where the PM scores the better answer higher, overall
     and per category; pairs whose prompt the PM trained on are left out (counted in `left_out`). Chance is 0.5."""
     kept = [r for r in rows if r["prompt"] not in trained_prompts]
-    out = {"count": len(kept), "left_out": len(rows) - len(kept), "accuracy": None, "mean_margin": None,
-           "by_category": {}}
-    rows = kept
-    if not rows:
-        return out
-    prompts = [r["prompt"] for r in rows]
-    scores = score_answers(model, tokenizer, prompts + prompts, [r["better"] for r in rows] +
-                           [r["worse"] for r in rows], batch_size)
-    n = len(rows)
-    right = [scores[i] > scores[n + i] for i in range(n)]
-    out["accuracy"] = sum(right) / n
-    out["mean_margin"] = sum(scores[i] - scores[n + i] for i in range(n)) / n
-    for cat in sorted({r["category"] for r in rows}):
-        idx = [i for i, r in enumerate(rows) if r["category"] == cat]
-        out["by_category"][cat] = {"count": len(idx), "accuracy": sum(right[i] for i in idx) / len(idx)}
-    return out
+    if not kept:
+        return clear_pair_stats([], [], [], len(rows))
+    n = len(kept)
+    scores = score_answers(model, tokenizer, [r["prompt"] for r in kept] * 2, [r["better"] for r in kept] +
+                           [r["worse"] for r in kept], batch_size)
+    return clear_pair_stats(kept, scores[:n], scores[n:], len(rows) - len(kept))
 
 
 def load_pm(path: str | Path, device: str = "auto", dtype: str = "auto"):

@@ -50,7 +50,7 @@ def _clear(prompts, better="Sure, here it is.", worse="No."):
 
 def test_the_starting_model_checked_against_itself_has_no_implicit_reward():
     ref = resolve_model("tiny")
-    s = clear_pair_check(ref, ref, _clear(["a?", "b?", "c?"]), {"c?"}, beta=0.1, device="cpu")
+    s = clear_pair_check(ref, ref, _clear(["a?", "b?", "c?"]), {"c?"}, beta=0.1, device="cpu", progress=True)
     assert s["count"] == 2 and s["left_out"] == 1
     assert s["accuracy"] == 0.0 and s["mean_margin"] == 0.0  # every reward 0: ties are not right
     assert s["start_likelihood_accuracy"] == s["policy_likelihood_accuracy"]

@@ -70,7 +70,7 @@ def train_dpo(comparisons: list[dict], base: ModelRef, cfg: DPOConfig, seed: int
             gc.collect()  # the trainer is gone: one model at a time from here
             trained = {p["prompt"][0]["content"] for p in pairs}
             result = clear_pair_check(base, resolve_model(str(out_dir)), clear, trained, cfg.beta, device,
-                                      trust_remote_code, batch_size=2 * cfg.batch_size)
+                                      trust_remote_code, batch_size=2 * cfg.batch_size, progress=progress)
             summary["clear_pairs"] = {**result, "pairs_digest": digest}
             info = {k: v for k, v in summary.items() if k != "reused"}
             write_atomic(out_dir / TRAIN_INFO, json.dumps(info, indent=1))
@@ -127,7 +127,8 @@ def _train_dpo(comparisons: list[dict], base: ModelRef, cfg: DPOConfig, seed: in
 # --- the implicit reward on clear pairs -----------------------------------------------------------------------
 
 
-def answer_logprobs(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 8) -> list[float]:
+def answer_logprobs(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 8,
+                    bar=None) -> list[float]:
     """log pi(answer | prompt) summed over the answer's tokens, for each (prompt, answer) as a [user, assistant]
     chat, tokenized as TRL's DPOTrainer tokenizes conversational pairs: the prompt with the generation prompt,
     the answer from where the whole chat's tokens part from it. Right-padded, length-sorted batches."""
@@ -163,11 +164,14 @@ def answer_logprobs(model, tokenizer, prompts: list[str], answers: list[str], ba
             logp = logprobs_from_logits(logits, ids[:, 1:].to(device)).cpu()
             for j, i in enumerate(idx):
                 out[i] = logp[j][scored[j]].sum().item()
+            if bar is not None:
+                bar.update(len(idx))
     return out
 
 
 def clear_pair_check(reference: ModelRef, policy: ModelRef, rows: list[dict], trained_prompts: set[str], beta: float,
-                     device: str = "auto", trust_remote_code: bool = False, batch_size: int = 8) -> dict:
+                     device: str = "auto", trust_remote_code: bool = False, batch_size: int = 8,
+                     progress: bool = False) -> dict:
     """How a DPO policy's implicit reward beta * (log pi - log pi_ref) ranks clear pairs (rows {category, prompt,
     better, worse}) whose prompt DPO never trained on: `clear_pair_stats` of it (accuracy, chance 0.5; mean
     margin in reward units), plus `start_likelihood_accuracy` and `policy_likelihood_accuracy`, the share where
@@ -179,13 +183,16 @@ def clear_pair_check(reference: ModelRef, policy: ModelRef, rows: list[dict], tr
                 "policy_likelihood_accuracy": None}
     n = len(kept)
     prompts, answers = [r["prompt"] for r in kept] * 2, [r["better"] for r in kept] + [r["worse"] for r in kept]
+    from tqdm import tqdm
+
     logps = []
-    for ref in (reference, policy):
-        tokenizer = load_tokenizer(ref, trust_remote_code)
-        model = load_causal_lm(ref, dtype="float32", device=device, trust_remote_code=trust_remote_code)
-        logps.append(answer_logprobs(model, tokenizer, prompts, answers, batch_size))
-        del model
-        gc.collect()
+    with tqdm(total=4 * n, desc="dpo clear pairs", unit="answer", disable=not progress) as bar:
+        for ref in (reference, policy):
+            tokenizer = load_tokenizer(ref, trust_remote_code)
+            model = load_causal_lm(ref, dtype="float32", device=device, trust_remote_code=trust_remote_code)
+            logps.append(answer_logprobs(model, tokenizer, prompts, answers, batch_size, bar))
+            del model
+            gc.collect()
     ref_lp, pol_lp = logps
     reward = [beta * (p - r) for p, r in zip(pol_lp, ref_lp)]
     out = clear_pair_stats(kept, reward[:n], reward[n:], len(rows) - n)

@@ -132,14 +132,16 @@ def test_dpo_stage(sl_run, capsys):
     assert "implicit reward beta*log(pi/pi_ref) on clear pairs" in capsys.readouterr().out
 
 
-def test_dpo_clear_pairs_are_checked_before_any_work(sl_run, tmp_path, capsys):
+@pytest.mark.parametrize("stage", ["dpo", "rl"])
+def test_clear_pairs_are_checked_before_any_work(sl_run, tmp_path, capsys, stage):
     root, const = sl_run
     bad = tmp_path / "pairs.jsonl"
     bad.write_text(json.dumps({"id": "x", "category": "rude", "prompt": "p", "better": "b", "worse": "w"}) + "\n")
     steps = root / "runs" / "r" / "rl" / "steps.jsonl"
     before = steps.read_bytes() if steps.exists() else None
+    args = dpo_args(root, const) if stage == "dpo" else rl_args(root, const)
     with pytest.raises(SystemExit) as e:
-        main(dpo_args(root, const) + [f"dpo.clear_pairs={bad}", "red_team.limit=7"])  # new pairs, were it to run
+        main(args + [f"{'dpo' if stage == 'dpo' else 'pm'}.clear_pairs={bad}", "red_team.limit=7"])  # new pairs
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pairs.jsonl:1" in err[0] and "harmless or helpful" in err[0]

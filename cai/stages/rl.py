@@ -23,6 +23,7 @@ from cai.errors import CaiError
 from cai.io import read_jsonl, write_atomic, write_jsonl_atomic
 from cai.launch import barrier, is_main, on_main, sharded_launch
 from cai.models import resolve_model
+from cai.prompts import load_labeled_set
 from cai.records import stable_hash
 from cai.runs import RunLock, run_dir_for, start_run
 from cai.stages.pairs import (
@@ -58,6 +59,8 @@ def run_rl(cfg) -> dict:
     sl_ref = policy_ref(cfg, run_dir)
     ptx = ptx_examples(ptx_data_path(cfg, run_dir)) if cfg.algorithm == "ppo" and cfg.ppo.ptx_coef > 0 else None
     chains, contrast = pair_inputs(cfg, run_dir, constitution) if cfg.feedback.source != "human" else (None, None)
+    if cfg.pm.clear_pairs:  # read after the PM trains; checked here, before any work
+        load_labeled_set(cfg.pm.clear_pairs)
     with RunLock(run_dir):  # launched: the main process holds it for all (cai.launch)
         rl_dir = run_dir / "rl"
         rl_dir.mkdir(parents=True, exist_ok=True)

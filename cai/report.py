@@ -283,8 +283,10 @@ def reward_check_blocks(report: dict) -> list[tuple]:
     b.append(("p", "The last round's preference model, and the last DPO policy's implicit reward "
                    "beta*log(pi/pi_ref) (a DPO policy is its own reward model): accuracy on held-out comparisons "
                    "(PM), and on clear pairs (a known better answer) whose prompts it never trained on; chance is "
-                   "0.5. For DPO, how often the starting model's and the policy's own likelihood put the better "
-                   "answer first."))
+                   "0.5. For DPO also the reward over the same number of tokens on both sides (each pair's first k "
+                   "answer tokens, k the shorter answer's length: the summed reward moves with length where "
+                   "better and worse answers differ in it), and how often the starting model's and the policy's "
+                   "own likelihood put the better answer first."))
     rows = []
     for run, lab in report["labels"].items():
         for what, clear in (("PM", lab.get("pm_clear_pairs")), ("DPO", lab.get("dpo_clear_pairs"))):
@@ -292,12 +294,14 @@ def reward_check_blocks(report: dict) -> list[tuple]:
                 continue
             clear = clear or {}
             rows.append([run, what, _f(lab.get("pm_heldout_accuracy")) if what == "PM" else "-",
-                         _f(clear.get("accuracy")), clear.get("count", "-"),
+                         _f(clear.get("accuracy")), _f(clear.get("matched_length_accuracy")) if what == "DPO" else "-",
+                         clear.get("count", "-"),
                          ", ".join(f"{c} {_f(v['accuracy'])}" for c, v in (clear.get("by_category") or {}).items())
                          or "-",
                          f"{_f(clear.get('start_likelihood_accuracy'))} / {_f(clear.get('policy_likelihood_accuracy'))}"
                          if what == "DPO" else "-"])
-    b.append(("table", ["run", "model", "held-out accuracy", "clear-pair accuracy", "clear pairs", "by category",
+    b.append(("table", ["run", "model", "held-out accuracy", "clear-pair accuracy", "same length", "clear pairs",
+                        "by category",
                         "likelihood ranking: start / policy"], rows))
     return b
 

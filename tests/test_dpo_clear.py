@@ -37,10 +37,10 @@ def test_answer_logprobs_are_the_answer_tokens_of_the_chat_alone_and_in_padded_b
         assert full[:len(head)] == head  # the answer's tokens are the rest of the chat
         with torch.no_grad():
             logp = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0].float(), -1)
-        want = sum(logp[t - 1, full[t]].item() for t in range(len(head), len(full)))
-        assert got == pytest.approx(want, abs=1e-3)
-        assert got < 0
-    assert answer_logprobs(model, tok, prompts, answers, batch_size=1) == pytest.approx(batched, abs=1e-3)
+        want = [logp[t - 1, full[t]].item() for t in range(len(head), len(full))]
+        assert got == pytest.approx(want, abs=1e-4) and all(x <= 0 for x in got)
+    one_by_one = answer_logprobs(model, tok, prompts, answers, batch_size=1)
+    assert all(a == pytest.approx(b, abs=1e-4) for a, b in zip(one_by_one, batched))
 
 
 def _clear(prompts, better="Sure, here it is.", worse="No."):
@@ -53,7 +53,8 @@ def test_the_starting_model_checked_against_itself_has_no_implicit_reward():
     s = clear_pair_check(ref, ref, _clear(["a?", "b?", "c?"]), {"c?"}, beta=0.1, device="cpu", progress=True)
     assert s["count"] == 2 and s["left_out"] == 1
     assert s["accuracy"] == 0.0 and s["mean_margin"] == 0.0  # every reward 0: ties are not right
-    assert s["start_likelihood_accuracy"] == s["policy_likelihood_accuracy"]
+    assert s["start_likelihood_accuracy"] == s["policy_likelihood_accuracy"] and s["matched_length_accuracy"] == 0.0
+    assert s["mean_tokens"]["better"] > s["mean_tokens"]["worse"]  # "Sure, here it is." against "No." 
 
 
 def test_dpo_reports_and_reuses_its_implicit_reward_on_unseen_clear_pairs(tmp_path, monkeypatch):
@@ -89,3 +90,28 @@ def test_dpo_reports_and_reuses_its_implicit_reward_on_unseen_clear_pairs(tmp_pa
     assert other["reused"] and other["clear_pairs"]["count"] == 3
     assert json.loads((out / TRAIN_INFO).read_text())["clear_pairs"]["count"] == 3
     assert "reused" not in json.loads((out / TRAIN_INFO).read_text())
+
+
+def test_a_drift_in_the_first_tokens_is_read_by_length_in_the_sum_and_not_over_matched_lengths(monkeypatch):
+    """Against the reference, the policy loses 2 nats on each of the first two tokens of every answer (DPO moves
+    the first tokens most), favours the better answer by 0.1 nats a token on the tokens both answers have, and
+    loses 0.2 a token on the better (20-token) answer's other 16. Summed, the better answer's reward is lower
+    (-6.8 against -4 nats); over the same first 4 tokens it is higher (-3.6 against -4)."""
+    ref = resolve_model("tiny")
+    calls = []
+
+    def fake(model, tokenizer, prompts, answers, batch_size=8, bar=None):
+        calls.append(len(prompts))
+        n = len(prompts) // 2
+        if len(calls) == 1:  # the reference
+            return [[-1.0] * 20] * n + [[-1.0] * 4] * n
+        better = [-3.0 + 0.1, -3.0 + 0.1, -0.9, -0.9] + [-1.2] * 16
+        worse = [-3.0, -3.0, -1.0, -1.0]
+        return [better] * n + [worse] * n
+
+    monkeypatch.setattr(dpo, "answer_logprobs", fake)
+    s = clear_pair_check(ref, ref, _clear(["a?", "b?"]), set(), beta=0.5, device="cpu")
+    assert calls == [4, 4]
+    assert s["accuracy"] == 0.0 and s["mean_margin"] == pytest.approx(0.5 * (-6.8 + 4))
+    assert s["matched_length_accuracy"] == 1.0 and s["mean_tokens"] == {"better": 20, "worse": 4}
+    assert s["start_likelihood_accuracy"] == 0.0 and s["policy_likelihood_accuracy"] == 0.0

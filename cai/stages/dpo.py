@@ -105,8 +105,10 @@ def print_dpo_summary(summary: dict) -> None:
     if clear and clear.get("accuracy") is not None:
         cats = "  ".join(f"{c} {v['accuracy']:.3f} (n={v['count']})" for c, v in clear["by_category"].items())
         print(f"  implicit reward beta*log(pi/pi_ref) on clear pairs it never trained on: accuracy "
-              f"{clear['accuracy']:.3f} (n={clear['count']}; chance 0.5; {cats}); likelihood ranks the better "
-              f"answer first: starting model {clear['start_likelihood_accuracy']:.3f}, DPO policy "
+              f"{clear['accuracy']:.3f} (n={clear['count']}; chance 0.5; {cats}); over the same number of tokens "
+              f"on both sides {clear['matched_length_accuracy']:.3f} (answers {clear['mean_tokens']['better']:.0f} "
+              f"tokens better, {clear['mean_tokens']['worse']:.0f} worse: the sum moves with length); likelihood "
+              f"ranks the better answer first: starting model {clear['start_likelihood_accuracy']:.3f}, DPO policy "
               f"{clear['policy_likelihood_accuracy']:.3f}")
     c = summary["cost"]
     print(f"  total cost: {c['ai_labels'] + c['human_labels']} labels, {c['tokens_generated']} tokens generated, "

@@ -55,6 +55,9 @@ def preference_pairs(comparisons: list[dict], margin: float) -> list[dict]:
     return out
 
 
+CHECK_VERSION = 1  # what `clear_pair_check` measures; a saved check of another version is done again
+
+
 def train_dpo(comparisons: list[dict], base: ModelRef, cfg: DPOConfig, seed: int, out_dir: Path, ckpt_root: Path,
               metrics: Metrics, card: str, device: str = "auto", progress: bool = True,
               trust_remote_code: bool = False, clear: list[dict] | None = None) -> dict:
@@ -65,7 +68,7 @@ def train_dpo(comparisons: list[dict], base: ModelRef, cfg: DPOConfig, seed: int
                          trust_remote_code)
     if clear and is_main():
         pairs = preference_pairs(comparisons, cfg.margin)
-        digest = hashlib.sha256(json.dumps(clear, sort_keys=True).encode()).hexdigest()[:16]
+        digest = hashlib.sha256(json.dumps([CHECK_VERSION, clear], sort_keys=True).encode()).hexdigest()[:16]
         if (summary.get("clear_pairs") or {}).get("pairs_digest") != digest:
             gc.collect()  # the trainer is gone: one model at a time from here
             trained = {p["prompt"][0]["content"] for p in pairs}
@@ -128,10 +131,11 @@ def _train_dpo(comparisons: list[dict], base: ModelRef, cfg: DPOConfig, seed: in
 
 
 def answer_logprobs(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 8,
-                    bar=None) -> list[float]:
-    """log pi(answer | prompt) summed over the answer's tokens, for each (prompt, answer) as a [user, assistant]
-    chat, tokenized as TRL's DPOTrainer tokenizes conversational pairs: the prompt with the generation prompt,
-    the answer from where the whole chat's tokens part from it. Right-padded, length-sorted batches."""
+                    bar=None) -> list[list[float]]:
+    """log pi(token | what precedes it) for each token of each answer, for each (prompt, answer) as a [user,
+    assistant] chat, tokenized as TRL's DPOTrainer tokenizes conversational pairs: the prompt with the generation
+    prompt, the answer from where the whole chat's tokens part from it (its end-of-turn tokens included); their
+    sum is log pi(answer | prompt). Right-padded, length-sorted batches."""
     import torch
 
     if len(prompts) != len(answers):
@@ -147,7 +151,7 @@ def answer_logprobs(model, tokenizer, prompts: list[str], answers: list[str], ba
         starts.append(max(start, 1))  # the first token has no prediction
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     device = next(model.parameters()).device
-    out = [0.0] * len(rows)
+    out: list[list[float]] = [[] for _ in rows]
     model.train(False)
     with torch.inference_mode():
         for s in range(0, len(order), batch_size):
@@ -163,7 +167,7 @@ def answer_logprobs(model, tokenizer, prompts: list[str], answers: list[str], ba
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
             logp = logprobs_from_logits(logits, ids[:, 1:].to(device)).cpu()
             for j, i in enumerate(idx):
-                out[i] = logp[j][scored[j]].sum().item()
+                out[i] = logp[j][scored[j]].tolist()
             if bar is not None:
                 bar.update(len(idx))
     return out
@@ -176,11 +180,17 @@ def clear_pair_check(reference: ModelRef, policy: ModelRef, rows: list[dict], tr
     better, worse}) whose prompt DPO never trained on: `clear_pair_stats` of it (accuracy, chance 0.5; mean
     margin in reward units), plus `start_likelihood_accuracy` and `policy_likelihood_accuracy`, the share where
     the starting model's (the reference's) and the policy's own log-likelihood is higher for the better answer.
-    The two models are loaded in float32 one after the other."""
+
+    The implicit reward is a sum over the answer's tokens, so where the better answers of a set are longer (or
+    shorter) than the worse ones, a policy whose log-probs drift down (or up) everywhere moves it by length alone
+    (a mean per token leans the other way: DPO moves the first tokens most). `matched_length_accuracy` compares
+    the reward over the same number of tokens on both sides, each pair's first k answer tokens with k the shorter
+    answer's length; `mean_tokens` gives both sides' lengths. The two models are loaded in float32 one after the
+    other."""
     kept = [r for r in rows if r["prompt"] not in trained_prompts]
     if not kept:
-        return {**clear_pair_stats([], [], [], len(rows)), "start_likelihood_accuracy": None,
-                "policy_likelihood_accuracy": None}
+        return {**clear_pair_stats([], [], [], len(rows)), "matched_length_accuracy": None,
+                "start_likelihood_accuracy": None, "policy_likelihood_accuracy": None, "mean_tokens": None}
     n = len(kept)
     prompts, answers = [r["prompt"] for r in kept] * 2, [r["better"] for r in kept] + [r["worse"] for r in kept]
     from tqdm import tqdm
@@ -193,9 +203,14 @@ def clear_pair_check(reference: ModelRef, policy: ModelRef, rows: list[dict], tr
             logps.append(answer_logprobs(model, tokenizer, prompts, answers, batch_size, bar))
             del model
             gc.collect()
-    ref_lp, pol_lp = logps
-    reward = [beta * (p - r) for p, r in zip(pol_lp, ref_lp)]
+    per_token = [[beta * (p - r) for p, r in zip(pol, ref)] for pol, ref in zip(logps[1], logps[0])]
+    reward = [sum(x) for x in per_token]
+    ref_lp, pol_lp = [sum(x) for x in logps[0]], [sum(x) for x in logps[1]]
     out = clear_pair_stats(kept, reward[:n], reward[n:], len(rows) - n)
+    k = [min(len(per_token[i]), len(per_token[n + i])) for i in range(n)]
+    out["matched_length_accuracy"] = sum(sum(per_token[i][:k[i]]) > sum(per_token[n + i][:k[i]])
+                                         for i in range(n)) / n
+    out["mean_tokens"] = {"better": sum(map(len, per_token[:n])) / n, "worse": sum(map(len, per_token[n:])) / n}
     out["start_likelihood_accuracy"] = sum(ref_lp[i] > ref_lp[n + i] for i in range(n)) / n
     out["policy_likelihood_accuracy"] = sum(pol_lp[i] > pol_lp[n + i] for i in range(n)) / n
     return out

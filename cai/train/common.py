@@ -242,6 +242,23 @@ def clear_pair_stats(rows: list[dict], better: list[float], worse: list[float], 
     return out
 
 
+def padded_batches(rows: list[list[int]], batch_size: int, pad_id: int):
+    """Token rows in length-sorted batches, right-padded: yields (indices into rows, ids, attention mask), the
+    tensors (b, width) on the CPU. Sorting by length keeps the padding small."""
+    import torch
+
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        width = max(len(rows[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for j, i in enumerate(idx):
+            ids[j, :len(rows[i])] = torch.tensor(rows[i])
+            mask[j, :len(rows[i])] = 1
+        yield idx, ids, mask
+
+
 def swap_into_place(tmp: Path, out_dir: Path) -> None:
     """Replace out_dir by the finished directory tmp (a killed swap leaves the old or the new one, or .old)."""
     old = out_dir.with_name(out_dir.name + ".old")

@@ -34,6 +34,7 @@ from cai.train.common import (
     finite_callback,
     last_checkpoint,
     metrics_callback,
+    padded_batches,
     save_trained,
     trained_model_matches,
     training_key,
@@ -149,20 +150,13 @@ def answer_logprobs(model, tokenizer, prompts: list[str], answers: list[str], ba
         start = next((i for i, (x, y) in enumerate(zip(head, full)) if x != y), min(len(head), len(full)))
         rows.append(full)
         starts.append(max(start, 1))  # the first token has no prediction
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     device = next(model.parameters()).device
     out: list[list[float]] = [[] for _ in rows]
     model.train(False)
     with torch.inference_mode():
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            width = max(len(rows[i]) for i in idx)
-            ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            scored = torch.zeros((len(idx), width - 1), dtype=torch.bool)
+        for idx, ids, mask in padded_batches(rows, batch_size, tokenizer.pad_token_id):
+            scored = torch.zeros((len(idx), ids.shape[1] - 1), dtype=torch.bool)
             for j, i in enumerate(idx):
-                ids[j, :len(rows[i])] = torch.tensor(rows[i])
-                mask[j, :len(rows[i])] = 1
                 scored[j, starts[i] - 1:len(rows[i]) - 1] = True  # position t predicts token t + 1
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
             logp = logprobs_from_logits(logits, ids[:, 1:].to(device)).cpu()

@@ -39,6 +39,7 @@ from cai.train.common import (
     finite_callback,
     last_checkpoint,
     metrics_callback,
+    padded_batches,
     save_trained,
     with_lora,
 )
@@ -346,21 +347,13 @@ def score_answers(model, tokenizer, prompts: list[str], answers: list[str], batc
     # tokenized exactly as TRL tokenizes the training conversations (trl.data_utils._tokenize)
     rows = [tokenizer.apply_chat_template(conversation(p, a), tokenize=True, return_dict=True)["input_ids"]
             for p, a in zip(prompts, answers)]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     device = next(model.parameters()).device
     out = [0.0] * len(rows)
     was_training = model.training
     model.train(False)
     try:
         with torch.inference_mode():
-            for s in range(0, len(order), batch_size):
-                idx = order[s:s + batch_size]
-                width = max(len(rows[i]) for i in idx)
-                ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for j, i in enumerate(idx):
-                    ids[j, :len(rows[i])] = torch.tensor(rows[i])
-                    mask[j, :len(rows[i])] = 1
+            for idx, ids, mask in padded_batches(rows, batch_size, tokenizer.pad_token_id):
                 for i, r in zip(idx, pm_rewards(model, ids.to(device), mask.to(device)).tolist()):
                     out[i] = r
     finally:

@@ -283,26 +283,27 @@ def reward_check_blocks(report: dict) -> list[tuple]:
     b.append(("p", "The last round's preference model, and the last DPO policy's implicit reward "
                    "beta*log(pi/pi_ref) (a DPO policy is its own reward model): accuracy on held-out comparisons "
                    "(PM), and on clear pairs (a known better answer) whose prompts it never trained on; chance is "
-                   "0.5. For DPO also the reward over the same number of tokens on both sides (each pair's first k "
-                   "answer tokens, k the shorter answer's length: the summed reward moves with length where "
-                   "better and worse answers differ in it), and how often the starting model's and the policy's "
-                   "own likelihood put the better answer first."))
+                   "0.5. By length: on the pairs whose better answer is the longer one, and the shorter one (a "
+                   "scorer that reads length alone gets 1 on one and 0 on the other). For DPO also how often the "
+                   "starting model's and the policy's own likelihood put the better answer first."))
     rows = []
     for run, lab in report["labels"].items():
         for what, clear in (("PM", lab.get("pm_clear_pairs")), ("DPO", lab.get("dpo_clear_pairs"))):
             if what == "DPO" and not clear:
                 continue
             clear = clear or {}
+
+            def splits(name, clear=clear):
+                return ", ".join(f"{c.replace('_', ' ')} {_f(v['accuracy'])}"
+                                 for c, v in (clear.get(name) or {}).items()) or "-"
+
             rows.append([run, what, _f(lab.get("pm_heldout_accuracy")) if what == "PM" else "-",
-                         _f(clear.get("accuracy")), _f(clear.get("matched_length_accuracy")) if what == "DPO" else "-",
-                         clear.get("count", "-"),
-                         ", ".join(f"{c} {_f(v['accuracy'])}" for c, v in (clear.get("by_category") or {}).items())
-                         or "-",
+                         _f(clear.get("accuracy")), clear.get("count", "-"), splits("by_category"),
+                         splits("by_length"),
                          f"{_f(clear.get('start_likelihood_accuracy'))} / {_f(clear.get('policy_likelihood_accuracy'))}"
                          if what == "DPO" else "-"])
-    b.append(("table", ["run", "model", "held-out accuracy", "clear-pair accuracy", "same length", "clear pairs",
-                        "by category",
-                        "likelihood ranking: start / policy"], rows))
+    b.append(("table", ["run", "model", "held-out accuracy", "clear-pair accuracy", "clear pairs", "by category",
+                        "by length", "likelihood ranking: start / policy"], rows))
     return b
 
 

@@ -443,8 +443,8 @@ def test_label_report_shows_the_last_dpo_policys_implicit_reward_beside_the_pm(t
         (where / "cai_train.json").write_text(json.dumps({"clear_pairs": {
             "count": 40, "left_out": 0, "accuracy": accuracy, "mean_margin": 0.1,
             "by_category": {"harmless": {"count": 20, "accuracy": 0.9}, "helpful": {"count": 20, "accuracy": 0.4}},
-            "start_likelihood_accuracy": 0.55, "policy_likelihood_accuracy": 0.6, "matched_length_accuracy": 0.875,
-            "mean_tokens": {"better": 45.0, "worse": 23.0}}}))
+            "by_length": {"better_longer": {"count": 20, "accuracy": 0.95}, "better_shorter": {"count": 20, "accuracy": 0.3}},
+            "start_likelihood_accuracy": 0.55, "policy_likelihood_accuracy": 0.6}}))
 
     assert label_report(Run("R", tmp_path, {}))["dpo_clear_pairs"] is None
     dpo_policy(run / "rl" / "dpo" / "policy", 0.625)
@@ -454,5 +454,5 @@ def test_label_report_shows_the_last_dpo_policys_implicit_reward_beside_the_pm(t
     assert lab["dpo_clear_pairs"]["accuracy"] == 0.675
     md = render_markdown(reward_check_blocks({"labels": {"R": lab, "S": {"pm_clear_pairs": None}}}))
     dpo_row = next(line for line in md.splitlines() if line.startswith("| R | DPO"))
-    assert "| 0.68 | 0.88 | 40 |" in dpo_row and "harmless 0.90, helpful 0.40" in dpo_row and "0.55 / 0.60" in dpo_row
+    assert "| 0.68 | 40 | harmless 0.90, helpful 0.40 | better longer 0.95, better shorter 0.30 | 0.55 / 0.60 |" in dpo_row
     assert "| S | PM |" in md and "| S | DPO" not in md

@@ -13,11 +13,15 @@ from cai.train.common import TRAIN_INFO, clear_pair_stats
 from cai.train.dpo import answer_logprobs, clear_pair_check, train_dpo
 
 
-def test_clear_pair_stats_counts_ties_as_wrong_and_splits_by_category():
-    rows = [{"category": "harmless"}, {"category": "harmless"}, {"category": "helpful"}]
+def test_clear_pair_stats_counts_ties_as_wrong_and_splits_by_category_and_length():
+    rows = [{"category": "harmless", "better": "a b c", "worse": "a"}, {"category": "harmless", "better": "a b",
+             "worse": "a b"}, {"category": "helpful", "better": "a", "worse": "a b c"}]
     s = clear_pair_stats(rows, [1.0, 0.0, 2.0], [0.0, 0.0, 3.0], left_out=4)
     assert s["accuracy"] == pytest.approx(1 / 3) and s["left_out"] == 4 and s["count"] == 3
     assert s["by_category"] == {"harmless": {"count": 2, "accuracy": 0.5}, "helpful": {"count": 1, "accuracy": 0.0}}
+    assert s["by_length"] == {"better_longer": {"count": 1, "accuracy": 1.0},
+                              "better_shorter": {"count": 1, "accuracy": 0.0},
+                              "same_length": {"count": 1, "accuracy": 0.0}}
     assert s["mean_margin"] == pytest.approx(0.0)
     with pytest.raises(ValueError):
         clear_pair_stats(rows, [1.0], [0.0])
@@ -53,8 +57,8 @@ def test_the_starting_model_checked_against_itself_has_no_implicit_reward():
     s = clear_pair_check(ref, ref, _clear(["a?", "b?", "c?"]), {"c?"}, beta=0.1, device="cpu", progress=True)
     assert s["count"] == 2 and s["left_out"] == 1
     assert s["accuracy"] == 0.0 and s["mean_margin"] == 0.0  # every reward 0: ties are not right
-    assert s["start_likelihood_accuracy"] == s["policy_likelihood_accuracy"] and s["matched_length_accuracy"] == 0.0
-    assert s["mean_tokens"]["better"] > s["mean_tokens"]["worse"]  # "Sure, here it is." against "No." 
+    assert s["start_likelihood_accuracy"] == s["policy_likelihood_accuracy"]
+    assert s["by_length"] == {"better_longer": {"count": 2, "accuracy": 0.0}}  # "Sure, here it is." against "No."
 
 
 def test_dpo_reports_and_reuses_its_implicit_reward_on_unseen_clear_pairs(tmp_path, monkeypatch):
@@ -92,26 +96,16 @@ def test_dpo_reports_and_reuses_its_implicit_reward_on_unseen_clear_pairs(tmp_pa
     assert "reused" not in json.loads((out / TRAIN_INFO).read_text())
 
 
-def test_a_drift_in_the_first_tokens_is_read_by_length_in_the_sum_and_not_over_matched_lengths(monkeypatch):
-    """Against the reference, the policy loses 2 nats on each of the first two tokens of every answer (DPO moves
-    the first tokens most), favours the better answer by 0.1 nats a token on the tokens both answers have, and
-    loses 0.2 a token on the better (20-token) answer's other 16. Summed, the better answer's reward is lower
-    (-6.8 against -4 nats); over the same first 4 tokens it is higher (-3.6 against -4)."""
-    ref = resolve_model("tiny")
-    calls = []
+def test_the_bundled_clear_pairs_do_not_reward_length():
+    """As many pairs whose better answer is the shorter as the longer, in each category, so a scorer that prefers
+    the longer (or the shorter) answer is at chance on them."""
+    from cai.prompts import load_labeled_set
+    from cai.train.common import length_side
 
-    def fake(model, tokenizer, prompts, answers, batch_size=8, bar=None):
-        calls.append(len(prompts))
-        n = len(prompts) // 2
-        if len(calls) == 1:  # the reference
-            return [[-1.0] * 20] * n + [[-1.0] * 4] * n
-        better = [-3.0 + 0.1, -3.0 + 0.1, -0.9, -0.9] + [-1.2] * 16
-        worse = [-3.0, -3.0, -1.0, -1.0]
-        return [better] * n + [worse] * n
-
-    monkeypatch.setattr(dpo, "answer_logprobs", fake)
-    s = clear_pair_check(ref, ref, _clear(["a?", "b?"]), set(), beta=0.5, device="cpu")
-    assert calls == [4, 4]
-    assert s["accuracy"] == 0.0 and s["mean_margin"] == pytest.approx(0.5 * (-6.8 + 4))
-    assert s["matched_length_accuracy"] == 1.0 and s["mean_tokens"] == {"better": 20, "worse": 4}
-    assert s["start_likelihood_accuracy"] == 0.0 and s["policy_likelihood_accuracy"] == 0.0
+    rows = load_labeled_set("prompts/sets/labeled_pairs.jsonl")
+    for cat in ("harmless", "helpful"):
+        sides = [length_side(r) for r in rows if r["category"] == cat]
+        assert sides.count("better_longer") == sides.count("better_shorter") == len(sides) // 2
+    longer = clear_pair_stats(rows, [len(r["better"]) for r in rows], [len(r["worse"]) for r in rows])
+    assert longer["accuracy"] == 0.5
+    assert len({r["prompt"] for r in rows}) == len(rows)

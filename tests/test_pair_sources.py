@@ -193,7 +193,7 @@ def test_every_source_end_to_end_with_reuse_and_resume(sl_run):
     assert all(c["annotator"] == "construction" for c in comps if c["pair_source"] == "contrast")
     assert sum(len([c for c in comps if c["pair_source"] == s]) for s in sources) == len(comps)
     pm = json.loads((rl / "round-1" / "pm" / "cai_train.json").read_text())
-    assert pm["clear_pairs"]["count"] == 40 and 0 <= pm["clear_pairs"]["accuracy"] <= 1
+    assert pm["clear_pairs"]["count"] == 80 and 0 <= pm["clear_pairs"]["accuracy"] <= 1
 
     # rerun: nothing generated or scored again
     main(rl_args(root, const))

@@ -127,8 +127,9 @@ def test_dpo_stage(sl_run, capsys):
     assert (root / "runs" / "r" / "rl" / "dpo" / "policy" / "model.safetensors").exists()
     # the implicit reward on the bundled clear pairs (none of them a prompt this run trained on)
     clear = s["dpo"]["clear_pairs"]
-    assert clear["count"] + clear["left_out"] == 40 and 0 <= clear["accuracy"] <= 1
+    assert clear["count"] + clear["left_out"] == 80 and 0 <= clear["accuracy"] <= 1
     assert set(clear["by_category"]) == {"harmless", "helpful"}
+    assert set(clear["by_length"]) == {"better_longer", "better_shorter"}
     assert "implicit reward beta*log(pi/pi_ref) on clear pairs" in capsys.readouterr().out
 
 

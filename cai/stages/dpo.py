@@ -22,6 +22,7 @@ from cai.prompts import load_labeled_set
 from cai.runs import RunLock, run_dir_for, start_run
 from cai.stages.pairs import (
     add_costs,
+    clear_line,
     human_comparisons,
     pair_inputs,
     policy_ref,
@@ -103,13 +104,9 @@ def print_dpo_summary(summary: dict) -> None:
               f"generated, {c['seconds']} s")
     clear = summary["dpo"].get("clear_pairs")
     if clear and clear.get("accuracy") is not None:
-        cats = "  ".join(f"{c} {v['accuracy']:.3f} (n={v['count']})" for c, v in clear["by_category"].items())
-        print(f"  implicit reward beta*log(pi/pi_ref) on clear pairs it never trained on: accuracy "
-              f"{clear['accuracy']:.3f} (n={clear['count']}; chance 0.5; {cats}); over the same number of tokens "
-              f"on both sides {clear['matched_length_accuracy']:.3f} (answers {clear['mean_tokens']['better']:.0f} "
-              f"tokens better, {clear['mean_tokens']['worse']:.0f} worse: the sum moves with length); likelihood "
-              f"ranks the better answer first: starting model {clear['start_likelihood_accuracy']:.3f}, DPO policy "
-              f"{clear['policy_likelihood_accuracy']:.3f}")
+        print(f"  implicit reward beta*log(pi/pi_ref) on clear pairs it never trained on: {clear_line(clear)}; "
+              f"likelihood puts the better answer first: starting model {clear['start_likelihood_accuracy']:.3f}, "
+              f"DPO policy {clear['policy_likelihood_accuracy']:.3f}")
     c = summary["cost"]
     print(f"  total cost: {c['ai_labels'] + c['human_labels']} labels, {c['tokens_generated']} tokens generated, "
           f"{c['seconds']} s of compute; run {summary['run']}  total {summary['seconds']} s\n")

@@ -251,6 +251,14 @@ def round_comparisons(cfg, policy_path: str, prompts, constitution, settings, st
     return comps, diag, counts
 
 
+def clear_line(clear: dict) -> str:
+    """A clear-pair check (cai.train.common.clear_pair_stats) in one line: accuracy against chance, per category
+    and by which answer is longer (a check saved before `by_length` existed has none)."""
+    splits = [*clear["by_category"].items(), *(clear.get("by_length") or {}).items()]
+    return (f"accuracy {clear['accuracy']:.3f} (n={clear['count']}; chance 0.500)  " +
+            "  ".join(f"{c.replace('_', ' ')} {v['accuracy']:.3f} (n={v['count']})" for c, v in splits))
+
+
 def print_diagnostics(title: str, diag: dict, counts: dict) -> None:
     fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
     print(f"\n{title}")

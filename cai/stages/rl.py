@@ -28,6 +28,7 @@ from cai.records import stable_hash
 from cai.runs import RunLock, run_dir_for, start_run
 from cai.stages.pairs import (
     add_costs,
+    clear_line,
     human_comparisons,
     pair_inputs,
     policy_ref,
@@ -160,9 +161,7 @@ def print_rl_summary(summary: dict) -> None:
               f"{'-' if acc is None else f'{acc:.3f}'}{' (reused)' if pm.get('reused') else ''}")
         clear = pm.get("clear_pairs")
         if clear and clear.get("accuracy") is not None:
-            cats = "  ".join(f"{c} {v['accuracy']:.3f} (n={v['count']})" for c, v in clear["by_category"].items())
-            print(f"    PM on clear pairs it never trained on: accuracy {clear['accuracy']:.3f} (n={clear['count']}; "
-                  f"chance 0.500)  {cats}")
+            print(f"    PM on clear pairs it never trained on: {clear_line(clear)}")
         calibration = pm.get("heldout", {}).get("calibration") or []
         if calibration:
             print("    PM calibration (held out): " + "  ".join(

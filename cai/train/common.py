@@ -224,11 +224,20 @@ def save_trained(trainer, tokenizer, out_dir: Path, card: str, summary: dict, ck
     accelerator.wait_for_everyone()
 
 
+def length_side(row: dict) -> str:
+    """Which clear-pair answer has more words: better_longer | better_shorter | same_length."""
+    b, w = len(row["better"].split()), len(row["worse"].split())
+    return "better_longer" if b > w else "better_shorter" if b < w else "same_length"
+
+
 def clear_pair_stats(rows: list[dict], better: list[float], worse: list[float], left_out: int = 0) -> dict:
-    """How a scorer ranks clear pairs (a known better and worse answer; rows {category, ...} with the better and
-    worse answers' scores): the share where the better one scores higher, overall and per category, and the mean
-    margin (better - worse). Chance is 0.5; ties count as wrong. `left_out`: pairs not scored (e.g. trained on)."""
-    out = {"count": len(rows), "left_out": left_out, "accuracy": None, "mean_margin": None, "by_category": {}}
+    """How a scorer ranks clear pairs (a known better and worse answer; rows {category, better, worse, ...} with
+    the better and worse answers' scores): the share where the better one scores higher, overall, per category and
+    by which answer is longer (`by_length`: a scorer that reads length alone scores 1 on one side and 0 on the
+    other), and the mean margin (better - worse). Chance is 0.5; ties count as wrong. `left_out`: pairs not
+    scored (e.g. trained on)."""
+    out = {"count": len(rows), "left_out": left_out, "accuracy": None, "mean_margin": None, "by_category": {},
+           "by_length": {}}
     if len(better) != len(rows) or len(worse) != len(rows):
         raise ValueError(f"clear_pair_stats: {len(rows)} pairs but {len(better)} and {len(worse)} scores")
     if not rows:
@@ -236,9 +245,11 @@ def clear_pair_stats(rows: list[dict], better: list[float], worse: list[float], 
     right = [b > w for b, w in zip(better, worse)]
     out["accuracy"] = sum(right) / len(rows)
     out["mean_margin"] = sum(b - w for b, w in zip(better, worse)) / len(rows)
-    for cat in sorted({r["category"] for r in rows}):
-        idx = [i for i, r in enumerate(rows) if r["category"] == cat]
-        out["by_category"][cat] = {"count": len(idx), "accuracy": sum(right[i] for i in idx) / len(idx)}
+    for split, side in (("by_category", lambda r: r["category"]), ("by_length", length_side)):
+        sides = [side(r) for r in rows]
+        for key in sorted(set(sides)):
+            idx = [i for i, x in enumerate(sides) if x == key]
+            out[split][key] = {"count": len(idx), "accuracy": sum(right[i] for i in idx) / len(idx)}
     return out
 
 

@@ -175,16 +175,14 @@ def clear_pair_check(reference: ModelRef, policy: ModelRef, rows: list[dict], tr
     margin in reward units), plus `start_likelihood_accuracy` and `policy_likelihood_accuracy`, the share where
     the starting model's (the reference's) and the policy's own log-likelihood is higher for the better answer.
 
-    The implicit reward is a sum over the answer's tokens, so where the better answers of a set are longer (or
-    shorter) than the worse ones, a policy whose log-probs drift down (or up) everywhere moves it by length alone
-    (a mean per token leans the other way: DPO moves the first tokens most). `matched_length_accuracy` compares
-    the reward over the same number of tokens on both sides, each pair's first k answer tokens with k the shorter
-    answer's length; `mean_tokens` gives both sides' lengths. The two models are loaded in float32 one after the
-    other."""
+    The implicit reward is a sum over the answer's tokens, so a policy whose log-probs drift down (or up) on
+    most text ranks pairs by length alone; `by_length` (from `clear_pair_stats`) shows it, and the bundled clear
+    set has as many pairs whose better answer is the shorter as the longer. The two models are loaded in float32
+    one after the other."""
     kept = [r for r in rows if r["prompt"] not in trained_prompts]
     if not kept:
-        return {**clear_pair_stats([], [], [], len(rows)), "matched_length_accuracy": None,
-                "start_likelihood_accuracy": None, "policy_likelihood_accuracy": None, "mean_tokens": None}
+        return {**clear_pair_stats([], [], [], len(rows)), "start_likelihood_accuracy": None,
+                "policy_likelihood_accuracy": None}
     n = len(kept)
     prompts, answers = [r["prompt"] for r in kept] * 2, [r["better"] for r in kept] + [r["worse"] for r in kept]
     from tqdm import tqdm
@@ -197,14 +195,9 @@ def clear_pair_check(reference: ModelRef, policy: ModelRef, rows: list[dict], tr
             logps.append(answer_logprobs(model, tokenizer, prompts, answers, batch_size, bar))
             del model
             gc.collect()
-    per_token = [[beta * (p - r) for p, r in zip(pol, ref)] for pol, ref in zip(logps[1], logps[0])]
-    reward = [sum(x) for x in per_token]
     ref_lp, pol_lp = [sum(x) for x in logps[0]], [sum(x) for x in logps[1]]
+    reward = [beta * (p - r) for p, r in zip(pol_lp, ref_lp)]
     out = clear_pair_stats(kept, reward[:n], reward[n:], len(rows) - n)
-    k = [min(len(per_token[i]), len(per_token[n + i])) for i in range(n)]
-    out["matched_length_accuracy"] = sum(sum(per_token[i][:k[i]]) > sum(per_token[n + i][:k[i]])
-                                         for i in range(n)) / n
-    out["mean_tokens"] = {"better": sum(map(len, per_token[:n])) / n, "worse": sum(map(len, per_token[n:])) / n}
     out["start_likelihood_accuracy"] = sum(ref_lp[i] > ref_lp[n + i] for i in range(n)) / n
     out["policy_likelihood_accuracy"] = sum(pol_lp[i] > pol_lp[n + i] for i in range(n)) / n
     return out

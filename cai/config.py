@@ -351,6 +351,10 @@ class PMConfig(Checked):
                                                              "prompt, better, worse) the trained PM is checked on; "
                                                              "pairs whose prompt it trained on are left out; '' = off",
                          file=True)
+    length_correction: bool = F(True, "after training, fit the reward's linear trend in answer tokens on the "
+                                      "training answers and subtract it from every reward the PM gives (PPO, "
+                                      "checks, cai.compare): a PM that learned 'longer is better' from its pairs "
+                                      "then ranks by what the answers say")
     lora: LoRAConfig = _lora_field()
 
 

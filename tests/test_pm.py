@@ -194,3 +194,54 @@ def test_bad_comparison_names_the_record_and_field(tiny, tmp_path):
     with pytest.raises(CaiError, match=r"comparisons\[1\] \(key=cmp-001\): field 'soft_label'"):
         train_pm(bad, ref, PMConfig(), 0, tmp_path / "pm", tmp_path / "ckpt", Metrics(tmp_path / "m.jsonl", "rl"),
                  "k", device="cpu", progress=False)
+
+
+def test_length_correction_is_fitted_on_training_answers_saved_and_applied(tiny, tmp_path):
+    """A PM trained where the preferred answer is only ever the longer one learns length; the fitted slope is the
+    least-squares slope of its rewards in answer tokens, load_pm applies it, and the corrected margin between two
+    answers that differ only in length is smaller than the raw one. Off: nothing is subtracted, and the training
+    key is the one a PM had before the option existed."""
+    from cai.train.pm import _as_dict, answer_tokens, fit_length_correction
+
+    ref, tok = tiny
+    comparisons = []
+    for i in range(32):
+        long, short = "ok " * (4 + i % 4), "ok " * (1 + i % 2)
+        a_long = i % 2 == 0
+        comparisons.append({"key": f"len-{i:03d}", "prompt": f"question {i}?", "answer_a": long if a_long else short,
+                            "answer_b": short if a_long else long, "soft_label": 0.9 if a_long else 0.1})
+    cfg = PMConfig(epochs=3, learning_rate=3e-3, batch_size=8, eval_fraction=0.0, save_steps=1000, max_length=64,
+                   clear_pairs="")
+    out = tmp_path / "pm"
+    s = train_pm(comparisons, ref, cfg, 0, out, tmp_path / "ckpt", Metrics(tmp_path / "m.jsonl", "rl"), "k",
+                 device="cpu", progress=False)
+    c = s["length_correction"]
+    assert c["enabled"] and c["answers"] == 64 and c["slope"] > 0 and c["corr"] > 0.5
+
+    model, tokenizer = load_pm(out, device="cpu", dtype="float32")
+    assert model.cai_length_slope == pytest.approx(c["slope"])
+    answers = [x for cmp in comparisons for x in (cmp["answer_a"], cmp["answer_b"])]
+    prompts = [cmp["prompt"] for cmp in comparisons for _ in (0, 1)]
+    corrected = score_answers(model, tokenizer, prompts, answers)
+    model.cai_length_slope = 0.0
+    raw = score_answers(model, tokenizer, prompts, answers)
+    n = answer_tokens(tokenizer, answers)
+    assert corrected == pytest.approx([r - c["slope"] * k for r, k in zip(raw, n)], abs=1e-5)
+    x, y = torch.tensor(n, dtype=torch.float64), torch.tensor(raw, dtype=torch.float64)
+    want = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
+    assert c["slope"] == pytest.approx(want.item(), rel=1e-3)
+    assert fit_length_correction(model, tokenizer, comparisons)["slope"] == pytest.approx(c["slope"], rel=1e-3)
+
+    def margin(scores):  # mean reward of the long answers minus the short ones
+        longs = [v for v, a in zip(scores, answers) if len(a.split()) >= 4]
+        shorts = [v for v, a in zip(scores, answers) if len(a.split()) < 4]
+        return sum(longs) / len(longs) - sum(shorts) / len(shorts)
+
+    assert margin(raw) > 0 and abs(margin(corrected)) < 0.5 * margin(raw)
+
+    off = PMConfig(length_correction=False)
+    assert "length_correction" not in _as_dict(off) and "length_correction" in _as_dict(PMConfig())
+    s_off = train_pm(comparisons, ref, PMConfig(**{**cfg.__dict__, "length_correction": False}), 0, tmp_path / "off",
+                     tmp_path / "ckpt", Metrics(tmp_path / "m.jsonl", "rl"), "k2", device="cpu", progress=False)
+    assert not s_off["length_correction"]["enabled"] and s_off["clear_pairs_uncorrected"] is None
+    assert load_pm(tmp_path / "off", device="cpu")[0].cai_length_slope == 0.0

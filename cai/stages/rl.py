@@ -162,6 +162,12 @@ def print_rl_summary(summary: dict) -> None:
         clear = pm.get("clear_pairs")
         if clear and clear.get("accuracy") is not None:
             print(f"    PM on clear pairs it never trained on: {clear_line(clear)}")
+        lc, raw = pm.get("length_correction"), pm.get("clear_pairs_uncorrected")
+        if lc and lc.get("enabled"):
+            print(f"    PM length trend (fitted on its {lc['answers']} training answers): {lc['slope']:+.4f} a token, "
+                  f"correlation {lc['corr']:+.2f}; subtracted from every reward"
+                  + (f"; uncorrected on the clear pairs: {clear_line(raw)}" if raw and raw.get("accuracy") is not None
+                     else ""))
         calibration = pm.get("heldout", {}).get("calibration") or []
         if calibration:
             print("    PM calibration (held out): " + "  ".join(

@@ -12,11 +12,20 @@ We drive TRL's RewardTrainer (tokenization, batching, checkpoints) and change tw
 
 The trained PM is keyed by (comparisons, base model identity, PM settings, seed); a killed run resumes from
 its last checkpoint under `<ckpt_root>/<key>/`, as in `cai.train.sft`.
+
+Length correction (`pm.length_correction`, on by default): contrast pairs often have the longer answer as the
+chosen one (a helpful answer against a one-line needless refusal), and a PM learns "longer is better" from that
+as readily as what the answers say. After training, the reward's least-squares slope in answer tokens is fitted
+on the training answers and saved with the model (cai_train.json `length_correction`); `load_pm` reads it and
+`score_answers` subtracts slope x tokens from every reward. Regression-based length control as in Dubois et al.
+2024 (length-controlled AlpacaEval) and Singhal et al. 2023 ("A Long Way to Go: Investigating Length
+Correlations in RLHF"); docs/RESULTS.md section 8 measured what it changes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -34,6 +43,7 @@ from cai.prompts import load_labeled_set
 from cai.records import calibration_bins, expected_calibration_error, stable_hash
 from cai.store import Metrics
 from cai.train.common import (
+    TRAIN_INFO,
     clear_pair_stats,
     common_args,
     finite_callback,
@@ -51,8 +61,12 @@ def pm_training_key(comparisons_sha: str, base: ModelRef, cfg, seed: int) -> str
 
 
 def _as_dict(cfg) -> dict:
-    """The settings as plain data (a PMConfig or an OmegaConf node); a `lora` section that is off is left out."""
-    return key_dict(cfg)
+    """The settings as plain data (a PMConfig or an OmegaConf node); a `lora` section that is off is left out,
+    and so is `length_correction` when off, so PMs trained before it existed keep their keys."""
+    out = key_dict(cfg)
+    if not out.get("length_correction", False):
+        out.pop("length_correction", None)
+    return out
 
 
 # --- comparisons -> dataset ------------------------------------------------------------------------------
@@ -257,17 +271,25 @@ def train_pm(comparisons: list[dict], base: ModelRef, cfg, seed: int, out_dir: P
     if not math.isfinite(result.training_loss):
         raise CaiError(f"PM loss became {result.training_loss}; no model was saved (checkpoints in {ckpt_dir})")
 
-    heldout = evaluate_pm(trainer.model, tokenizer, heldout_recs, batch_size=2 * cfg.batch_size)
-    clear = None
+    correction = fit_length_correction(trainer.model, tokenizer, train_recs, 2 * cfg.batch_size)
+    correction["enabled"] = bool(getattr(cfg, "length_correction", False))
+    clear = clear_raw = None
     if cfg.clear_pairs:
         trained_prompts = {c["prompt"] for c in train_recs}
-        clear = clear_pair_accuracy(trainer.model, tokenizer, load_labeled_set(cfg.clear_pairs), trained_prompts,
-                                    batch_size=2 * cfg.batch_size)
+        rows = load_labeled_set(cfg.clear_pairs)
+        clear_raw = clear_pair_accuracy(trainer.model, tokenizer, rows, trained_prompts, batch_size=2 * cfg.batch_size)
+    set_length_slope(trainer.model, correction)
+    heldout = evaluate_pm(trainer.model, tokenizer, heldout_recs, batch_size=2 * cfg.batch_size)
+    if cfg.clear_pairs:
+        clear = clear_pair_accuracy(trainer.model, tokenizer, rows, trained_prompts, batch_size=2 * cfg.batch_size) \
+            if correction["enabled"] else clear_raw
     summary = {"key": key, "base": base.identity, "seed": seed, "pm": _as_dict(cfg),
                "counts": {"comparisons": len(comparisons), "train": n_train,
                           "train_too_long": len(train_recs) - n_train, "heldout": len(heldout_recs)},
                "steps": result.global_step, "train_loss": result.training_loss, "seconds": round(seconds, 1),
                "resumed_from": str(last) if last else None, "heldout": heldout, "clear_pairs": clear,
+               "clear_pairs_uncorrected": clear_raw if correction["enabled"] else None,
+               "length_correction": correction,
                "lora": bool(getattr(cfg, "lora", None) and cfg.lora.enabled)}
 
     card = (f"# cai preference model\n\nScalar head on {base.identity}, trained on {n_train} comparisons with soft "
@@ -337,11 +359,14 @@ def load_pm(path: str | Path, device: str = "auto", dtype: str = "auto"):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    info = json.loads((path / TRAIN_INFO).read_text()) if (path / TRAIN_INFO).exists() else {}
+    set_length_slope(model, info.get("length_correction"))
     return model.to(device).train(False), tokenizer
 
 
 def score_answers(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 16) -> list[float]:
-    """PM reward of each (prompt, answer) as a [user, assistant] chat. Right-padded, length-sorted batches."""
+    """PM reward of each (prompt, answer) as a [user, assistant] chat, less the PM's length trend where it has one
+    (`set_length_slope`). Right-padded, length-sorted batches."""
     if len(prompts) != len(answers):
         raise ValueError(f"score_answers: {len(prompts)} prompts but {len(answers)} answers")
     # tokenized exactly as TRL tokenizes the training conversations (trl.data_utils._tokenize)
@@ -358,4 +383,38 @@ def score_answers(model, tokenizer, prompts: list[str], answers: list[str], batc
                     out[i] = r
     finally:
         model.train(was_training)
+    slope = getattr(model, "cai_length_slope", 0.0)
+    if slope:
+        out = [r - slope * n for r, n in zip(out, answer_tokens(tokenizer, answers))]
     return out
+
+
+# --- length correction -----------------------------------------------------------------------------------
+
+
+def answer_tokens(tokenizer, answers: list[str]) -> list[int]:
+    """Tokens of each answer's text alone (no chat template): the length the correction is linear in."""
+    return [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
+
+
+def fit_length_correction(model, tokenizer, comparisons: list[dict], batch_size: int = 16) -> dict:
+    """The least-squares slope of the PM's (uncorrected) reward in answer tokens, over both answers of the
+    comparisons it trained on, and their correlation: {slope, corr, answers}. Slope 0 where lengths do not vary."""
+    prompts = [c["prompt"] for c in comparisons] * 2
+    answers = [c["answer_a"] for c in comparisons] + [c["answer_b"] for c in comparisons]
+    saved, model.cai_length_slope = getattr(model, "cai_length_slope", 0.0), 0.0
+    try:
+        r = torch.tensor(score_answers(model, tokenizer, prompts, answers, batch_size), dtype=torch.float64)
+    finally:
+        model.cai_length_slope = saved
+    n = torch.tensor(answer_tokens(tokenizer, answers), dtype=torch.float64)
+    dn, dr = n - n.mean(), r - r.mean()
+    var_n, var_r = (dn * dn).sum().item(), (dr * dr).sum().item()
+    slope = (dn * dr).sum().item() / var_n if var_n > 0 else 0.0
+    corr = (dn * dr).sum().item() / math.sqrt(var_n * var_r) if var_n > 0 and var_r > 0 else 0.0
+    return {"slope": slope, "corr": corr, "answers": len(answers)}
+
+
+def set_length_slope(model, correction: dict | None) -> None:
+    """Make `score_answers` subtract the fitted length trend (when the correction is enabled), or nothing."""
+    model.cai_length_slope = float(correction["slope"]) if correction and correction.get("enabled") else 0.0

@@ -263,8 +263,10 @@ def test_ppo_against_a_trained_preference_model(tmp_path):
               "answer_b": words[i % len(words)], "soft_label": 0.9} for i in range(40)]
     for c in comps[::2]:  # half of them shown the other way round
         c["answer_a"], c["answer_b"], c["soft_label"] = c["answer_b"], c["answer_a"], 0.1
+    # no length correction: here the better answers' content (newlines) is also their length, which it would take out
     pm_summary = train_pm(comps, resolve_model("tiny"), PMConfig(epochs=3, learning_rate=1e-3, batch_size=8,
-                                                                  eval_fraction=0.2, bf16="false"),
+                                                                  eval_fraction=0.2, bf16="false",
+                                                                  length_correction=False),
                           0, tmp_path / "pm", tmp_path / "ckpt", Metrics(tmp_path / "pm.jsonl", "rl"), "pm-key",
                           progress=False)
     assert pm_summary["heldout"]["accuracy"] >= 0.8

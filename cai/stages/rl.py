@@ -166,6 +166,8 @@ def print_rl_summary(summary: dict) -> None:
         if lc and lc.get("enabled"):
             print(f"    PM length trend (fitted on its {lc['answers']} training answers): {lc['slope']:+.4f} a token, "
                   f"correlation {lc['corr']:+.2f}; subtracted from every reward"
+                  + (f" (held-out accuracy without it: {pm['heldout_accuracy_uncorrected']:.3f})"
+                     if pm.get("heldout_accuracy_uncorrected") is not None else "")
                   + (f"; uncorrected on the clear pairs: {clear_line(raw)}" if raw and raw.get("accuracy") is not None
                      else ""))
         calibration = pm.get("heldout", {}).get("calibration") or []

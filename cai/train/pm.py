@@ -278,6 +278,8 @@ def train_pm(comparisons: list[dict], base: ModelRef, cfg, seed: int, out_dir: P
         trained_prompts = {c["prompt"] for c in train_recs}
         rows = load_labeled_set(cfg.clear_pairs)
         clear_raw = clear_pair_accuracy(trainer.model, tokenizer, rows, trained_prompts, batch_size=2 * cfg.batch_size)
+    heldout_raw = evaluate_pm(trainer.model, tokenizer, heldout_recs, batch_size=2 * cfg.batch_size) \
+        if correction["enabled"] else None
     set_length_slope(trainer.model, correction)
     heldout = evaluate_pm(trainer.model, tokenizer, heldout_recs, batch_size=2 * cfg.batch_size)
     if cfg.clear_pairs:
@@ -289,6 +291,7 @@ def train_pm(comparisons: list[dict], base: ModelRef, cfg, seed: int, out_dir: P
                "steps": result.global_step, "train_loss": result.training_loss, "seconds": round(seconds, 1),
                "resumed_from": str(last) if last else None, "heldout": heldout, "clear_pairs": clear,
                "clear_pairs_uncorrected": clear_raw if correction["enabled"] else None,
+               "heldout_accuracy_uncorrected": heldout_raw["accuracy"] if heldout_raw else None,
                "length_correction": correction,
                "lora": bool(getattr(cfg, "lora", None) and cfg.lora.enabled)}
 
